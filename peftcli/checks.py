@@ -1,0 +1,111 @@
+"""Checks that need no weights and no torch: what `peftcli validate` runs, and what `peftcli
+train` runs before it loads anything heavy. Each check raises `UserError` on a problem and
+otherwise returns a line saying what it found.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .recipe import Recipe
+
+ENCODER_ONLY = {"bert", "roberta", "deberta", "deberta-v2", "distilbert", "electra", "albert", "xlm-roberta",
+                "modernbert"}
+
+
+def model_folder(recipe: Recipe) -> Path | None:
+    """The local folder holding the model's files, or None for a hub id not in the local cache."""
+    from .model import source
+
+    src = source(recipe.model)
+    if Path(src).is_dir():
+        return Path(src)
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(src, "config.json", revision=recipe.model.revision)
+    return Path(cached).parent if isinstance(cached, str) else None
+
+
+def read_config(folder: Path, name: str) -> dict[str, Any]:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise UserError(f"model.name_or_path: {name} has no config.json", "is it a Hugging Face model folder?")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"model.name_or_path: {path} is not valid JSON ({exc})") from None
+
+
+def check_model(recipe: Recipe, config: dict[str, Any]) -> str:
+    task, kind = recipe.model.task, config.get("model_type", "?")
+    encoder_decoder = bool(config.get("is_encoder_decoder"))
+    if task == "seq2seq_lm" and not encoder_decoder:
+        raise UserError(f"model.task: seq2seq_lm needs an encoder-decoder model; {kind} is not one",
+                        "use causal_lm")
+    if task == "causal_lm" and (encoder_decoder or kind in ENCODER_ONLY):
+        raise UserError(f"model.task: causal_lm does not fit {kind} "
+                        f"({'encoder-decoder' if encoder_decoder else 'encoder-only'})",
+                        f"use {'seq2seq_lm' if encoder_decoder else 'seq_cls'}")
+    if recipe.model.quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(f"model.quantization: {recipe.model.quantization} needs bitsandbytes",
+                        "pip install 'bitsandbytes>=0.48'")
+    return f"model: {recipe.model.name_or_path} ({kind}, {task})"
+
+
+def check_targets(recipe: Recipe, folder: Path | None) -> str | None:
+    """Target modules from the checkpoint's weight names; None when they cannot be read."""
+    from .methods import METHODS, config_kwargs
+    from .targets import LinearIndex, resolve_targets
+
+    method = METHODS[recipe.peft.method]
+    config_kwargs(method, recipe.peft)
+    index = LinearIndex.from_weights(folder) if folder else None
+    if index is None:
+        return None
+    found = resolve_targets(index, recipe.peft.target_modules, recipe.peft.layers, method.default_targets)
+    shown = ", ".join(found["target_modules"][:8]) + (", ..." if len(found["target_modules"]) > 8 else "")
+    return f"peft: {method.name} on {len(found['names'])} modules ({shown})"
+
+
+def check_data(recipe: Recipe, folder: Path | None) -> list[str]:
+    from . import data as data_stage
+
+    rows = data_stage.read_rows(recipe.data.train)
+    fmt = data_stage.detect_format(rows, recipe.data.format)
+    data_stage.check_rows(rows, fmt)
+    lines = [f"data: {len(rows)} rows of {fmt}" + (" (detected)" if recipe.data.format == "auto" else "")]
+    if isinstance(recipe.data.eval, str):
+        eval_rows = data_stage.read_rows(recipe.data.eval, "data.eval")
+        data_stage.check_rows(eval_rows, data_stage.detect_format(eval_rows, fmt, "data.eval"))
+        lines.append(f"eval data: {len(eval_rows)} rows")
+    if fmt == "messages" and folder is not None and not has_chat_template(folder):
+        raise UserError(f"data.format: messages needs a chat template, and {recipe.model.name_or_path} has none",
+                        "use a chat model or the completion format")
+    return lines
+
+
+def has_chat_template(folder: Path) -> bool:
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    config = folder / "tokenizer_config.json"
+    return config.is_file() and bool(json.loads(config.read_text(encoding="utf-8")).get("chat_template"))
+
+
+def check_recipe(recipe: Recipe) -> list[str]:
+    """Every check that needs no weights; returns what was found, one line per stage."""
+    folder = model_folder(recipe)
+    lines = []
+    if folder is not None:
+        lines.append(check_model(recipe, read_config(folder, recipe.model.name_or_path)))
+    else:
+        lines.append(f"model: {recipe.model.name_or_path} (hub id, not in the local cache: "
+                     "its config and target modules are checked when training starts)")
+    targets = check_targets(recipe, folder)
+    lines.append(targets or "peft: target modules are checked when the model's config is loaded")
+    lines += check_data(recipe, folder)
+    return lines
+

@@ -1,0 +1,135 @@
+"""The `peftcli` command line. Heavy libraries are imported inside command bodies so that
+`--help`, `validate`, `schema` and `methods` answer at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .errors import UserError
+
+app = typer.Typer(
+    name="peftcli",
+    help="Parameter-efficient fine-tuning of Hugging Face models from a YAML recipe.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
+
+_state = {"debug": False}
+
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
+OverridesArg = Annotated[
+    list[str] | None, typer.Argument(help="Dotted overrides, e.g. training.lr=1e-4 peft.r=16.", show_default=False)
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout, nothing else.")]
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for every error.")] = False,
+) -> None:
+    _state["debug"] = debug or os.environ.get("PEFTCLI_DEBUG", "") not in ("", "0")
+
+
+def _print_json(obj: object) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+@app.command()
+def train(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run (swapped in only when the new one finishes).")] = False,
+) -> None:
+    """Train a recipe; the run folder gets adapter/, metrics.jsonl, eval.json, loss.png."""
+    from .recipe import load_recipe
+    from .run import train as run_train
+
+    run_train(load_recipe(recipe, overrides), overwrite=overwrite)
+
+
+@app.command()
+def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
+    """Check a recipe — schema, model config, target modules, data — without training."""
+    from .checks import check_recipe
+    from .recipe import load_recipe
+
+    r = load_recipe(recipe, overrides)
+    for line in check_recipe(r):
+        typer.echo(line)
+    typer.echo(f"ok: {recipe} is valid")
+
+
+@app.command()
+def schema() -> None:
+    """Print the recipe's JSON Schema."""
+    from .recipe import Recipe
+
+    _print_json(Recipe.model_json_schema())
+
+
+@app.command()
+def methods(json_out: JsonOpt = False) -> None:
+    """List the PEFT methods a recipe can choose."""
+    from .methods import METHODS
+
+    rows = [{"method": m.name, "peft_config": m.config_class, "mergeable": m.merges, "summary": m.summary}
+            for m in METHODS.values()]
+    if json_out:
+        _print_json({"methods": rows})
+        return
+    width = max(len(r["method"]) for r in rows)
+    typer.echo(f"{'method':<{width}}  merges  {'PEFT config':<12}  what it is")
+    for r in rows:
+        typer.echo(f"{r['method']:<{width}}  {'yes' if r['mergeable'] else 'no':<6}  {r['peft_config']:<12}  {r['summary']}")
+
+
+@app.command("eval")
+def eval_cmd(
+    target: Annotated[Path, typer.Argument(help="A run folder, an adapter folder or a model folder.", show_default=False)],
+    data: Annotated[Path | None, typer.Option("--data", help="Evaluate on this file instead of the run's eval split.")] = None,
+    compare_base: Annotated[bool, typer.Option("--compare-base", help="Also evaluate the base model without the adapter.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Loss, perplexity and exact match (where the data has reference answers)."""
+    from .evaluate_cmd import run_eval
+
+    result = run_eval(target, data, compare_base)
+    if json_out:
+        _print_json(result)
+    else:
+        from .evaluate_cmd import format_result
+
+        typer.echo(format_result(result))
+
+
+def main() -> None:
+    import click
+
+    try:
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
+    except UserError as exc:
+        if _state["debug"]:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except click.ClickException as exc:
+        command = " ".join(a for a in sys.argv[1:2] if not a.startswith("-"))
+        print(f"error: {exc.format_message()} (see `peftcli {command + ' ' if command else ''}--help`)", file=sys.stderr)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Evaluation: loss and perplexity over a split, exact match from greedy generation."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .data import Reference, Split, collate
+from .losses import per_example_loss
+
+if TYPE_CHECKING:
+    from .recipe import EvalSection
+
+
+@torch.no_grad()
+def loss_metrics(model: Any, split: Split, task: str, accelerator: Any, batch_size: int, pad_id: int) -> dict[str, float]:
+    """Mean loss per supervised token over the whole split (not a mean of batch means)."""
+    from torch.utils.data import DataLoader
+
+    loader = accelerator.prepare(
+        DataLoader(split.examples, batch_size=batch_size, collate_fn=partial(collate, pad_id=pad_id))
+    )
+    was_training = model.training
+    model.eval()
+    total, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.long)
+    for batch in loader:
+        with accelerator.autocast():
+            losses, counts = per_example_loss(model, batch, task)
+        # gather_for_metrics drops the samples Accelerate duplicated to even out the shards.
+        losses, counts = accelerator.gather_for_metrics((losses.detach(), counts))
+        total += losses.double().sum().cpu()
+        count += counts.sum().cpu()
+    model.train(was_training)
+    loss = (total / count.clamp(min=1)).item()
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+@torch.no_grad()
+def generate_answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int,
+                     batch_size: int = 32) -> list[str]:
+    """Greedy continuations of token-id prompts, batched with left padding."""
+    device = next(p for p in model.parameters()).device
+    pad = tokenizer.pad_token_id
+    was_training = model.training
+    model.eval()
+    answers: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        longest = max(len(p) for p in chunk)
+        ids = torch.tensor([[pad] * (longest - len(p)) + p for p in chunk], device=device)
+        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in chunk], device=device)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=pad)
+        answers += tokenizer.batch_decode(out[:, longest:], skip_special_tokens=True)
+    model.train(was_training)
+    return answers
+
+
+def exact_match(model: Any, tokenizer: Any, references: list[Reference], max_new_tokens: int) -> dict[str, Any]:
+    answers = generate_answers(model, tokenizer, [r.prompt_ids for r in references], max_new_tokens)
+    hits = [a.strip() == r.answer.strip() for a, r in zip(answers, references, strict=True)]
+    samples = [{"prompt": tokenizer.decode(r.prompt_ids, skip_special_tokens=True), "reference": r.answer,
+                "output": a} for r, a in zip(references[:5], answers[:5], strict=True)]
+    return {"exact_match": sum(hits) / len(hits), "samples": samples}
+
+
+def evaluate(model: Any, tokenizer: Any, split: Split, section: EvalSection, task: str, accelerator: Any,
+             batch_size: int, with_exact_match: bool | None = None) -> dict[str, Any]:
+    """The metrics `section.metrics` asks for (exact_match also when `with_exact_match`)."""
+    metrics: dict[str, Any] = {}
+    wanted = set(section.metrics)
+    if wanted & {"loss", "perplexity"}:
+        lm = loss_metrics(model, split, task, accelerator, batch_size, tokenizer.pad_token_id)
+        metrics.update({k: v for k, v in lm.items() if k in wanted})
+    want_em = with_exact_match if with_exact_match is not None else "exact_match" in wanted
+    if want_em and split.references:
+        unwrapped = accelerator.unwrap_model(model)
+        result = exact_match(unwrapped, tokenizer, split.references, section.max_new_tokens)
+        metrics["exact_match"] = result["exact_match"]
+        metrics["samples"] = result["samples"]
+    metrics["examples"] = len(split.examples)
+    return metrics

@@ -1,0 +1,50 @@
+"""Summed token losses, shared by training and evaluation.
+
+Losses are returned as sums with their token counts so that callers can normalise over any
+set of tokens — a global batch across processes, or a whole eval split.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+def _targets(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+    # Prompt-learning methods prepend virtual tokens: keep the positions of real tokens.
+    logits = logits[:, -labels.shape[1]:]
+    if task == "causal_lm":  # position t predicts token t+1
+        return logits[:, :-1], labels[:, 1:]
+    return logits, labels
+
+
+def supervised_tokens(batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+    labels = batch["labels"]
+    if task == "causal_lm":
+        labels = labels[:, 1:]
+    return (labels != IGNORE).sum()
+
+
+def forward(model: Any, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if task == "seq2seq_lm":  # the model shifts labels into decoder inputs
+        inputs["labels"] = batch["labels"]
+    return model(**inputs).logits
+
+
+def per_example_loss(model: Any, batch: dict[str, torch.Tensor], task: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy and supervised-token count, per example."""
+    logits, labels = _targets(forward(model, batch, task), batch["labels"], task)
+    losses = F.cross_entropy(
+        logits.float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="none"
+    )  # [batch, seq]; 0 where ignored
+    return losses.sum(dim=1), (labels != IGNORE).sum(dim=1)
+
+
+def loss_sum(model: Any, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+    logits, labels = _targets(forward(model, batch, task), batch["labels"], task)
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")

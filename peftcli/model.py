@@ -1,0 +1,175 @@
+"""Model stage: tokenizer, config and weights from `recipe.model`.
+
+A hub id, a local folder and a builtin model all go through the same `from_pretrained`
+calls; builtins are only materialised into a folder first.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import builtin
+from .errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+    from .recipe import ModelSection
+
+AUTO_CLASSES = {
+    "causal_lm": "AutoModelForCausalLM",
+    "seq2seq_lm": "AutoModelForSeq2SeqLM",
+    "seq_cls": "AutoModelForSequenceClassification",
+}
+
+
+def quiet_libraries() -> None:
+    """peftcli reports progress itself; keep library chatter off the terminal."""
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    transformers.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", module="bitsandbytes")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*gradient checkpointing.*")
+
+
+def source(section: ModelSection) -> str:
+    """Where weights come from: a folder path or a hub id."""
+    path = builtin.resolve(section.name_or_path)
+    looks_local = path.startswith((".", "/", "~")) or Path(path).exists()
+    if looks_local and not Path(path).expanduser().is_dir():
+        raise UserError(f"model.name_or_path: no such folder: {path}")
+    return str(Path(path).expanduser()) if looks_local else path
+
+
+def _common_kwargs(section: ModelSection) -> dict[str, Any]:
+    if section.trust_remote_code:
+        warnings.warn(
+            "model.trust_remote_code is true: code from the checkpoint will run; "
+            "pin model.revision to a commit you have reviewed",
+            stacklevel=2,
+        )
+    return {"revision": section.revision, "trust_remote_code": section.trust_remote_code}
+
+
+def _load_error(what: str, path: str, exc: Exception) -> UserError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return UserError(f"model.name_or_path: cannot load the {what} of `{path}`: {first}",
+                     "check the path or hub id; offline, only local folders and builtin:<name> load")
+
+
+def load_config(section: ModelSection) -> Any:
+    from transformers import AutoConfig
+
+    path = source(section)
+    try:
+        config = AutoConfig.from_pretrained(path, **_common_kwargs(section))
+    except (OSError, ValueError, KeyError) as exc:
+        raise _load_error("config", path, exc) from None
+    if section.task == "seq_cls" and section.num_labels:
+        config.num_labels = section.num_labels
+    return config
+
+
+def load_tokenizer(section: ModelSection) -> Any:
+    from transformers import AutoTokenizer
+
+    path = source(section)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **_common_kwargs(section))
+    except (OSError, ValueError, KeyError) as exc:
+        raise _load_error("tokenizer", path, exc) from None
+    if tokenizer.pad_token is None:
+        # Padding positions are masked by attention and labels, so any id works; EOS labels
+        # are built from positions, never by comparing with pad_token_id.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def resolve_dtype(section: ModelSection) -> torch.dtype:
+    import torch
+
+    if section.dtype == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, section.dtype)
+
+
+def quantization_config(section: ModelSection) -> Any:
+    if section.quantization == "none":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError(
+            f"model.quantization: {section.quantization} needs bitsandbytes",
+            "pip install 'bitsandbytes>=0.48'",
+        ) from None
+    from transformers import BitsAndBytesConfig
+
+    if section.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=resolve_dtype(section),
+        bnb_4bit_quant_storage=resolve_dtype(section),
+    )
+
+
+def meta_model(section: ModelSection) -> Any:
+    """The model's module tree on the meta device: no weights read, for checks and estimates."""
+    import torch
+    import transformers
+
+    config = load_config(section)
+    cls = getattr(transformers, AUTO_CLASSES[section.task])
+    try:
+        with torch.device("meta"):
+            return cls.from_config(config, trust_remote_code=section.trust_remote_code)
+    except ValueError as exc:
+        raise UserError(
+            f"model.task: {section.task} does not fit `{section.name_or_path}` "
+            f"({type(config).__name__}): {str(exc).splitlines()[0]}"
+        ) from None
+
+
+def load_model(section: ModelSection, device: Any = None) -> Any:
+    """Load the weights for the recipe's task, dtype and quantization.
+
+    Quantized bases are placed on `device` at load time (bitsandbytes quantizes while it
+    loads) and prepared for k-bit training; unquantized models stay on CPU until Accelerate
+    moves them.
+    """
+    import torch
+    import transformers
+
+    path = source(section)
+    config = load_config(section)
+    cls = getattr(transformers, AUTO_CLASSES[section.task])
+    quant = quantization_config(section)
+    kwargs: dict[str, Any] = {"config": config, "dtype": resolve_dtype(section), **_common_kwargs(section)}
+    if section.attn_implementation:
+        kwargs["attn_implementation"] = section.attn_implementation
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = {"": device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")}
+    try:
+        model = cls.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise _load_error("weights", path, exc) from None
+    if quant is not None:
+        from peft import prepare_model_for_kbit_training
+
+        # Gradient checkpointing is the training stage's choice, made there.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if getattr(model.config, "pad_token_id", None) is None and section.task == "seq_cls":
+        model.config.pad_token_id = model.config.eos_token_id
+    return model

@@ -1,0 +1,277 @@
+"""The recipe: a typed, strict schema, loaded once at the edge.
+
+YAML is read with `yaml.safe_load`, dotted `key=value` overrides are merged into the raw
+mapping, and the result is validated into `Recipe`. Every default lives here; every error is
+gathered and reported together with its key path.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import UserError, did_you_mean
+from .methods import METHODS, canonical_method
+
+MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Section):
+    name_or_path: str = Field(description="Hub id, local model folder, or builtin:<name> (see `peftcli methods`).")
+    task: Literal["causal_lm", "seq2seq_lm", "seq_cls"] = Field(
+        "causal_lm", description="What the model is trained to do."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight dtype; auto = bfloat16 on GPUs that support it, float32 on CPU."
+    )
+    quantization: Literal["none", "4bit", "8bit"] = Field(
+        "none", description="Load the base quantized with bitsandbytes (4bit = NF4 + double quantization)."
+    )
+    trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint (pin `revision`).")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = Field(
+        None, description="Attention kernel; null = the library default."
+    )
+    num_labels: int | None = Field(None, gt=1, description="Number of classes (seq_cls only).")
+
+
+class PeftSection(_Section):
+    method: MethodName = Field(description="PEFT method; '-' and '_' are interchangeable.")
+    target_modules: list[str] | str | None = Field(
+        None,
+        description="Modules to adapt: null (the method's default), a list of names, a regex, "
+        "or one of all-linear | attention | mlp.",
+    )
+    layers: list[int] | None = Field(
+        None, description="Indices of the layers to adapt (negative counts from the end); null = all."
+    )
+    r: int = Field(8, gt=0, description="Rank of the low-rank update.")
+    alpha: float = Field(16, gt=0, description="Scaling numerator (LoRA: update scaled by alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input.")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Any further keyword of the method's PEFT config class, passed through."
+    )
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _normalise_method(cls, value: Any) -> Any:
+        return canonical_method(value) if isinstance(value, str) else value
+
+
+class DataSection(_Section):
+    train: str = Field(description="Training data: .jsonl/.json/.csv file, a folder, or a hub dataset id.")
+    eval: float | str | None = Field(
+        0.1, description="Eval data: a path, or the fraction of train held out (0 = none)."
+    )
+    format: Literal["auto", "text", "completion", "messages"] = Field(
+        "auto", description="How rows become model inputs; auto detects it from the columns."
+    )
+    max_length: int = Field(512, gt=0, description="Tokens per example; longer examples are truncated.")
+    packing: bool = Field(False, description="Pack several short examples per row (causal_lm only).")
+    train_on: Literal["completion", "all"] = Field(
+        "completion", description="completion: loss on answers only (prompt masked); all: every token."
+    )
+
+    @field_validator("eval")
+    @classmethod
+    def _eval_fraction(cls, value: float | str | None) -> float | str | None:
+        if isinstance(value, float | int) and not 0 <= value < 1:
+            raise ValueError("a held-out fraction must be in [0, 1); use a path for a separate eval file")
+        return value
+
+
+class TrainingSection(_Section):
+    output_dir: str | None = Field(None, description="Run folder; default runs/<name>.")
+    epochs: float = Field(1, gt=0, description="Passes over the training data.")
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs when set.")
+    batch_size: int = Field(8, gt=0, description="Examples per micro-batch, per process.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step.")
+    lr: float = Field(2.0e-4, gt=0, description="Peak learning rate (AdamW).")
+    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate decay after warmup.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of the steps spent warming up linearly.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null = no clipping.")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto", description="Autocast precision; auto = bf16 where the GPU supports it, else none."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    seed: int = Field(42, description="Seed for weights init, data order and dropout.")
+    log_every: int = Field(10, gt=0, description="Optimizer steps between metrics.jsonl rows.")
+    eval_every: int | None = Field(None, gt=0, description="Optimizer steps between evaluations; null = at the end only.")
+    save_every: int | None = Field(None, gt=0, description="Optimizer steps between resumable checkpoints.")
+    keep_checkpoints: int = Field(2, gt=0, description="Newest complete checkpoints kept.")
+    report_to: list[Literal["jsonl", "tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["jsonl"], description="Where metrics go (jsonl is always written)."
+    )
+
+
+class EvalSection(_Section):
+    metrics: list[Literal["loss", "perplexity", "exact_match", "accuracy"]] = Field(
+        default_factory=lambda: ["loss", "perplexity"],
+        description="Metrics; exact_match generates greedily and compares with the reference answer.",
+    )
+    max_new_tokens: int = Field(32, gt=0, description="Generation budget for exact_match.")
+
+
+class Recipe(_Section):
+    name: str = Field("run", description="Run name; the default output folder is runs/<name>.")
+    model: ModelSection
+    peft: PeftSection
+    data: DataSection
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Recipe:
+        if self.peft.method == "qlora":
+            if self.model.quantization == "8bit":
+                raise ValueError(
+                    "peft.method: qlora trains on a 4-bit base but model.quantization is 8bit; "
+                    "set model.quantization: 4bit, or use peft.method: lora with 8bit"
+                )
+            if self.model.quantization == "none":
+                self.model.quantization = "4bit"
+        if self.data.packing and self.model.task != "causal_lm":
+            raise ValueError(f"data.packing works for causal_lm only, not model.task: {self.model.task}")
+        return self
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.training.output_dir or os.path.join("runs", self.name))
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`["training.lr=1e-4", "peft.r=16"]` → nested mapping; values parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"override `{pair}` is not key=value", "e.g. training.lr=1e-4")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override `{pair}` conflicts with another override of `{part}`")
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"recipe file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{path}:{where}: invalid YAML: {problem}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file") from None
+    if raw is None:
+        raise UserError(f"{path}: the recipe is empty", "start from recipes/quickstart.yaml")
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: the top level must be a mapping of sections, not a {type(raw).__name__}")
+    return raw
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = Recipe
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        model = annotation
+    return list(model.model_fields)
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    loc = tuple(err["loc"])
+    path = ".".join(str(p) for p in loc)
+    kind = err["type"]
+    value = err.get("input")
+    if kind == "extra_forbidden":
+        parent, key = loc[:-1], str(loc[-1])
+        return f"unknown key `{path}`{did_you_mean(key, _fields_at(parent))}"
+    if kind == "missing":
+        return f"`{path}` is required"
+    if kind == "literal_error":
+        choices = err.get("ctx", {}).get("expected", "")
+        names = [c.strip().strip("'") for c in choices.replace(" or ", ", ").split(",")]
+        return f"`{path}: {value}` is not one of {', '.join(names)}{did_you_mean(value, names)}"
+    if kind == "value_error" and not path:
+        return str(err["msg"]).removeprefix("Value error, ")
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    return f"`{path}: {value}`: {msg}" if path else msg
+
+
+def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        messages = [_format_error(e) for e in exc.errors()]
+        # Unions report each alternative; keep the first message per key path.
+        seen: set[str] = set()
+        unique = []
+        for err, msg in zip(exc.errors(), messages, strict=True):
+            key = ".".join(str(p) for p in err["loc"][:2])
+            if key in seen and err["type"] != "extra_forbidden":
+                continue
+            seen.add(key)
+            unique.append(msg)
+        if len(unique) == 1:
+            raise UserError(f"{source}: {unique[0]}") from None
+        raise UserError(f"{source}: {len(unique)} problems: " + "; ".join(unique)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override, validate. Relative data paths are resolved against the working
+    directory first, then the recipe's own folder, and stored absolute."""
+    path = Path(path)
+    raw = read_yaml(path)
+    raw = _merge(raw, parse_overrides(overrides or []))
+    raw.setdefault("name", path.stem)
+    recipe = validate_recipe(raw, source=str(path))
+    for key in ("train", "eval"):
+        value = getattr(recipe.data, key)
+        if isinstance(value, str):
+            setattr(recipe.data, key, _resolve_data_path(value, path.parent))
+    return recipe
+
+
+def _resolve_data_path(value: str, recipe_dir: Path) -> str:
+    for candidate in (Path(value).expanduser(), recipe_dir / value):
+        if candidate.exists():
+            return str(candidate.resolve())
+    return value  # not local: a hub dataset id, checked when the data is read
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

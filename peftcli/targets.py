@@ -1,0 +1,174 @@
+"""Which linear modules a model has, and which of them a recipe's `target_modules` picks.
+
+The inventory comes from a loaded (or meta-device) model, or — without importing torch —
+from the parameter names in a checkpoint's safetensors headers, so `peftcli validate` can
+check targets in well under a second.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import UserError, did_you_mean
+
+if TYPE_CHECKING:
+    import torch.nn as nn
+
+TARGET_KEYWORDS = ("all-linear", "attention", "mlp")
+HEAD_NAMES = {"lm_head", "score", "classifier", "qa_outputs"}
+EMBEDDING_NAMES = {"embed_tokens", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings",
+                   "shared", "embed_positions", "relative_attention_bias"}
+_LAYER_RE = re.compile(r"(?:^|\.)(?P<pattern>[A-Za-z_]\w*)\.(?P<idx>\d+)\.")
+
+
+def layer_index(name: str) -> tuple[str, int] | None:
+    """('layers', 3) for 'model.layers.3.self_attn.q_proj'."""
+    match = _LAYER_RE.search(name)
+    return (match["pattern"], int(match["idx"])) if match else None
+
+
+def _attention_segment(segment: str) -> bool:
+    s = segment.lower()
+    return "attn" in s or "attention" in s
+
+
+@dataclass
+class LinearIndex:
+    """The linear modules of a model (output heads excluded) and those inside attention."""
+
+    names: list[str]
+    attention: set[str] = field(default_factory=set)
+
+    @property
+    def num_layers(self) -> int:
+        indices = [li[1] for n in self.names if (li := layer_index(n))]
+        return max(indices) + 1 if indices else 0
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> LinearIndex:
+        import torch.nn as nn
+        from transformers.pytorch_utils import Conv1D
+
+        heads = {name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in HEAD_NAMES}
+        out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        heads |= {name for name, m in model.named_modules() if out is not None and m is out}
+        names, attention = [], set()
+        modules = dict(model.named_modules())
+        for name, module in modules.items():
+            # bitsandbytes' Linear4bit / Linear8bitLt subclass nn.Linear; GPT-2 uses Conv1D.
+            if not isinstance(module, nn.Linear | Conv1D):
+                continue
+            if any(name == h or name.startswith(h + ".") for h in heads):
+                continue
+            names.append(name)
+            parts = name.split(".")
+            for i in range(1, len(parts)):
+                parent = modules[".".join(parts[:i])]
+                if _attention_segment(parts[i - 1]) or "attention" in type(parent).__name__.lower():
+                    attention.add(name)
+                    break
+        return cls(names, attention)
+
+    @classmethod
+    def from_weights(cls, folder: Path) -> LinearIndex | None:
+        """From safetensors headers alone; None when the folder has no readable safetensors."""
+        shapes = safetensors_shapes(folder)
+        if not shapes:
+            return None
+        names = []
+        for key, shape in shapes.items():
+            if not key.endswith(".weight") or len(shape) != 2:
+                continue
+            module = key[: -len(".weight")]
+            parts = module.split(".")
+            if parts[-1] in EMBEDDING_NAMES or parts[-1] in HEAD_NAMES:
+                continue
+            names.append(module)
+        attention = {n for n in names if any(_attention_segment(p) for p in n.split(".")[:-1])}
+        return cls(sorted(names), attention)
+
+
+def safetensors_shapes(folder: Path) -> dict[str, list[int]]:
+    """Tensor name → shape from the headers of a folder's safetensors files (no torch)."""
+    files = sorted(folder.glob("*.safetensors"))
+    shapes: dict[str, list[int]] = {}
+    for path in files:
+        try:
+            with path.open("rb") as f:
+                (length,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(length))
+        except (OSError, ValueError, struct.error):
+            return {}
+        shapes.update({k: v["shape"] for k, v in header.items() if k != "__metadata__"})
+    return shapes
+
+
+def _select(index: LinearIndex, entry: str) -> set[str]:
+    if entry == "all-linear":
+        return set(index.names)
+    if entry == "attention":
+        return {n for n in index.names if layer_index(n) and n in index.attention}
+    if entry == "mlp":
+        return {n for n in index.names if layer_index(n) and n not in index.attention}
+    found = {n for n in index.names if n == entry or n.endswith("." + entry)}
+    if not found:
+        try:
+            found = {n for n in index.names if re.fullmatch(entry, n)}
+        except re.error:
+            pass
+    return found
+
+
+def resolve_targets(index: LinearIndex, target_modules: list[str] | str | None, layers: list[int] | None,
+                    default: str = "all-linear") -> dict[str, Any]:
+    """The PEFT config kwargs for the recipe's targets.
+
+    Returns `target_modules` (module suffixes when they select exactly the chosen set, else
+    full names), `layers_to_transform` + `layers_pattern` when layers are restricted, and
+    `names`: the exact modules adapted.
+    """
+    spec = default if target_modules is None else target_modules
+    entries = [spec] if isinstance(spec, str) else list(spec)
+    if not entries:
+        raise UserError("peft.target_modules is an empty list", "leave it out for the method's default")
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in index.names})
+    chosen: set[str] = set()
+    for entry in entries:
+        hit = _select(index, entry)
+        if not hit:
+            raise UserError(
+                f"peft.target_modules: `{entry}` matches no linear module{did_you_mean(entry, suffixes)}; "
+                f"this model has {', '.join(suffixes)} (or use {', '.join(TARGET_KEYWORDS)})"
+            )
+        chosen |= hit
+
+    wanted: list[int] | None = None
+    if layers is not None:
+        n = index.num_layers
+        if not layers:
+            raise UserError("peft.layers is an empty list", "leave it out to adapt every layer")
+        bad = [i for i in layers if not -n <= i < n]
+        if bad:
+            raise UserError(f"peft.layers: {bad} out of range; the model has {n} layers (0..{n - 1}, or -1..-{n})")
+        wanted = sorted({i % n for i in layers})
+        chosen = {c for c in chosen if (li := layer_index(c)) and li[1] in wanted}
+        if not chosen:
+            raise UserError("peft.layers: none of the target modules lies in those layers")
+
+    # Prefer the short, portable form (module suffixes) when it selects exactly the same set.
+    short = sorted({c.rsplit(".", 1)[-1] for c in chosen})
+    same = {n for n in index.names if n.rsplit(".", 1)[-1] in short}
+    if wanted is not None:
+        same = {n for n in same if (li := layer_index(n)) and li[1] in wanted}
+    if same != chosen:
+        return {"target_modules": sorted(chosen), "names": sorted(chosen)}
+    out: dict[str, Any] = {"target_modules": short, "names": sorted(chosen)}
+    if wanted is not None:
+        out["layers_to_transform"] = wanted
+        out["layers_pattern"] = sorted({li[0] for c in chosen if (li := layer_index(c))})
+    return out

@@ -1,0 +1,62 @@
+"""Where metrics go: `metrics.jsonl` (always), Accelerate trackers, and `loss.png`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step; the main process owns the file."""
+
+    def __init__(self, path: Path, accelerator: Any, trackers: list[str]):
+        self.path = path
+        self.accelerator = accelerator
+        self.trackers = [t for t in trackers if t != "jsonl"]
+        if self.trackers:
+            accelerator.init_trackers(path.parent.name)
+
+    def log(self, row: dict[str, Any]) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        row = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.trackers:
+            self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    def close(self) -> None:
+        if self.trackers:
+            self.accelerator.end_training()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_losses(metrics_path: Path, out: Path, title: str = "") -> None:
+    """Train and eval loss against the optimizer step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", color="tab:blue")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss", color="tab:orange")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (per supervised token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)

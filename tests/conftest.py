@@ -1,0 +1,87 @@
+"""Shared fixtures: offline, one builtin-model cache per test session, small data files."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def peftcli_home(tmp_path_factory):
+    """Builtin models are materialised once per session into a private cache."""
+    home = os.environ.get("PEFTCLI_TEST_HOME") or str(tmp_path_factory.mktemp("peftcli-home"))
+    os.environ["PEFTCLI_HOME"] = home
+    return Path(home)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def completion_data(tmp_path) -> Path:
+    """64 quickstart rows: enough for a few steps with falling loss."""
+    lines = (ROOT / "data" / "quickstart" / "train.jsonl").read_text().splitlines()[:64]
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def messages_data(tmp_path) -> Path:
+    rows = [
+        {"messages": [
+            {"role": "system", "content": "You answer in capitals."},
+            {"role": "user", "content": f"say {w}"},
+            {"role": "assistant", "content": w.upper()},
+            {"role": "user", "content": "again"},
+            {"role": "assistant", "content": w.upper() + "!"},
+        ]}
+        for w in ["cat", "dog", "owl", "fox", "emu", "yak", "elk", "ant"] * 4
+    ]
+    return write_jsonl(tmp_path / "chat.jsonl", rows)
+
+
+def write_recipe(path: Path, **sections) -> Path:
+    import yaml
+
+    recipe = {
+        "name": "t",
+        "model": {"name_or_path": "builtin:tiny-llama"},
+        "peft": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"train": "train.jsonl", "eval": 0.25, "max_length": 48},
+        "training": {"max_steps": 4, "batch_size": 8, "lr": 3e-3, "log_every": 1, "output_dir": str(path.parent / "run")},
+    }
+    for key, value in sections.items():
+        recipe[key] = {**recipe.get(key, {}), **value} if isinstance(value, dict) else value
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def cli(*args: str, capsys=None) -> tuple[int, str, str]:
+    """Run `peftcli ARGS` in this process; returns (exit code, stdout, stderr)."""
+    from peftcli.cli import main
+
+    old = sys.argv
+    sys.argv = ["peftcli", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = old
+    if capsys is None:
+        return code, "", ""
+    out = capsys.readouterr()
+    return code, out.out, out.err
