@@ -39,7 +39,11 @@ def home() -> Path:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte → printable-character map (the byte-level BPE alphabet)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = printable[:]
     extra = 0
     for b in range(256):
@@ -50,8 +54,9 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, map(chr, chars), strict=True))
 
 
-def byte_level_tokenizer(specials: list[str], bos: str | None, eos: str, pad: str | None,
-                         chat_template: str | None, add_bos: bool) -> Any:
+def byte_level_tokenizer(
+    specials: list[str], bos: str | None, eos: str, pad: str | None, chat_template: str | None, add_bos: bool
+) -> Any:
     """A byte-level BPE tokenizer (GPT-2 family) over the 256 bytes, plus special tokens.
 
     It has no merges, so every byte is one token: real, lossless on any text, and with no
@@ -94,13 +99,25 @@ def _tiny_llama() -> tuple[Any, Any]:
 
     tok = byte_level_tokenizer(
         ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"],
-        bos="<s>", eos="</s>", pad="<pad>", chat_template=CHATML_TEMPLATE, add_bos=True,
+        bos="<s>",
+        eos="</s>",
+        pad="<pad>",
+        chat_template=CHATML_TEMPLATE,
+        add_bos=True,
     )
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=128, intermediate_size=352, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, initializer_range=128**-0.5,
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        initializer_range=128**-0.5,
     )
     model = LlamaForCausalLM(config)
     # Stop at the end of an assistant turn as well as at </s>.
@@ -112,11 +129,23 @@ def _tiny_gpt2() -> tuple[Any, Any]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     # Like the real GPT-2: one special token for bos/eos/unk and no pad token at all.
-    tok = byte_level_tokenizer(["<|endoftext|>"], bos="<|endoftext|>", eos="<|endoftext|>", pad=None,
-                               chat_template=None, add_bos=False)
+    tok = byte_level_tokenizer(
+        ["<|endoftext|>"],
+        bos="<|endoftext|>",
+        eos="<|endoftext|>",
+        pad=None,
+        chat_template=None,
+        add_bos=False,
+    )
     config = GPT2Config(
-        vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=1024,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, initializer_range=64**-0.5,
+        vocab_size=len(tok),
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=1024,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        initializer_range=64**-0.5,
     )
     return GPT2LMHeadModel(config), tok
 
@@ -145,7 +174,7 @@ def resolve(name_or_path: str) -> str:
     """Hub ids and folders pass through; `builtin:<name>` becomes its (materialised) folder."""
     if not name_or_path.startswith(PREFIX):
         return name_or_path
-    name = name_or_path[len(PREFIX):]
+    name = name_or_path[len(PREFIX) :]
     if name not in BUILTINS:
         raise UserError(
             f"model.name_or_path: unknown builtin model `{name}`{did_you_mean(name, BUILTINS)}; "
@@ -160,6 +189,9 @@ def materialise(name: str) -> Path:
         return target
     import torch
 
+    from .model import quiet_libraries
+
+    quiet_libraries()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:

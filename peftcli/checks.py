@@ -13,8 +13,17 @@ from typing import Any
 from .errors import UserError
 from .recipe import Recipe
 
-ENCODER_ONLY = {"bert", "roberta", "deberta", "deberta-v2", "distilbert", "electra", "albert", "xlm-roberta",
-                "modernbert"}
+ENCODER_ONLY = {
+    "bert",
+    "roberta",
+    "deberta",
+    "deberta-v2",
+    "distilbert",
+    "electra",
+    "albert",
+    "xlm-roberta",
+    "modernbert",
+}
 
 
 def model_folder(recipe: Recipe) -> Path | None:
@@ -33,7 +42,9 @@ def model_folder(recipe: Recipe) -> Path | None:
 def read_config(folder: Path, name: str) -> dict[str, Any]:
     path = folder / "config.json"
     if not path.is_file():
-        raise UserError(f"model.name_or_path: {name} has no config.json", "is it a Hugging Face model folder?")
+        raise UserError(
+            f"model.name_or_path: {name} has no config.json", "is it a Hugging Face model folder?"
+        )
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -44,15 +55,20 @@ def check_model(recipe: Recipe, config: dict[str, Any]) -> str:
     task, kind = recipe.model.task, config.get("model_type", "?")
     encoder_decoder = bool(config.get("is_encoder_decoder"))
     if task == "seq2seq_lm" and not encoder_decoder:
-        raise UserError(f"model.task: seq2seq_lm needs an encoder-decoder model; {kind} is not one",
-                        "use causal_lm")
+        raise UserError(
+            f"model.task: seq2seq_lm needs an encoder-decoder model; {kind} is not one", "use causal_lm"
+        )
     if task == "causal_lm" and (encoder_decoder or kind in ENCODER_ONLY):
-        raise UserError(f"model.task: causal_lm does not fit {kind} "
-                        f"({'encoder-decoder' if encoder_decoder else 'encoder-only'})",
-                        f"use {'seq2seq_lm' if encoder_decoder else 'seq_cls'}")
+        raise UserError(
+            f"model.task: causal_lm does not fit {kind} "
+            f"({'encoder-decoder' if encoder_decoder else 'encoder-only'})",
+            f"use {'seq2seq_lm' if encoder_decoder else 'seq_cls'}",
+        )
     if recipe.model.quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
-        raise UserError(f"model.quantization: {recipe.model.quantization} needs bitsandbytes",
-                        "pip install 'bitsandbytes>=0.48'")
+        raise UserError(
+            f"model.quantization: {recipe.model.quantization} needs bitsandbytes",
+            "pip install 'bitsandbytes>=0.48'",
+        )
     return f"model: {recipe.model.name_or_path} ({kind}, {task})"
 
 
@@ -83,8 +99,10 @@ def check_data(recipe: Recipe, folder: Path | None) -> list[str]:
         data_stage.check_rows(eval_rows, data_stage.detect_format(eval_rows, fmt, "data.eval"))
         lines.append(f"eval data: {len(eval_rows)} rows")
     if fmt == "messages" and folder is not None and not has_chat_template(folder):
-        raise UserError(f"data.format: messages needs a chat template, and {recipe.model.name_or_path} has none",
-                        "use a chat model or the completion format")
+        raise UserError(
+            f"data.format: messages needs a chat template, and {recipe.model.name_or_path} has none",
+            "use a chat model or the completion format",
+        )
     return lines
 
 
@@ -102,10 +120,11 @@ def check_recipe(recipe: Recipe) -> list[str]:
     if folder is not None:
         lines.append(check_model(recipe, read_config(folder, recipe.model.name_or_path)))
     else:
-        lines.append(f"model: {recipe.model.name_or_path} (hub id, not in the local cache: "
-                     "its config and target modules are checked when training starts)")
+        lines.append(
+            f"model: {recipe.model.name_or_path} (hub id, not in the local cache: "
+            "its config and target modules are checked when training starts)"
+        )
     targets = check_targets(recipe, folder)
     lines.append(targets or "peft: target modules are checked when the model's config is loaded")
     lines += check_data(recipe, folder)
     return lines
-

@@ -26,7 +26,8 @@ _state = {"debug": False}
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
 OverridesArg = Annotated[
-    list[str] | None, typer.Argument(help="Dotted overrides, e.g. training.lr=1e-4 peft.r=16.", show_default=False)
+    list[str] | None,
+    typer.Argument(help="Dotted overrides, e.g. training.lr=1e-4 peft.r=16.", show_default=False),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout, nothing else.")]
 
@@ -47,7 +48,12 @@ def _print_json(obj: object) -> None:
 def train(
     recipe: RecipeArg,
     overrides: OverridesArg = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run (swapped in only when the new one finishes).")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite", help="Replace an existing run (swapped in only when the new one finishes)."
+        ),
+    ] = False,
 ) -> None:
     """Train a recipe; the run folder gets adapter/, metrics.jsonl, eval.json, loss.png."""
     from .recipe import load_recipe
@@ -81,22 +87,32 @@ def methods(json_out: JsonOpt = False) -> None:
     """List the PEFT methods a recipe can choose."""
     from .methods import METHODS
 
-    rows = [{"method": m.name, "peft_config": m.config_class, "mergeable": m.merges, "summary": m.summary}
-            for m in METHODS.values()]
+    rows = [
+        {"method": m.name, "peft_config": m.config_class, "mergeable": m.merges, "summary": m.summary}
+        for m in METHODS.values()
+    ]
     if json_out:
         _print_json({"methods": rows})
         return
     width = max(len(r["method"]) for r in rows)
     typer.echo(f"{'method':<{width}}  merges  {'PEFT config':<12}  what it is")
     for r in rows:
-        typer.echo(f"{r['method']:<{width}}  {'yes' if r['mergeable'] else 'no':<6}  {r['peft_config']:<12}  {r['summary']}")
+        typer.echo(
+            f"{r['method']:<{width}}  {'yes' if r['mergeable'] else 'no':<6}  {r['peft_config']:<12}  {r['summary']}"
+        )
 
 
 @app.command("eval")
 def eval_cmd(
-    target: Annotated[Path, typer.Argument(help="A run folder, an adapter folder or a model folder.", show_default=False)],
-    data: Annotated[Path | None, typer.Option("--data", help="Evaluate on this file instead of the run's eval split.")] = None,
-    compare_base: Annotated[bool, typer.Option("--compare-base", help="Also evaluate the base model without the adapter.")] = False,
+    target: Annotated[
+        Path, typer.Argument(help="A run folder, an adapter folder or a model folder.", show_default=False)
+    ],
+    data: Annotated[
+        Path | None, typer.Option("--data", help="Evaluate on this file instead of the run's eval split.")
+    ] = None,
+    compare_base: Annotated[
+        bool, typer.Option("--compare-base", help="Also evaluate the base model without the adapter.")
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Loss, perplexity and exact match (where the data has reference answers)."""
@@ -111,9 +127,11 @@ def eval_cmd(
         typer.echo(format_result(result))
 
 
-def main() -> None:
-    import click
+# Typer vendors click; find its exception base without naming a private module.
+_ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
+
+def main() -> None:
     try:
         code = app(standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
@@ -122,11 +140,15 @@ def main() -> None:
             raise
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except click.ClickException as exc:
-        command = " ".join(a for a in sys.argv[1:2] if not a.startswith("-"))
-        print(f"error: {exc.format_message()} (see `peftcli {command + ' ' if command else ''}--help`)", file=sys.stderr)
+    except _ClickException as exc:
+        known = {c.name or c.callback.__name__ for c in app.registered_commands}
+        command = next((a for a in sys.argv[1:] if a in known), "")
+        print(
+            f"error: {exc.format_message()} (see `peftcli {command + ' ' if command else ''}--help`)",
+            file=sys.stderr,
+        )
         sys.exit(2)
-    except click.exceptions.Abort:
+    except typer.Abort:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
 

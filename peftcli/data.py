@@ -21,7 +21,14 @@ if TYPE_CHECKING:
     from .recipe import DataSection
 
 IGNORE = -100
-EXTENSIONS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".txt": "text"}
+EXTENSIONS = {
+    ".jsonl": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".parquet": "parquet",
+    ".txt": "text",
+}
 # Columns each format needs, in detection order.
 FORMAT_COLUMNS = {"messages": ("messages",), "completion": ("prompt", "completion"), "text": ("text",)}
 
@@ -96,8 +103,11 @@ def _read_file(path: Path, key: str) -> Rows:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             if exc.msg == "Extra data":  # JSON Lines saved as .json
-                return [(f"{name}:{n}", _json_object(line, f"{path}:{n}", key))
-                        for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+                return [
+                    (f"{name}:{n}", _json_object(line, f"{path}:{n}", key))
+                    for n, line in enumerate(text.splitlines(), 1)
+                    if line.strip()
+                ]
             raise UserError(f"{key}: {path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
         if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
             data = next(iter(data.values()))  # {"data": [...]}
@@ -108,10 +118,14 @@ def _read_file(path: Path, key: str) -> Rows:
         reader = csv.DictReader(io.StringIO(text), delimiter="," if kind == "csv" else "\t")
         for row in reader:
             if None in row or None in row.values():
-                raise UserError(f"{key}: {path}:{reader.line_num}: the row does not have the header's columns")
+                raise UserError(
+                    f"{key}: {path}:{reader.line_num}: the row does not have the header's columns"
+                )
             rows.append((f"{name}:{reader.line_num}", dict(row)))
     elif kind == "text":
-        rows = [(f"{name}:{n}", {"text": line}) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        rows = [
+            (f"{name}:{n}", {"text": line}) for n, line in enumerate(text.splitlines(), 1) if line.strip()
+        ]
     else:
         import datasets
 
@@ -142,8 +156,9 @@ def _read_hub(spec: str, key: str) -> Rows:
     try:
         ds = datasets.load_dataset(name, split=split or "train")
     except Exception as exc:  # datasets raises many types for a missing or unreachable dataset
-        raise UserError(f"{key}: cannot load hub dataset `{name}`: {_first_line(exc)}",
-                        "offline, use a local file") from None
+        raise UserError(
+            f"{key}: cannot load hub dataset `{name}`: {_first_line(exc)}", "offline, use a local file"
+        ) from None
     return [(f"{name} row {i + 1}", r) for i, r in enumerate(ds.to_list())]
 
 
@@ -184,8 +199,10 @@ class Encoder:
         start = full.index(plain[0]) if plain and plain[0] in full else 0
         self.prefix = [t for t in full[:start] if t != tokenizer.eos_token_id]
         if fmt == "messages" and not tokenizer.chat_template:
-            raise UserError("data.format: messages needs a chat template, and this tokenizer has none",
-                            "use a chat model or the completion format")
+            raise UserError(
+                "data.format: messages needs a chat template, and this tokenizer has none",
+                "use a chat model or the completion format",
+            )
 
     def _text(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
@@ -205,7 +222,9 @@ class Encoder:
     def _render(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
         return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
-    def _encode_messages(self, messages: list[dict[str, str]], where: str, everything: bool) -> tuple[list[int], list[bool]]:
+    def _encode_messages(
+        self, messages: list[dict[str, str]], where: str, everything: bool
+    ) -> tuple[list[int], list[bool]]:
         text = self._render(messages, False)
         spans = []  # character spans of assistant answers, end-of-turn token included
         for i, message in enumerate(messages):
@@ -213,8 +232,10 @@ class Encoder:
                 continue
             before, through = self._render(messages[:i], True), self._render(messages[: i + 1], False)
             if not (text.startswith(before) and text.startswith(through)):
-                raise UserError(f"{where}: the chat template does not render conversations incrementally, "
-                                "so answers cannot be located; use train_on: all")
+                raise UserError(
+                    f"{where}: the chat template does not render conversations incrementally, "
+                    "so answers cannot be located; use train_on: all"
+                )
             spans.append((len(before), len(through.rstrip())))
         enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
         mask = [everything or any(s <= a and b <= e for s, e in spans) for a, b in enc["offset_mapping"]]
@@ -244,10 +265,14 @@ def _messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
     if not isinstance(messages, list) or not messages:
         raise UserError(f"{where}: `messages` must be a non-empty list of {{role, content}}")
     for m in messages:
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in (
-            "system", "user", "assistant", "tool"
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("content"), str)
+            or m.get("role") not in ("system", "user", "assistant", "tool")
         ):
-            raise UserError(f"{where}: each message needs a role (system/user/assistant/tool) and string content")
+            raise UserError(
+                f"{where}: each message needs a role (system/user/assistant/tool) and string content"
+            )
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
@@ -296,7 +321,9 @@ def prepare(section: DataSection, tokenizer: Any, seed: int) -> Prepared:
         random.Random(seed).shuffle(order)
         n_eval = max(1, round(section.eval * len(rows)))
         if n_eval >= len(rows):
-            raise UserError(f"data.eval: holding out {section.eval} of {len(rows)} rows leaves nothing to train on")
+            raise UserError(
+                f"data.eval: holding out {section.eval} of {len(rows)} rows leaves nothing to train on"
+            )
         held = set(order[:n_eval])
         eval_rows = [rows[i] for i in sorted(held)]
         rows = [r for i, r in enumerate(rows) if i not in held]
@@ -306,7 +333,9 @@ def prepare(section: DataSection, tokenizer: Any, seed: int) -> Prepared:
     stats = dict.fromkeys(("examples", "tokens", "supervised_tokens", "truncated", "dropped"), 0)
     train = encode_rows(rows, encoder, stats)
     if not train.examples:
-        raise UserError(f"data.train: no example has a supervised token within max_length={section.max_length}")
+        raise UserError(
+            f"data.train: no example has a supervised token within max_length={section.max_length}"
+        )
     eval_split = None
     if eval_rows:
         eval_stats = dict.fromkeys(stats, 0)

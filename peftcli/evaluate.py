@@ -16,7 +16,9 @@ if TYPE_CHECKING:
 
 
 @torch.no_grad()
-def loss_metrics(model: Any, split: Split, task: str, accelerator: Any, batch_size: int, pad_id: int) -> dict[str, float]:
+def loss_metrics(
+    model: Any, split: Split, task: str, accelerator: Any, batch_size: int, pad_id: int
+) -> dict[str, float]:
     """Mean loss per supervised token over the whole split (not a mean of batch means)."""
     from torch.utils.data import DataLoader
 
@@ -39,8 +41,9 @@ def loss_metrics(model: Any, split: Split, task: str, accelerator: Any, batch_si
 
 
 @torch.no_grad()
-def generate_answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int,
-                     batch_size: int = 32) -> list[str]:
+def generate_answers(
+    model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 32
+) -> list[str]:
     """Greedy continuations of token-id prompts, batched with left padding."""
     device = next(p for p in model.parameters()).device
     pad = tokenizer.pad_token_id
@@ -48,27 +51,48 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_n
     model.eval()
     answers: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
+        chunk = prompts[start : start + batch_size]
         longest = max(len(p) for p in chunk)
         ids = torch.tensor([[pad] * (longest - len(p)) + p for p in chunk], device=device)
         mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in chunk], device=device)
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )
         answers += tokenizer.batch_decode(out[:, longest:], skip_special_tokens=True)
     model.train(was_training)
     return answers
 
 
-def exact_match(model: Any, tokenizer: Any, references: list[Reference], max_new_tokens: int) -> dict[str, Any]:
+def exact_match(
+    model: Any, tokenizer: Any, references: list[Reference], max_new_tokens: int
+) -> dict[str, Any]:
     answers = generate_answers(model, tokenizer, [r.prompt_ids for r in references], max_new_tokens)
     hits = [a.strip() == r.answer.strip() for a, r in zip(answers, references, strict=True)]
-    samples = [{"prompt": tokenizer.decode(r.prompt_ids, skip_special_tokens=True), "reference": r.answer,
-                "output": a} for r, a in zip(references[:5], answers[:5], strict=True)]
+    samples = [
+        {
+            "prompt": tokenizer.decode(r.prompt_ids, skip_special_tokens=True),
+            "reference": r.answer,
+            "output": a,
+        }
+        for r, a in zip(references[:5], answers[:5], strict=True)
+    ]
     return {"exact_match": sum(hits) / len(hits), "samples": samples}
 
 
-def evaluate(model: Any, tokenizer: Any, split: Split, section: EvalSection, task: str, accelerator: Any,
-             batch_size: int, with_exact_match: bool | None = None) -> dict[str, Any]:
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    split: Split,
+    section: EvalSection,
+    task: str,
+    accelerator: Any,
+    batch_size: int,
+    with_exact_match: bool | None = None,
+) -> dict[str, Any]:
     """The metrics `section.metrics` asks for (exact_match also when `with_exact_match`)."""
     metrics: dict[str, Any] = {}
     wanted = set(section.metrics)

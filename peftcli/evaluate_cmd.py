@@ -42,8 +42,10 @@ def open_target(path: Path) -> Target:
         return Target(ModelSection(name_or_path=str(path)), None, None, None)
     if (path / "recipe.yaml").is_file():
         raise UserError(f"{path} holds no adapter yet: the run did not finish", "train it again, or --resume")
-    raise UserError(f"{path} is not a run, adapter or model folder",
-                    "expected recipe.yaml + adapter/, adapter_config.json, or config.json")
+    raise UserError(
+        f"{path} is not a run, adapter or model folder",
+        "expected recipe.yaml + adapter/, adapter_config.json, or config.json",
+    )
 
 
 def eval_split(target: Target, tokenizer: Any, data: Path | None) -> Any:
@@ -56,7 +58,9 @@ def eval_split(target: Target, tokenizer: Any, data: Path | None) -> Any:
         raise UserError("this target has no recipe to take eval data from", "pass --data FILE")
     prepared = data_stage.prepare(target.recipe.data, tokenizer, target.recipe.training.seed)
     if prepared.eval is None:
-        raise UserError(f"the run's recipe has no eval split (data.eval: {target.recipe.data.eval})", "pass --data FILE")
+        raise UserError(
+            f"the run's recipe has no eval split (data.eval: {target.recipe.data.eval})", "pass --data FILE"
+        )
     return prepared.eval
 
 
@@ -69,8 +73,11 @@ def run_eval(path: Path, data: Path | None = None, compare_base: bool = False) -
     target = open_target(path)
     if compare_base and target.adapter is None:
         raise UserError("--compare-base needs an adapter or a run, not a plain model folder")
-    tokenizer_section = target.model.model_copy(update={"name_or_path": str(target.adapter)}) \
-        if target.adapter and (target.adapter / "tokenizer_config.json").is_file() else target.model
+    tokenizer_section = (
+        target.model.model_copy(update={"name_or_path": str(target.adapter)})
+        if target.adapter and (target.adapter / "tokenizer_config.json").is_file()
+        else target.model
+    )
     tokenizer = load_tokenizer(tokenizer_section)
     split = eval_split(target, tokenizer, data)
     training = target.recipe.training if target.recipe else TrainingSection()
@@ -81,8 +88,16 @@ def run_eval(path: Path, data: Path | None = None, compare_base: bool = False) -
 
     def measure(m: Any, label: str) -> dict[str, Any]:
         say(f"peftcli: evaluating {label} on {len(split.examples)} examples")
-        return evaluate(m, tokenizer, split, section, target.model.task, accelerator, training.batch_size,
-                        with_exact_match=True)
+        return evaluate(
+            m,
+            tokenizer,
+            split,
+            section,
+            target.model.task,
+            accelerator,
+            training.batch_size,
+            with_exact_match=True,
+        )
 
     results: dict[str, Any] = {}
     if compare_base:
@@ -108,7 +123,11 @@ def format_result(result: dict[str, Any]) -> str:
     """A human table; with base and adapter side by side when both are there."""
     columns = result if "base" in result else {"value": result}
     metrics = [k for k, v in next(iter(columns.values())).items() if isinstance(v, float)]
-    lines = [f"{'metric':<14}" + "".join(f"{name:>12}" for name in columns) + ("      change" if "base" in result else "")]
+    lines = [
+        f"{'metric':<14}"
+        + "".join(f"{name:>12}" for name in columns)
+        + ("      change" if "base" in result else "")
+    ]
     for m in metrics:
         values = [columns[c].get(m) for c in columns]
         row = f"{m:<14}" + "".join(f"{v:>12.4f}" if v is not None else f"{'-':>12}" for v in values)

@@ -16,7 +16,7 @@ IGNORE = -100
 
 def _targets(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[torch.Tensor, torch.Tensor]:
     # Prompt-learning methods prepend virtual tokens: keep the positions of real tokens.
-    logits = logits[:, -labels.shape[1]:]
+    logits = logits[:, -labels.shape[1] :]
     if task == "causal_lm":  # position t predicts token t+1
         return logits[:, :-1], labels[:, 1:]
     return logits, labels
@@ -36,7 +36,9 @@ def forward(model: Any, batch: dict[str, torch.Tensor], task: str) -> torch.Tens
     return model(**inputs).logits
 
 
-def per_example_loss(model: Any, batch: dict[str, torch.Tensor], task: str) -> tuple[torch.Tensor, torch.Tensor]:
+def per_example_loss(
+    model: Any, batch: dict[str, torch.Tensor], task: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy and supervised-token count, per example."""
     logits, labels = _targets(forward(model, batch, task), batch["labels"], task)
     losses = F.cross_entropy(
@@ -47,4 +49,6 @@ def per_example_loss(model: Any, batch: dict[str, torch.Tensor], task: str) -> t
 
 def loss_sum(model: Any, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
     logits, labels = _targets(forward(model, batch, task), batch["labels"], task)
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    return F.cross_entropy(
+        logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum"
+    )

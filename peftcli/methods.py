@@ -43,7 +43,9 @@ METHODS: dict[str, Method] = {
             "LoraConfig",
             merges=True,
         ),
-        Method("dora", "weight-decomposed LoRA (magnitude + direction)", "LoraConfig", True, {"use_dora": True}),
+        Method(
+            "dora", "weight-decomposed LoRA (magnitude + direction)", "LoraConfig", True, {"use_dora": True}
+        ),
     ]
 }
 
@@ -117,8 +119,9 @@ def apply_method(model: nn.Module, section: PeftSection, task: str) -> Any:
     from peft import get_peft_model
 
     method = METHODS[section.method]
-    targets = resolve_targets(LinearIndex.from_model(model), section.target_modules, section.layers,
-                              method.default_targets)
+    targets = resolve_targets(
+        LinearIndex.from_model(model), section.target_modules, section.layers, method.default_targets
+    )
     targets.pop("names")
     import peft
 

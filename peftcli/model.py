@@ -6,6 +6,7 @@ calls; builtins are only materialised into a folder first.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,7 @@ def quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     transformers.logging.disable_progress_bar()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="bitsandbytes")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*gradient checkpointing.*")
@@ -59,8 +61,10 @@ def _common_kwargs(section: ModelSection) -> dict[str, Any]:
 
 def _load_error(what: str, path: str, exc: Exception) -> UserError:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return UserError(f"model.name_or_path: cannot load the {what} of `{path}`: {first}",
-                     "check the path or hub id; offline, only local folders and builtin:<name> load")
+    return UserError(
+        f"model.name_or_path: cannot load the {what} of `{path}`: {first}",
+        "check the path or hub id; offline, only local folders and builtin:<name> load",
+    )
 
 
 def load_config(section: ModelSection) -> Any:
@@ -160,7 +164,9 @@ def load_model(section: ModelSection, device: Any = None) -> Any:
         kwargs["attn_implementation"] = section.attn_implementation
     if quant is not None:
         kwargs["quantization_config"] = quant
-        kwargs["device_map"] = {"": device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")}
+        kwargs["device_map"] = {
+            "": device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+        }
     try:
         model = cls.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:

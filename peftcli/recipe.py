@@ -25,7 +25,9 @@ class _Section(BaseModel):
 
 
 class ModelSection(_Section):
-    name_or_path: str = Field(description="Hub id, local model folder, or builtin:<name> (see `peftcli methods`).")
+    name_or_path: str = Field(
+        description="Hub id, local model folder, or builtin:<name> (see `peftcli methods`)."
+    )
     task: Literal["causal_lm", "seq2seq_lm", "seq_cls"] = Field(
         "causal_lm", description="What the model is trained to do."
     )
@@ -35,7 +37,9 @@ class ModelSection(_Section):
     quantization: Literal["none", "4bit", "8bit"] = Field(
         "none", description="Load the base quantized with bitsandbytes (4bit = NF4 + double quantization)."
     )
-    trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint (pin `revision`).")
+    trust_remote_code: bool = Field(
+        False, description="Run model code shipped with the checkpoint (pin `revision`)."
+    )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = Field(
         None, description="Attention kernel; null = the library default."
@@ -57,7 +61,8 @@ class PeftSection(_Section):
     alpha: float = Field(16, gt=0, description="Scaling numerator (LoRA: update scaled by alpha / r).")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input.")
     options: dict[str, Any] = Field(
-        default_factory=dict, description="Any further keyword of the method's PEFT config class, passed through."
+        default_factory=dict,
+        description="Any further keyword of the method's PEFT config class, passed through.",
     )
 
     @field_validator("method", mode="before")
@@ -95,17 +100,25 @@ class TrainingSection(_Section):
     batch_size: int = Field(8, gt=0, description="Examples per micro-batch, per process.")
     grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step.")
     lr: float = Field(2.0e-4, gt=0, description="Peak learning rate (AdamW).")
-    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate decay after warmup.")
+    scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Learning-rate decay after warmup."
+    )
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of the steps spent warming up linearly.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null = no clipping.")
+    max_grad_norm: float | None = Field(
+        1.0, gt=0, description="Clip the global gradient norm; null = no clipping."
+    )
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         "auto", description="Autocast precision; auto = bf16 where the GPU supports it, else none."
     )
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward to save memory."
+    )
     seed: int = Field(42, description="Seed for weights init, data order and dropout.")
     log_every: int = Field(10, gt=0, description="Optimizer steps between metrics.jsonl rows.")
-    eval_every: int | None = Field(None, gt=0, description="Optimizer steps between evaluations; null = at the end only.")
+    eval_every: int | None = Field(
+        None, gt=0, description="Optimizer steps between evaluations; null = at the end only."
+    )
     save_every: int | None = Field(None, gt=0, description="Optimizer steps between resumable checkpoints.")
     keep_checkpoints: int = Field(2, gt=0, description="Newest complete checkpoints kept.")
     report_to: list[Literal["jsonl", "tensorboard", "wandb", "mlflow"]] = Field(

@@ -36,8 +36,10 @@ def choose_work_dir(run_dir: Path, overwrite: bool) -> Path:
         return run_dir
     if not overwrite:
         state = "an unfinished run" if (run_dir / INCOMPLETE).exists() else "a run"
-        raise UserError(f"{run_dir} already holds {state}",
-                        "pass --overwrite to replace it, or set training.output_dir / name")
+        raise UserError(
+            f"{run_dir} already holds {state}",
+            "pass --overwrite to replace it, or set training.output_dir / name",
+        )
     return run_dir.with_name(f".{run_dir.name}.partial")
 
 
@@ -118,12 +120,16 @@ def train(recipe: Recipe, overwrite: bool = False) -> Trained:
     counts = trainable_summary(model)
     if main:
         s = data.stats
-        say(f"peftcli: {recipe.peft.method} on {recipe.model.name_or_path}: "
+        say(
+            f"peftcli: {recipe.peft.method} on {recipe.model.name_or_path}: "
             f"{counts['trainable_params']:,} trainable of {counts['total_params']:,} parameters "
-            f"({100 * counts['trainable_params'] / counts['total_params']:.2f}%)")
-        say(f"peftcli: data {data.format}: {len(data.train.examples)} train / "
+            f"({100 * counts['trainable_params'] / counts['total_params']:.2f}%)"
+        )
+        say(
+            f"peftcli: data {data.format}: {len(data.train.examples)} train / "
             f"{len(data.eval.examples) if data.eval else 0} eval examples, {s['supervised_tokens']:,} of "
-            f"{s['tokens']:,} train tokens supervised, {s['truncated']} truncated, {s['dropped']} dropped")
+            f"{s['tokens']:,} train tokens supervised, {s['truncated']} truncated, {s['dropped']} dropped"
+        )
 
     log = MetricsLog(work_dir / "metrics.jsonl", accelerator, recipe.training.report_to)
     batch = recipe.training.batch_size
@@ -134,19 +140,27 @@ def train(recipe: Recipe, overwrite: bool = False) -> Trained:
         section = recipe.eval if final else recipe.eval.model_copy(update={"metrics": metrics})
         return evaluate(m, tokenizer, data.eval, section, task, accelerator, batch)
 
-    summary = fit(model, data, recipe.training, accelerator, pad_id, task, log,
-                  evaluate=run_eval if data.eval else None)
+    summary = fit(
+        model, data, recipe.training, accelerator, pad_id, task, log, evaluate=run_eval if data.eval else None
+    )
     eval_metrics = run_eval(model, final=True) if data.eval else {}
     if eval_metrics:
-        log.log({"step": summary["steps"], "epoch": summary["epochs"],
-                 **{f"eval_{k}": v for k, v in eval_metrics.items() if isinstance(v, float)}})
+        log.log(
+            {
+                "step": summary["steps"],
+                "epoch": summary["epochs"],
+                **{f"eval_{k}": v for k, v in eval_metrics.items() if isinstance(v, float)},
+            }
+        )
     log.close()
     if main:
         accelerator.unwrap_model(model).save_pretrained(work_dir / "adapter")
         tokenizer.save_pretrained(work_dir / "adapter")
         result = {**eval_metrics, "train": {**summary, **counts}}
         (work_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        plot_losses(work_dir / "metrics.jsonl", work_dir / "loss.png", title=f"{recipe.name} ({recipe.peft.method})")
+        plot_losses(
+            work_dir / "metrics.jsonl", work_dir / "loss.png", title=f"{recipe.name} ({recipe.peft.method})"
+        )
         finish_work_dir(work_dir, run_dir)
         shown = ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items() if isinstance(v, float))
         say(f"peftcli: {summary['steps']} steps in {summary['seconds']:.1f}s; eval: {shown or 'none'}")

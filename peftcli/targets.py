@@ -21,8 +21,17 @@ if TYPE_CHECKING:
 
 TARGET_KEYWORDS = ("all-linear", "attention", "mlp")
 HEAD_NAMES = {"lm_head", "score", "classifier", "qa_outputs"}
-EMBEDDING_NAMES = {"embed_tokens", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings",
-                   "shared", "embed_positions", "relative_attention_bias"}
+EMBEDDING_NAMES = {
+    "embed_tokens",
+    "wte",
+    "wpe",
+    "word_embeddings",
+    "position_embeddings",
+    "token_type_embeddings",
+    "shared",
+    "embed_positions",
+    "relative_attention_bias",
+}
 _LAYER_RE = re.compile(r"(?:^|\.)(?P<pattern>[A-Za-z_]\w*)\.(?P<idx>\d+)\.")
 
 
@@ -124,8 +133,12 @@ def _select(index: LinearIndex, entry: str) -> set[str]:
     return found
 
 
-def resolve_targets(index: LinearIndex, target_modules: list[str] | str | None, layers: list[int] | None,
-                    default: str = "all-linear") -> dict[str, Any]:
+def resolve_targets(
+    index: LinearIndex,
+    target_modules: list[str] | str | None,
+    layers: list[int] | None,
+    default: str = "all-linear",
+) -> dict[str, Any]:
     """The PEFT config kwargs for the recipe's targets.
 
     Returns `target_modules` (module suffixes when they select exactly the chosen set, else
@@ -154,7 +167,9 @@ def resolve_targets(index: LinearIndex, target_modules: list[str] | str | None, 
             raise UserError("peft.layers is an empty list", "leave it out to adapt every layer")
         bad = [i for i in layers if not -n <= i < n]
         if bad:
-            raise UserError(f"peft.layers: {bad} out of range; the model has {n} layers (0..{n - 1}, or -1..-{n})")
+            raise UserError(
+                f"peft.layers: {bad} out of range; the model has {n} layers (0..{n - 1}, or -1..-{n})"
+            )
         wanted = sorted({i % n for i in layers})
         chosen = {c for c in chosen if (li := layer_index(c)) and li[1] in wanted}
         if not chosen:

@@ -61,13 +61,24 @@ def make_optimizer(model: Any, section: TrainingSection) -> torch.optim.Optimize
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": section.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": section.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=section.lr)
 
 
-def fit(model: Any, data: Prepared, section: TrainingSection, accelerator: Any, pad_id: int, task: str,
-        log: MetricsLog, evaluate: Callable[[Any], dict[str, Any]] | None = None,
-        on_step: Callable[[Any, int], None] | None = None) -> dict[str, Any]:
+def fit(
+    model: Any,
+    data: Prepared,
+    section: TrainingSection,
+    accelerator: Any,
+    pad_id: int,
+    task: str,
+    log: MetricsLog,
+    evaluate: Callable[[Any], dict[str, Any]] | None = None,
+    on_step: Callable[[Any, int], None] | None = None,
+) -> dict[str, Any]:
     """Train; returns a summary (steps, tokens, seconds, last loss)."""
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
@@ -77,18 +88,32 @@ def fit(model: Any, data: Prepared, section: TrainingSection, accelerator: Any, 
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
-    loader = DataLoader(data.train.examples, batch_size=section.batch_size, shuffle=True,
-                        collate_fn=partial(collate, pad_id=pad_id), drop_last=False)
+    loader = DataLoader(
+        data.train.examples,
+        batch_size=section.batch_size,
+        shuffle=True,
+        collate_fn=partial(collate, pad_id=pad_id),
+        drop_last=False,
+    )
     optimizer = make_optimizer(model, section)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     p = plan(len(loader), section)
-    scheduler = get_scheduler(section.scheduler, optimizer, num_warmup_steps=p.warmup_steps,
-                              num_training_steps=p.total_steps)
+    scheduler = get_scheduler(
+        section.scheduler, optimizer, num_warmup_steps=p.warmup_steps, num_training_steps=p.total_steps
+    )
     params = [q for q in model.parameters() if q.requires_grad]
 
     model.train()
-    bar = tqdm(total=p.total_steps, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True,
-               disable=not accelerator.is_main_process)
+    # A live bar on a terminal; in logs (CI, SLURM, pipes) one line per logged step instead.
+    interactive = sys.stderr.isatty()
+    bar = tqdm(
+        total=p.total_steps,
+        desc="train",
+        unit="step",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        disable=not (accelerator.is_main_process and interactive),
+    )
     groups = micro_batch_groups(loader, section.grad_accum)
     window_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     window_sup = torch.zeros((), dtype=torch.long, device=accelerator.device)
@@ -112,7 +137,9 @@ def fit(model: Any, data: Prepared, section: TrainingSection, accelerator: Any, 
             window_loss += summed.detach().double()
         window_sup += local_sup.to(accelerator.device)
         window_tokens += sum(int(b["attention_mask"].sum()) for b in group)
-        grad_norm = accelerator.clip_grad_norm_(params, section.max_grad_norm) if section.max_grad_norm else None
+        grad_norm = (
+            accelerator.clip_grad_norm_(params, section.max_grad_norm) if section.max_grad_norm else None
+        )
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -121,27 +148,58 @@ def fit(model: Any, data: Prepared, section: TrainingSection, accelerator: Any, 
         bar.update(1)
 
         if step % section.log_every == 0 or step == p.total_steps:
-            loss = (accelerator.reduce(window_loss, "sum") / accelerator.reduce(window_sup, "sum").clamp(min=1)).item()
+            loss = (
+                accelerator.reduce(window_loss, "sum") / accelerator.reduce(window_sup, "sum").clamp(min=1)
+            ).item()
             if not math.isfinite(loss):
-                raise UserError(f"training diverged: loss is {loss} at step {step}; nothing was saved",
-                                "lower training.lr or set training.max_grad_norm")
+                raise UserError(
+                    f"training diverged: loss is {loss} at step {step}; nothing was saved",
+                    "lower training.lr or set training.max_grad_norm",
+                )
             tokens = int(accelerator.reduce(torch.tensor(window_tokens, device=accelerator.device), "sum"))
             elapsed = time.perf_counter() - window_start
             totals["tokens"] += tokens
             totals["supervised_tokens"] += int(accelerator.reduce(window_sup, "sum"))
-            last = {"step": step, "epoch": round(step / p.steps_per_epoch, 4), "loss": loss,
-                    "lr": scheduler.get_last_lr()[0], "tokens": totals["tokens"],
-                    "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1)}
+            last = {
+                "step": step,
+                "epoch": round(step / p.steps_per_epoch, 4),
+                "loss": loss,
+                "lr": scheduler.get_last_lr()[0],
+                "tokens": totals["tokens"],
+                "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1),
+            }
             if grad_norm is not None:
                 last["grad_norm"] = float(grad_norm)
             log.log(last)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{last['lr']:.2e}", tok_s=f"{last['tokens_per_s']:.0f}")
+            if accelerator.is_main_process and not interactive:
+                print(
+                    f"step {step}/{p.total_steps}  loss {loss:.4f}  lr {last['lr']:.2e}  "
+                    f"{last['tokens_per_s']:.0f} tok/s",
+                    file=sys.stderr,
+                    flush=True,
+                )
             window_loss.zero_()
             window_sup.zero_()
             window_tokens, window_start = 0, time.perf_counter()
-        if evaluate is not None and section.eval_every and step % section.eval_every == 0 and step != p.total_steps:
-            log.log({"step": step, "epoch": round(step / p.steps_per_epoch, 4),
-                     **{f"eval_{k}": v for k, v in evaluate(model).items() if isinstance(v, float)}})
+        if (
+            evaluate is not None
+            and section.eval_every
+            and step % section.eval_every == 0
+            and step != p.total_steps
+        ):
+            log.log(
+                {
+                    "step": step,
+                    "epoch": round(step / p.steps_per_epoch, 4),
+                    **{f"eval_{k}": v for k, v in evaluate(model).items() if isinstance(v, float)},
+                }
+            )
     bar.close()
-    return {"steps": p.total_steps, "epochs": round(p.total_steps / p.steps_per_epoch, 4),
-            "seconds": round(time.perf_counter() - started, 2), **totals, "final_loss": last.get("loss")}
+    return {
+        "steps": p.total_steps,
+        "epochs": round(p.total_steps / p.steps_per_epoch, 4),
+        "seconds": round(time.perf_counter() - started, 2),
+        **totals,
+        "final_loss": last.get("loss"),
+    }

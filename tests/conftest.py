@@ -40,13 +40,15 @@ def completion_data(tmp_path) -> Path:
 @pytest.fixture
 def messages_data(tmp_path) -> Path:
     rows = [
-        {"messages": [
-            {"role": "system", "content": "You answer in capitals."},
-            {"role": "user", "content": f"say {w}"},
-            {"role": "assistant", "content": w.upper()},
-            {"role": "user", "content": "again"},
-            {"role": "assistant", "content": w.upper() + "!"},
-        ]}
+        {
+            "messages": [
+                {"role": "system", "content": "You answer in capitals."},
+                {"role": "user", "content": f"say {w}"},
+                {"role": "assistant", "content": w.upper()},
+                {"role": "user", "content": "again"},
+                {"role": "assistant", "content": w.upper() + "!"},
+            ]
+        }
         for w in ["cat", "dog", "owl", "fox", "emu", "yak", "elk", "ant"] * 4
     ]
     return write_jsonl(tmp_path / "chat.jsonl", rows)
@@ -60,7 +62,13 @@ def write_recipe(path: Path, **sections) -> Path:
         "model": {"name_or_path": "builtin:tiny-llama"},
         "peft": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
         "data": {"train": "train.jsonl", "eval": 0.25, "max_length": 48},
-        "training": {"max_steps": 4, "batch_size": 8, "lr": 3e-3, "log_every": 1, "output_dir": str(path.parent / "run")},
+        "training": {
+            "max_steps": 4,
+            "batch_size": 8,
+            "lr": 3e-3,
+            "log_every": 1,
+            "output_dir": str(path.parent / "run"),
+        },
     }
     for key, value in sections.items():
         recipe[key] = {**recipe.get(key, {}), **value} if isinstance(value, dict) else value

@@ -13,8 +13,12 @@ base_path = json.load(open(f"{adapter}/adapter_config.json"))["base_model_name_o
 kwargs = {}
 if len(sys.argv) > 3 and sys.argv[3] == "4bit":
     kwargs["quantization_config"] = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32)
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_quant_storage=torch.float32,
+    )
     kwargs["device_map"] = {"": "cpu"}
 model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path, **kwargs), adapter).eval()
 ids = torch.tensor([list(range(40, 72))])

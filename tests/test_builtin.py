@@ -37,7 +37,9 @@ def test_tiny_llama_has_a_chat_template_and_stops_at_end_of_turn():
 
     path = builtin.materialise("tiny-llama")
     tok = AutoTokenizer.from_pretrained(path)
-    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     eos = GenerationConfig.from_pretrained(path).eos_token_id
     assert tok.convert_tokens_to_ids("<|im_end|>") in eos and tok.eos_token_id in eos

@@ -38,8 +38,12 @@ def encode(tok, rows, **data):
     section = DataSection(train="x.jsonl", **data)
     fmt = detect_format([("r", r) for r in rows], section.format)
     stats = dict.fromkeys(("examples", "tokens", "supervised_tokens", "truncated", "dropped"), 0)
-    split = encode_rows([(f"x.jsonl:{i + 1}", r) for i, r in enumerate(rows)], Encoder(tok, fmt, section), stats,
-                        with_references=True)
+    split = encode_rows(
+        [(f"x.jsonl:{i + 1}", r) for i, r in enumerate(rows)],
+        Encoder(tok, fmt, section),
+        stats,
+        with_references=True,
+    )
     return split, stats
 
 
@@ -61,7 +65,7 @@ def test_pad_equal_to_eos_does_not_mask_eos(gpt2_tok):
     batch = collate(split.examples + [{"input_ids": [5] * 10, "labels": [5] * 10}], gpt2_tok.pad_token_id)
     row = batch["labels"][0]
     assert row[len(split.examples[0]["input_ids"]) - 1] == gpt2_tok.eos_token_id  # EOS keeps its label
-    assert (row[len(split.examples[0]["input_ids"]):] == IGNORE).all()  # padding carries none
+    assert (row[len(split.examples[0]["input_ids"]) :] == IGNORE).all()  # padding carries none
 
 
 def test_train_on_all_supervises_the_prompt_too(llama_tok):
@@ -82,7 +86,9 @@ def test_messages_supervise_every_assistant_turn_and_its_end_token(llama_tok):
     ex = split.examples[0]
     assert supervised_text(llama_tok, ex) == "HELLO<|im_end|>HI<|im_end|>"
     assert split.references[0].answer == "HI"
-    assert llama_tok.decode(split.references[0].prompt_ids).endswith("again<|im_end|>\n<|im_start|>assistant\n")
+    assert llama_tok.decode(split.references[0].prompt_ids).endswith(
+        "again<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_text_format_supervises_everything(llama_tok):
@@ -125,14 +131,16 @@ def test_bad_files_are_reported_by_line(tmp_path, content, expected):
 
 
 def test_bad_rows_are_reported_by_line(tmp_path, llama_tok):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "a", "completion": 3}])
+    path = write_jsonl(
+        tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "a", "completion": 3}]
+    )
     with pytest.raises(UserError, match=r"d.jsonl:2: `completion` must be a string, not int"):
         prepare(DataSection(train=str(path), eval=0.0), llama_tok, seed=0)
 
 
 def test_json_csv_and_folder_inputs(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps([{"text": "x"}, {"text": "y"}]))
-    (tmp_path / "b.csv").write_text("prompt,completion\nhi,there\n\"a, b\",c\n")
+    (tmp_path / "b.csv").write_text('prompt,completion\nhi,there\n"a, b",c\n')
     assert [r for _, r in read_rows(str(tmp_path / "a.json"))] == [{"text": "x"}, {"text": "y"}]
     assert read_rows(str(tmp_path / "b.csv"))[1] == ("b.csv:3", {"prompt": "a, b", "completion": "c"})
     folder = tmp_path / "shards"

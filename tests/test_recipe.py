@@ -11,7 +11,11 @@ from peftcli.errors import UserError
 from peftcli.recipe import Recipe, load_recipe, parse_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
-MINIMAL = {"model": {"name_or_path": "builtin:tiny-llama"}, "peft": {"method": "lora"}, "data": {"train": "x.jsonl"}}
+MINIMAL = {
+    "model": {"name_or_path": "builtin:tiny-llama"},
+    "peft": {"method": "lora"},
+    "data": {"train": "x.jsonl"},
+}
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -47,7 +51,13 @@ def test_minimal_recipe_gets_every_default(tmp_path):
         ({"data": {"train": "x.jsonl", "eval": 1.5}}, "data.eval"),
         ({"model": {"name_or_path": "m", "dtype": "fp32"}}, "`model.dtype: fp32` is not one of"),
         ({"model": {"name_or_path": "m", "quantization": "8bit"}, "peft": {"method": "qlora"}}, "qlora"),
-        ({"data": {"train": "x.jsonl", "packing": True}, "model": {"name_or_path": "m", "task": "seq_cls"}}, "packing"),
+        (
+            {
+                "data": {"train": "x.jsonl", "packing": True},
+                "model": {"name_or_path": "m", "task": "seq_cls"},
+            },
+            "packing",
+        ),
     ],
 )
 def test_recipe_mistakes_name_the_key(tmp_path, change, expected):
@@ -86,8 +96,10 @@ def test_missing_recipe_file(tmp_path):
 
 
 def test_overrides_are_parsed_as_yaml_scalars_and_merged(tmp_path):
-    r = load_recipe(write(tmp_path, yaml.safe_dump(MINIMAL)),
-                    ["training.lr=1e-4", "peft.r=16", "peft.target_modules=[q_proj,v_proj]", "data.packing=true"])
+    r = load_recipe(
+        write(tmp_path, yaml.safe_dump(MINIMAL)),
+        ["training.lr=1e-4", "peft.r=16", "peft.target_modules=[q_proj,v_proj]", "data.packing=true"],
+    )
     assert r.training.lr == 1e-4 and r.peft.r == 16 and r.data.packing is True
     assert r.peft.target_modules == ["q_proj", "v_proj"]
     assert parse_overrides(["a.b.c=x"]) == {"a": {"b": {"c": "x"}}}

@@ -37,8 +37,20 @@ def test_weights_and_model_give_the_same_inventory(name, llama, gpt2):
 def test_keywords_on_llama(llama):
     index = LinearIndex.from_model(llama)
     assert resolve_targets(index, "all-linear", None)["target_modules"] == [
-        "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
-    assert resolve_targets(index, "attention", None)["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+        "down_proj",
+        "gate_proj",
+        "k_proj",
+        "o_proj",
+        "q_proj",
+        "up_proj",
+        "v_proj",
+    ]
+    assert resolve_targets(index, "attention", None)["target_modules"] == [
+        "k_proj",
+        "o_proj",
+        "q_proj",
+        "v_proj",
+    ]
     assert resolve_targets(index, "mlp", None)["target_modules"] == ["down_proj", "gate_proj", "up_proj"]
     assert len(resolve_targets(index, ["attention", "mlp"], None)["names"]) == 4 * 7
 
@@ -46,7 +58,8 @@ def test_keywords_on_llama(llama):
 def test_keywords_on_gpt2_conv1d(gpt2):
     index = LinearIndex.from_model(gpt2)
     assert resolve_targets(index, "attention", None)["names"] == [
-        f"transformer.h.{i}.attn.{m}" for i in range(2) for m in ("c_attn", "c_proj")]
+        f"transformer.h.{i}.attn.{m}" for i in range(2) for m in ("c_attn", "c_proj")
+    ]
     # c_proj exists in attention and MLP: the short form would over-select, so names are exact.
     mlp = resolve_targets(index, "mlp", None)
     assert mlp["target_modules"] == mlp["names"] and all(".mlp." in n for n in mlp["names"])
@@ -63,7 +76,9 @@ def test_layers_restrict_and_count_from_the_end(llama):
 def test_regex_and_full_names(llama):
     index = LinearIndex.from_model(llama)
     assert len(resolve_targets(index, r".*\.(q|v)_proj", None)["names"]) == 8
-    assert resolve_targets(index, ["model.layers.1.mlp.up_proj"], None)["names"] == ["model.layers.1.mlp.up_proj"]
+    assert resolve_targets(index, ["model.layers.1.mlp.up_proj"], None)["names"] == [
+        "model.layers.1.mlp.up_proj"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -90,7 +105,10 @@ def test_peft_adapts_exactly_the_resolved_modules(llama):
 
     section = PeftSection(method="lora", target_modules="mlp", layers=[1, 2])
     model = apply_method(copy.deepcopy(llama), section, "causal_lm")
-    adapted = sorted(n.removeprefix("base_model.model.").removesuffix(".lora_A.default")
-                     for n, _ in model.named_modules() if n.endswith("lora_A.default"))
+    adapted = sorted(
+        n.removeprefix("base_model.model.").removesuffix(".lora_A.default")
+        for n, _ in model.named_modules()
+        if n.endswith("lora_A.default")
+    )
     expected = resolve_targets(LinearIndex.from_model(llama), "mlp", [1, 2])["names"]
     assert adapted == expected

@@ -21,8 +21,12 @@ HERE = Path(__file__).resolve().parent
 
 def reload_logits(adapter: Path, tmp_path: Path, quant: str = "") -> torch.Tensor:
     out = tmp_path / "logits.pt"
-    subprocess.run([sys.executable, str(HERE / "reload_adapter.py"), str(adapter), str(out), quant],
-                   check=True, capture_output=True, text=True)
+    subprocess.run(
+        [sys.executable, str(HERE / "reload_adapter.py"), str(adapter), str(out), quant],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return torch.load(out)
 
 
@@ -33,8 +37,15 @@ def own_logits(model) -> torch.Tensor:
 
 
 def check_run_folder(run: Path, steps: int) -> list[dict]:
-    for name in ("recipe.yaml", "metrics.jsonl", "eval.json", "loss.png", "adapter/adapter_config.json",
-                 "adapter/adapter_model.safetensors", "adapter/tokenizer.json"):
+    for name in (
+        "recipe.yaml",
+        "metrics.jsonl",
+        "eval.json",
+        "loss.png",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "adapter/tokenizer.json",
+    ):
         assert (run / name).is_file(), name
     assert not (run / ".incomplete").exists()
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -61,12 +72,22 @@ def test_lora_trains_saves_and_reloads_with_plain_peft(tmp_path, completion_data
 
 @pytest.mark.parametrize(
     ("model", "method", "quant"),
-    [("builtin:tiny-llama", "lora", ""), ("builtin:tiny-gpt2", "lora", ""), ("builtin:tiny-llama", "qlora", "4bit")],
+    [
+        ("builtin:tiny-llama", "lora", ""),
+        ("builtin:tiny-gpt2", "lora", ""),
+        ("builtin:tiny-llama", "qlora", "4bit"),
+    ],
     ids=["llama-lora", "gpt2-lora", "llama-qlora"],
 )
 def test_saved_adapter_reproduces_the_trained_model(tmp_path, completion_data, model, method, quant):
-    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", model={"name_or_path": model},
-                                      peft={"method": method}, training={"max_steps": 6}))
+    recipe = load_recipe(
+        write_recipe(
+            tmp_path / "r.yaml",
+            model={"name_or_path": model},
+            peft={"method": method},
+            training={"max_steps": 6},
+        )
+    )
     trained = train(recipe)
     rows = check_run_folder(trained.run_dir, 6)
     assert rows[-1]["loss"] < rows[0]["loss"], "loss should fall"
@@ -95,9 +116,18 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, completion_data):
     even though the micro-batches hold different numbers of supervised tokens."""
     runs = {}
     for name, batch, accum in [("big", 8, 1), ("accum", 4, 2)]:
-        recipe = load_recipe(write_recipe(tmp_path / f"{name}.yaml", data={"eval": 0.0},
-                                          training={"max_steps": 3, "batch_size": batch, "grad_accum": accum,
-                                                    "output_dir": str(tmp_path / name)}))
+        recipe = load_recipe(
+            write_recipe(
+                tmp_path / f"{name}.yaml",
+                data={"eval": 0.0},
+                training={
+                    "max_steps": 3,
+                    "batch_size": batch,
+                    "grad_accum": accum,
+                    "output_dir": str(tmp_path / name),
+                },
+            )
+        )
         runs[name] = adapter_weights(train(recipe).run_dir)
     for key, big in runs["big"].items():
         assert torch.allclose(big, runs["accum"][key], atol=1e-6), key
@@ -124,8 +154,11 @@ def test_existing_run_is_refused_then_replaced_only_on_success(tmp_path, complet
 
 
 def test_eval_compare_base_json(tmp_path, completion_data, capsys):
-    recipe = write_recipe(tmp_path / "r.yaml", training={"max_steps": 4}, eval={"metrics": ["loss", "exact_match"],
-                                                                               "max_new_tokens": 4})
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        training={"max_steps": 4},
+        eval={"metrics": ["loss", "exact_match"], "max_new_tokens": 4},
+    )
     assert cli("train", str(recipe), capsys=capsys)[0] == 0
     code, out, err = cli("eval", str(tmp_path / "run"), "--compare-base", "--json", capsys=capsys)
     assert code == 0, err
