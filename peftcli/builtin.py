@@ -55,12 +55,17 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def byte_level_tokenizer(
-    specials: list[str], bos: str | None, eos: str, pad: str | None, chat_template: str | None, add_bos: bool
+    specials: list[str],
+    roles: dict[str, str],
+    wrap: tuple[str | None, str | None] = (None, None),
+    chat_template: str | None = None,
 ) -> Any:
     """A byte-level BPE tokenizer (GPT-2 family) over the 256 bytes, plus special tokens.
 
     It has no merges, so every byte is one token: real, lossless on any text, and with no
-    training step that could differ between machines.
+    training step that could differ between machines. `roles` names the special tokens
+    (bos_token, eos_token, pad_token, cls_token, ...); `wrap` is what encoding puts before and
+    after a text (BOS for Llama, </s> after for T5, [CLS] ... [SEP] for BERT).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -72,21 +77,23 @@ def byte_level_tokenizer(
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    if add_bos and bos:
+    before, after = wrap
+    if before or after:
+        single = " ".join(t for t in (before, "$A", after) if t)
+        pair = " ".join(t for t in (before, "$A", after, "$B", after) if t)
+        used = sorted({t for t in wrap if t})
         tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])]
+            single=single, pair=pair, special_tokens=[(t, vocab[t]) for t in used]
         )
     else:
         tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-    extra = [t for t in specials if t not in {bos, eos, pad}]
+    extra = [t for t in specials if t not in roles.values()]
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
-        bos_token=bos,
-        eos_token=eos,
-        pad_token=pad,
         additional_special_tokens=extra,
         chat_template=chat_template,
         model_max_length=1024,
+        **roles,
     )
 
 
@@ -99,11 +106,9 @@ def _tiny_llama() -> tuple[Any, Any]:
 
     tok = byte_level_tokenizer(
         ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"],
-        bos="<s>",
-        eos="</s>",
-        pad="<pad>",
+        {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"},
+        wrap=("<s>", None),
         chat_template=CHATML_TEMPLATE,
-        add_bos=True,
     )
     config = LlamaConfig(
         vocab_size=len(tok),
@@ -131,11 +136,7 @@ def _tiny_gpt2() -> tuple[Any, Any]:
     # Like the real GPT-2: one special token for bos/eos/unk and no pad token at all.
     tok = byte_level_tokenizer(
         ["<|endoftext|>"],
-        bos="<|endoftext|>",
-        eos="<|endoftext|>",
-        pad=None,
-        chat_template=None,
-        add_bos=False,
+        {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"},
     )
     config = GPT2Config(
         vocab_size=len(tok),
@@ -150,6 +151,56 @@ def _tiny_gpt2() -> tuple[Any, Any]:
     return GPT2LMHeadModel(config), tok
 
 
+def _tiny_t5() -> tuple[Any, Any]:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    # Like T5: the tokenizer appends </s>, pad (id of <pad>) starts the decoder.
+    tok = byte_level_tokenizer(
+        ["<pad>", "</s>", "<unk>"],
+        {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"},
+        wrap=(None, "</s>"),
+    )
+    config = T5Config(
+        vocab_size=len(tok),
+        d_model=64,
+        d_kv=16,
+        d_ff=160,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=16,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        decoder_start_token_id=tok.pad_token_id,
+        initializer_factor=1.0,
+    )
+    return T5ForConditionalGeneration(config), tok
+
+
+def _tiny_bert() -> tuple[Any, Any]:
+    from transformers import BertConfig, BertModel
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    roles = dict(
+        zip(("pad_token", "unk_token", "cls_token", "sep_token", "mask_token"), specials, strict=True)
+    )
+    tok = byte_level_tokenizer(specials, roles, wrap=("[CLS]", "[SEP]"))
+    config = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=256,
+        max_position_embeddings=512,
+        pad_token_id=tok.pad_token_id,
+        initializer_range=64**-0.5,
+    )
+    # An encoder without a head: `seq_cls` adds a fresh classifier that the adapter trains.
+    return BertModel(config, add_pooling_layer=True), tok
+
+
 @dataclass(frozen=True)
 class Builtin:
     name: str
@@ -162,6 +213,10 @@ BUILTINS: dict[str, Builtin] = {
     for b in [
         Builtin("tiny-llama", "Llama (RoPE, GQA, SwiGLU), 4 layers, d=128, ChatML template", _tiny_llama),
         Builtin("tiny-gpt2", "GPT-2 (Conv1D, learned positions), 2 layers, d=64, no pad token", _tiny_gpt2),
+        Builtin(
+            "tiny-t5", "T5 v1.1 encoder-decoder (gated GELU, relative positions), 2+2 layers, d=64", _tiny_t5
+        ),
+        Builtin("tiny-bert", "BERT encoder for classification, 2 layers, d=64", _tiny_bert),
     ]
 }
 

@@ -64,6 +64,16 @@ def check_model(recipe: Recipe, config: dict[str, Any]) -> str:
             f"({'encoder-decoder' if encoder_decoder else 'encoder-only'})",
             f"use {'seq2seq_lm' if encoder_decoder else 'seq_cls'}",
         )
+    from .methods import METHODS, check_fit
+
+    check_fit(
+        METHODS[recipe.peft.method],
+        recipe.peft,
+        task,
+        kind,
+        recipe.model.quantization != "none",
+        recipe.data.packing,
+    )
     if recipe.model.quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
         raise UserError(
             f"model.quantization: {recipe.model.quantization} needs bitsandbytes",
@@ -79,6 +89,8 @@ def check_targets(recipe: Recipe, folder: Path | None) -> str | None:
 
     method = METHODS[recipe.peft.method]
     config_kwargs(method, recipe.peft)
+    if method.kind != "targets":
+        return f"peft: {method.name} ({method.kind} method: adds virtual tokens, no target modules)"
     index = LinearIndex.from_weights(folder) if folder else None
     if index is None:
         return None
@@ -90,13 +102,14 @@ def check_targets(recipe: Recipe, folder: Path | None) -> str | None:
 def check_data(recipe: Recipe, folder: Path | None) -> list[str]:
     from . import data as data_stage
 
+    task = recipe.model.task
     rows = data_stage.read_rows(recipe.data.train)
-    fmt = data_stage.detect_format(rows, recipe.data.format)
+    fmt = data_stage.detect_format(rows, recipe.data.format, task=task)
     data_stage.check_rows(rows, fmt)
     lines = [f"data: {len(rows)} rows of {fmt}" + (" (detected)" if recipe.data.format == "auto" else "")]
     if isinstance(recipe.data.eval, str):
         eval_rows = data_stage.read_rows(recipe.data.eval, "data.eval")
-        data_stage.check_rows(eval_rows, data_stage.detect_format(eval_rows, fmt, "data.eval"))
+        data_stage.check_rows(eval_rows, data_stage.detect_format(eval_rows, fmt, "data.eval", task))
         lines.append(f"eval data: {len(eval_rows)} rows")
     if fmt == "messages" and folder is not None and not has_chat_template(folder):
         raise UserError(

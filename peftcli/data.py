@@ -30,7 +30,17 @@ EXTENSIONS = {
     ".txt": "text",
 }
 # Columns each format needs, in detection order.
-FORMAT_COLUMNS = {"messages": ("messages",), "completion": ("prompt", "completion"), "text": ("text",)}
+FORMAT_COLUMNS = {
+    "messages": ("messages",),
+    "completion": ("prompt", "completion"),
+    "classification": ("text", "label"),
+    "text": ("text",),
+}
+TASK_FORMATS = {  # in the order `auto` tries them
+    "causal_lm": ("messages", "completion", "text"),
+    "seq2seq_lm": ("completion",),
+    "seq_cls": ("classification",),
+}
 
 
 @dataclass
@@ -53,6 +63,7 @@ class Prepared:
     train: Split
     eval: Split | None
     stats: dict[str, int] = field(default_factory=dict)
+    labels: list[str] | None = None  # class names, seq_cls only
 
 
 # --------------------------------------------------------------------------- reading
@@ -167,15 +178,19 @@ def _first_line(exc: Exception) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def detect_format(rows: Rows, wanted: str, key: str = "data.format") -> str:
+def detect_format(rows: Rows, wanted: str, key: str = "data.format", task: str = "causal_lm") -> str:
     columns = set(rows[0][1])
     if wanted == "auto":
-        for fmt, needed in FORMAT_COLUMNS.items():
-            if set(needed) <= columns:
+        for fmt in TASK_FORMATS[task]:
+            if set(FORMAT_COLUMNS[fmt]) <= columns:
                 return fmt
+        expected = " or ".join("+".join(FORMAT_COLUMNS[f]) for f in TASK_FORMATS[task])
         raise UserError(
-            f"{key}: cannot tell the format from the columns {sorted(columns)}; "
-            "expected messages, prompt+completion or text"
+            f"{key}: cannot tell the format from the columns {sorted(columns)}; expected {expected}"
+        )
+    if wanted not in TASK_FORMATS[task]:
+        raise UserError(
+            f"{key}: {wanted} does not fit model.task: {task}; use {' or '.join(TASK_FORMATS[task])}"
         )
     missing = [c for c in FORMAT_COLUMNS[wanted] if c not in columns]
     if missing:
@@ -187,12 +202,26 @@ def detect_format(rows: Rows, wanted: str, key: str = "data.format") -> str:
 
 
 class Encoder:
-    """Turns rows of one format into `{"input_ids", "labels"}` for one tokenizer."""
+    """Turns rows of one format into training examples for one tokenizer and task.
 
-    def __init__(self, tokenizer: Any, fmt: str, section: DataSection):
+    causal_lm: `{"input_ids", "labels"}` of equal length (-100 = no loss);
+    seq2seq_lm: `{"input_ids"}` (encoder) and `{"labels"}` (decoder targets);
+    seq_cls: `{"input_ids", "labels": class id}`.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        fmt: str,
+        section: DataSection,
+        task: str = "causal_lm",
+        label_names: list[str] | None = None,
+    ):
         self.tok = tokenizer
         self.fmt = fmt
         self.section = section
+        self.task = task
+        self.label_ids = {name: i for i, name in enumerate(label_names or [])}
         # The special tokens the tokenizer wraps around text (e.g. BOS); EOS is added by us.
         plain = tokenizer("x", add_special_tokens=False)["input_ids"]
         full = tokenizer("x")["input_ids"]
@@ -207,8 +236,50 @@ class Encoder:
     def _text(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
+    def example(self, row: dict[str, Any], where: str, stats: dict[str, int]) -> dict[str, Any] | None:
+        """The training example of a row, truncated to max_length; None (and counted as
+        dropped) when truncation leaves nothing to learn from."""
+        stats["examples"] += 1
+        max_len = self.section.max_length
+        if self.task == "seq_cls":
+            ids = self.tok(_field(row, "text", where))["input_ids"]
+            if len(ids) > max_len:
+                ids, stats["truncated"] = ids[: max_len - 1] + ids[-1:], stats["truncated"] + 1
+            stats["tokens"] += len(ids)
+            stats["supervised_tokens"] += 1
+            return {"input_ids": ids, "labels": self.label_id(row, where)}
+        if self.task == "seq2seq_lm":
+            source = self.tok(_field(row, "prompt", where))["input_ids"]
+            target = self._text(_field(row, "completion", where)) + [self.tok.eos_token_id]
+            if len(source) > max_len or len(target) > max_len:
+                stats["truncated"] += 1
+                source, target = source[:max_len], target[:max_len]
+            stats["tokens"] += len(source) + len(target)
+            stats["supervised_tokens"] += len(target)
+            return {"input_ids": source, "labels": target}
+        ids, mask = self.encode(row, where)
+        if len(ids) > max_len:
+            ids, mask = ids[:max_len], mask[:max_len]
+            stats["truncated"] += 1
+        supervised = sum(mask[1:])  # position 0 is never predicted, so it cannot carry loss
+        if supervised == 0:
+            stats["dropped"] += 1
+            return None
+        labels = [t if m else IGNORE for t, m in zip(ids, mask, strict=True)]
+        labels[0] = IGNORE
+        stats["tokens"] += len(ids)
+        stats["supervised_tokens"] += supervised
+        return {"input_ids": ids, "labels": labels}
+
+    def label_id(self, row: dict[str, Any], where: str) -> int:
+        label = row.get("label")
+        if str(label) not in self.label_ids:
+            known = ", ".join(self.label_ids)
+            raise UserError(f"{where}: label {label!r} is not one of the training labels ({known})")
+        return self.label_ids[str(label)]
+
     def encode(self, row: dict[str, Any], where: str) -> tuple[list[int], list[bool]]:
-        """Token ids and which of them carry loss."""
+        """Causal LM: token ids and which of them carry loss."""
         everything = self.section.train_on == "all"
         if self.fmt == "text":
             ids = self.prefix + self._text(_field(row, "text", where)) + [self.tok.eos_token_id]
@@ -242,8 +313,15 @@ class Encoder:
         return enc["input_ids"], mask
 
     def reference(self, row: dict[str, Any], where: str) -> Reference | None:
+        """The prompt to generate from and the expected answer, where the row has one."""
         if self.fmt == "completion":
-            return Reference(self.prefix + self._text(_field(row, "prompt", where)), str(row["completion"]))
+            prompt = _field(row, "prompt", where)
+            ids = (
+                self.tok(prompt)["input_ids"]
+                if self.task == "seq2seq_lm"
+                else self.prefix + self._text(prompt)
+            )
+            return Reference(ids, str(row["completion"]))
         if self.fmt == "messages":
             messages = _messages(row, where)
             if messages[-1]["role"] == "assistant":
@@ -281,41 +359,47 @@ def check_rows(rows: Rows, fmt: str) -> None:
     for where, row in rows:
         if fmt == "messages":
             _messages(row, where)
+        elif fmt == "classification":
+            _field(row, "text", where)
+            if not isinstance(row.get("label"), str | int | bool):
+                raise UserError(f"{where}: `label` must be a string or an integer")
         else:
             for name in FORMAT_COLUMNS[fmt]:
                 _field(row, name, where)
 
 
+def label_names(rows: Rows) -> list[str]:
+    """Class names in a stable order: integers by value (0..max), strings sorted."""
+    labels = {row.get("label") for _, row in rows}
+    if all(isinstance(x, int) and not isinstance(x, bool) for x in labels):
+        return [str(i) for i in range(max(labels) + 1)]
+    return sorted(str(x) for x in labels)
+
+
 def encode_rows(rows: Rows, encoder: Encoder, stats: dict[str, int], with_references: bool = False) -> Split:
     split = Split([])
-    max_len = encoder.section.max_length
     for where, row in rows:
-        ids, mask = encoder.encode(row, where)
-        stats["examples"] += 1
-        if len(ids) > max_len:
-            ids, mask = ids[:max_len], mask[:max_len]
-            stats["truncated"] += 1
-        # Position 0 is never predicted, so it cannot carry loss.
-        supervised = sum(mask[1:])
-        if supervised == 0:
-            stats["dropped"] += 1
+        example = encoder.example(row, where, stats)
+        if example is None:
             continue
-        labels = [t if m else IGNORE for t, m in zip(ids, mask, strict=True)]
-        labels[0] = IGNORE
-        split.examples.append({"input_ids": ids, "labels": labels})
-        stats["tokens"] += len(ids)
-        stats["supervised_tokens"] += supervised
+        split.examples.append(example)
         if with_references and (ref := encoder.reference(row, where)) is not None:
             split.references.append(ref)
     return split
 
 
-def prepare(section: DataSection, tokenizer: Any, seed: int) -> Prepared:
+def new_stats() -> dict[str, int]:
+    return dict.fromkeys(("examples", "tokens", "supervised_tokens", "truncated", "dropped"), 0)
+
+
+def prepare(section: DataSection, tokenizer: Any, seed: int, task: str = "causal_lm") -> Prepared:
     rows = read_rows(section.train)
-    fmt = detect_format(rows, section.format)
+    fmt = detect_format(rows, section.format, task=task)
+    check_rows(rows, fmt)
+    labels = label_names(rows) if task == "seq_cls" else None
     if isinstance(section.eval, str):
         eval_rows = read_rows(section.eval, "data.eval")
-        detect_format(eval_rows, fmt)
+        check_rows(eval_rows, detect_format(eval_rows, fmt, "data.eval"))
     elif section.eval:
         order = list(range(len(rows)))
         random.Random(seed).shuffle(order)
@@ -329,42 +413,83 @@ def prepare(section: DataSection, tokenizer: Any, seed: int) -> Prepared:
         rows = [r for i, r in enumerate(rows) if i not in held]
     else:
         eval_rows = []
-    encoder = Encoder(tokenizer, fmt, section)
-    stats = dict.fromkeys(("examples", "tokens", "supervised_tokens", "truncated", "dropped"), 0)
+    encoder = Encoder(tokenizer, fmt, section, task, labels)
+    stats = new_stats()
     train = encode_rows(rows, encoder, stats)
     if not train.examples:
         raise UserError(
             f"data.train: no example has a supervised token within max_length={section.max_length}"
         )
-    eval_split = None
-    if eval_rows:
-        eval_stats = dict.fromkeys(stats, 0)
-        eval_split = encode_rows(eval_rows, encoder, eval_stats, with_references=True)
-    return Prepared(fmt, train, eval_split, stats)
+    if section.packing:
+        train.examples = pack(train.examples, section.max_length, seed)
+        stats["rows"] = len(train.examples)
+    eval_split = encode_rows(eval_rows, encoder, new_stats(), with_references=True) if eval_rows else None
+    return Prepared(fmt, train, eval_split, stats, labels)
+
+
+def pack(examples: list[dict[str, Any]], max_length: int, seed: int) -> list[dict[str, Any]]:
+    """Several examples per row, up to max_length tokens (first fit over a seeded shuffle).
+
+    Position ids restart at every example; with no attention mask, transformers derives a
+    block-diagonal causal mask from them, so attention never crosses examples."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    rows: list[dict[str, Any]] = []
+    for i in order:
+        e = examples[i]
+        n = len(e["input_ids"])
+        row = next((r for r in rows if len(r["input_ids"]) + n <= max_length), None)
+        if row is None:
+            row = {"input_ids": [], "labels": [], "position_ids": []}
+            rows.append(row)
+        row["input_ids"] += e["input_ids"]
+        row["labels"] += e["labels"]
+        row["position_ids"] += list(range(n))
+    return rows
+
+
+def prepare_file(
+    path: str, section: DataSection, tokenizer: Any, task: str = "causal_lm", labels: list[str] | None = None
+) -> Split:
+    """A whole file as one evaluation split, with reference answers where the format has them."""
+    rows = read_rows(path, "--data")
+    fmt = detect_format(rows, section.format, "--data", task)
+    check_rows(rows, fmt)
+    return encode_rows(
+        rows, Encoder(tokenizer, fmt, section, task, labels), new_stats(), with_references=True
+    )
 
 
 # --------------------------------------------------------------------------- batching
 
 
-def collate(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, Any]:
-    """Pad to the longest example in the batch (right padding)."""
+def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """Pad to the longest example in the batch (right padding); labels are padded on their
+    own, so decoder targets (seq2seq) may differ in length from the inputs."""
     import torch
 
     longest = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), longest), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), longest), dtype=torch.long)
     for row, e in enumerate(examples):
-        n = len(e["input_ids"])
-        ids[row, :n] = torch.tensor(e["input_ids"])
-        labels[row, :n] = torch.tensor(e["labels"])
-        mask[row, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def prepare_file(path: str, section: DataSection, tokenizer: Any) -> Split:
-    """A whole file as one evaluation split, with reference answers where the format has them."""
-    rows = read_rows(path, "--data")
-    fmt = detect_format(rows, section.format, "--data")
-    stats = dict.fromkeys(("examples", "tokens", "supervised_tokens", "truncated", "dropped"), 0)
-    return encode_rows(rows, Encoder(tokenizer, fmt, section), stats, with_references=True)
+        ids[row, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
+        mask[row, : len(e["input_ids"])] = 1
+    batch = {"input_ids": ids, "attention_mask": mask, "num_tokens": mask.sum()}
+    if "position_ids" in examples[0]:
+        # Packed rows: the mask comes from the position ids (see `pack`); the padding tail
+        # counts up from 0 too, making it a segment of its own that nothing attends across.
+        positions = torch.arange(longest).repeat(len(examples), 1)
+        for row, e in enumerate(examples):
+            positions[row, : len(e["position_ids"])] = torch.tensor(e["position_ids"])
+            positions[row, len(e["position_ids"]) :] -= len(e["position_ids"])
+        batch["position_ids"] = positions
+        del batch["attention_mask"]
+    if isinstance(examples[0]["labels"], int):  # classification
+        batch["labels"] = torch.tensor([e["labels"] for e in examples])
+        return batch
+    target = max(len(e["labels"]) for e in examples)
+    labels = torch.full((len(examples), target), IGNORE, dtype=torch.long)
+    for row, e in enumerate(examples):
+        labels[row, : len(e["labels"])] = torch.tensor(e["labels"])
+    batch["labels"] = labels
+    return batch

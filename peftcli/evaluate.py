@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .data import Reference, Split, collate
-from .losses import per_example_loss
+from .losses import example_losses, forward
 
 if TYPE_CHECKING:
     from .recipe import EvalSection
@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 def loss_metrics(
     model: Any, split: Split, task: str, accelerator: Any, batch_size: int, pad_id: int
 ) -> dict[str, float]:
-    """Mean loss per supervised token over the whole split (not a mean of batch means)."""
+    """Mean loss per supervised token over the whole split (not a mean of batch means);
+    perplexity for language models, accuracy and macro-F1 for classification."""
     from torch.utils.data import DataLoader
 
     loader = accelerator.prepare(
@@ -28,16 +29,35 @@ def loss_metrics(
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.long)
+    predictions, truths = [], []
     for batch in loader:
         with accelerator.autocast():
-            losses, counts = per_example_loss(model, batch, task)
+            logits = forward(model, batch, task)
+        losses, counts = example_losses(logits, batch["labels"], task)
         # gather_for_metrics drops the samples Accelerate duplicated to even out the shards.
         losses, counts = accelerator.gather_for_metrics((losses.detach(), counts))
         total += losses.double().sum().cpu()
         count += counts.sum().cpu()
+        if task == "seq_cls":
+            pred, truth = accelerator.gather_for_metrics((logits.argmax(-1), batch["labels"]))
+            predictions.append(pred.cpu())
+            truths.append(truth.cpu())
     model.train(was_training)
     loss = (total / count.clamp(min=1)).item()
+    if task == "seq_cls":
+        return {"loss": loss, **classification_scores(torch.cat(predictions), torch.cat(truths))}
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def classification_scores(pred: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
+    """Accuracy and macro-F1 over the classes that occur in the truth or the predictions."""
+    f1s = []
+    for c in torch.unique(torch.cat([pred, truth])):
+        tp = ((pred == c) & (truth == c)).sum().item()
+        fp = ((pred == c) & (truth != c)).sum().item()
+        fn = ((pred != c) & (truth == c)).sum().item()
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return {"accuracy": (pred == truth).float().mean().item(), "f1": sum(f1s) / len(f1s)}
 
 
 @torch.no_grad()
@@ -62,7 +82,9 @@ def generate_answers(
             do_sample=False,
             pad_token_id=pad,
         )
-        answers += tokenizer.batch_decode(out[:, longest:], skip_special_tokens=True)
+        # Decoder-only models return prompt + continuation; encoder-decoders the decoder only.
+        new = out if getattr(model.config, "is_encoder_decoder", False) else out[:, longest:]
+        answers += tokenizer.batch_decode(new, skip_special_tokens=True)
     model.train(was_training)
     return answers
 
@@ -93,14 +115,14 @@ def evaluate(
     batch_size: int,
     with_exact_match: bool | None = None,
 ) -> dict[str, Any]:
-    """The metrics `section.metrics` asks for (exact_match also when `with_exact_match`)."""
-    metrics: dict[str, Any] = {}
+    """The metrics `section.metrics` asks for, where they apply to the task (exact_match also
+    when `with_exact_match`; classification always reports accuracy and F1)."""
     wanted = set(section.metrics)
-    if wanted & {"loss", "perplexity"}:
-        lm = loss_metrics(model, split, task, accelerator, batch_size, tokenizer.pad_token_id)
-        metrics.update({k: v for k, v in lm.items() if k in wanted})
+    measured = loss_metrics(model, split, task, accelerator, batch_size, tokenizer.pad_token_id)
+    keep = wanted | ({"accuracy", "f1"} if task == "seq_cls" else set())
+    metrics: dict[str, Any] = {k: v for k, v in measured.items() if k in keep}
     want_em = with_exact_match if with_exact_match is not None else "exact_match" in wanted
-    if want_em and split.references:
+    if want_em and split.references and task != "seq_cls":
         unwrapped = accelerator.unwrap_model(model)
         result = exact_match(unwrapped, tokenizer, split.references, section.max_new_tokens)
         metrics["exact_match"] = result["exact_match"]

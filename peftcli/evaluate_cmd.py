@@ -48,15 +48,23 @@ def open_target(path: Path) -> Target:
     )
 
 
-def eval_split(target: Target, tokenizer: Any, data: Path | None) -> Any:
+def labels_of(target: Target) -> list[str] | None:
+    from .run import LABELS_FILE
+
+    path = target.adapter / LABELS_FILE if target.adapter else None
+    return json.loads(path.read_text()) if path and path.is_file() else None
+
+
+def eval_split(target: Target, tokenizer: Any, data: Path | None, labels: list[str] | None) -> Any:
     from . import data as data_stage
 
+    task = target.model.task
     if data is not None:
         section = target.recipe.data if target.recipe else DataSection(train=str(data))
-        return data_stage.prepare_file(str(data), section, tokenizer)
+        return data_stage.prepare_file(str(data), section, tokenizer, task, labels)
     if target.recipe is None:
         raise UserError("this target has no recipe to take eval data from", "pass --data FILE")
-    prepared = data_stage.prepare(target.recipe.data, tokenizer, target.recipe.training.seed)
+    prepared = data_stage.prepare(target.recipe.data, tokenizer, target.recipe.training.seed, task)
     if prepared.eval is None:
         raise UserError(
             f"the run's recipe has no eval split (data.eval: {target.recipe.data.eval})", "pass --data FILE"
@@ -79,11 +87,12 @@ def run_eval(path: Path, data: Path | None = None, compare_base: bool = False) -
         else target.model
     )
     tokenizer = load_tokenizer(tokenizer_section)
-    split = eval_split(target, tokenizer, data)
+    labels = labels_of(target)
+    split = eval_split(target, tokenizer, data, labels)
     training = target.recipe.training if target.recipe else TrainingSection()
     section = target.recipe.eval if target.recipe else EvalSection()
     accelerator = make_accelerator(training.model_copy(update={"report_to": ["jsonl"]}), Path("."))
-    model = load_model(target.model, device=accelerator.device)
+    model = load_model(target.model, device=accelerator.device, labels=labels)
     model = accelerator.prepare(model)
 
     def measure(m: Any, label: str) -> dict[str, Any]:

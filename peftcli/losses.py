@@ -15,6 +15,9 @@ IGNORE = -100
 
 
 def _targets(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels as [batch, positions, classes] and [batch, positions]."""
+    if task == "seq_cls":  # one "position" per example
+        return logits[:, None], labels[:, None]
     # Prompt-learning methods prepend virtual tokens: keep the positions of real tokens.
     logits = logits[:, -labels.shape[1] :]
     if task == "causal_lm":  # position t predicts token t+1
@@ -23,27 +26,31 @@ def _targets(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[tor
 
 
 def supervised_tokens(batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+    """Tokens that carry loss (examples, for classification)."""
     labels = batch["labels"]
     if task == "causal_lm":
         labels = labels[:, 1:]
     return (labels != IGNORE).sum()
 
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
 def forward(model: Any, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
     if task == "seq2seq_lm":  # the model shifts labels into decoder inputs
         inputs["labels"] = batch["labels"]
     return model(**inputs).logits
 
 
-def per_example_loss(
-    model: Any, batch: dict[str, torch.Tensor], task: str
+def example_losses(
+    logits: torch.Tensor, labels: torch.Tensor, task: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy and supervised-token count, per example."""
-    logits, labels = _targets(forward(model, batch, task), batch["labels"], task)
+    logits, labels = _targets(logits, labels, task)
     losses = F.cross_entropy(
         logits.float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="none"
-    )  # [batch, seq]; 0 where ignored
+    )  # [batch, positions]; 0 where ignored
     return losses.sum(dim=1), (labels != IGNORE).sum(dim=1)
 
 

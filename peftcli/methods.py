@@ -1,6 +1,6 @@
-"""PEFT methods: one table from `peft.method` to its PEFT config, and target-module resolution.
+"""PEFT methods: one table from `peft.method` to its PEFT config, and `apply_method`.
 
-The table itself imports nothing heavy, so the recipe schema and `peftcli methods` stay fast;
+The table imports nothing heavy, so the recipe schema, `validate` and `methods` stay fast;
 `apply_method` imports PEFT when it runs.
 """
 
@@ -12,45 +12,149 @@ import importlib.util
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import UserError, did_you_mean
 from .targets import LinearIndex, resolve_targets
 
 if TYPE_CHECKING:
+    import torch
     import torch.nn as nn
 
     from .recipe import PeftSection
+
+Kind = Literal["targets", "prompt", "adaption"]
+ALL_TASKS = frozenset({"causal_lm", "seq2seq_lm", "seq_cls"})
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
     summary: str
-    config_class: str  # attribute of the `peft` package
+    config_class: str  # a class of `peft` (or of peftcli.tuners for peftcli's own methods)
     merges: bool  # can the adapter be folded into the base weights?
-    fixed: dict[str, Any] = field(default_factory=dict)  # config kwargs the method implies
-    default_targets: str = "all-linear"
+    kind: Kind = "targets"  # targets: adapts modules; prompt: virtual tokens; adaption: gated prompts
+    # The recipe's generic keys (r, alpha, dropout) and the config field each one sets.
+    generic: dict[str, str] = field(default_factory=dict)
+    fixed: dict[str, Any] = field(default_factory=dict)  # config values the method implies
+    defaults: dict[str, Any] = field(default_factory=dict)  # config defaults peftcli chooses
+    default_targets: tuple[str, ...] = ("all-linear",)
+    tasks: frozenset[str] = ALL_TASKS
+    model_types: frozenset[str] | None = None  # None = any architecture
+    quantized_base: bool = True  # works on a 4/8-bit base
 
+
+_LORA_KEYS = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
+_PROMPT_DEFAULTS = {"num_virtual_tokens": 16}
 
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
-        Method("lora", "low-rank update B·A added to target linears", "LoraConfig", merges=True),
+        Method("lora", "low-rank update B·A added to target linears", "LoraConfig", True, generic=_LORA_KEYS),
         Method(
             "qlora",
             "LoRA on a 4-bit NF4 base (implies model.quantization: 4bit)",
             "LoraConfig",
-            merges=True,
+            True,
+            generic=_LORA_KEYS,
         ),
         Method(
-            "dora", "weight-decomposed LoRA (magnitude + direction)", "LoraConfig", True, {"use_dora": True}
+            "dora",
+            "weight-decomposed LoRA: magnitude vector + low-rank direction",
+            "LoraConfig",
+            True,
+            generic=_LORA_KEYS,
+            fixed={"use_dora": True},
+        ),
+        Method(
+            "adalora",
+            "LoRA whose rank budget is reallocated by SVD importance during training",
+            "AdaLoraConfig",
+            True,
+            generic={"r": "init_r", "alpha": "lora_alpha", "dropout": "lora_dropout"},
+        ),
+        Method(
+            "ia3",
+            "learned scaling vectors on keys, values and the FFN down projection",
+            "IA3Config",
+            True,
+            default_targets=("keys-values", "mlp-output"),
+        ),
+        Method(
+            "loha",
+            "low-rank Hadamard product update (LyCORIS)",
+            "LoHaConfig",
+            True,
+            generic={"r": "r", "alpha": "alpha", "dropout": "rank_dropout"},
+        ),
+        Method(
+            "lokr",
+            "low-rank Kronecker product update (LyCORIS)",
+            "LoKrConfig",
+            True,
+            generic={"r": "r", "alpha": "alpha", "dropout": "rank_dropout"},
+        ),
+        Method(
+            "vera",
+            "shared frozen random low-rank matrices with trained scaling vectors",
+            "VeraConfig",
+            True,
+            generic={"r": "r", "dropout": "vera_dropout"},
+            defaults={"r": 64},
+        ),
+        Method(
+            "oft",
+            "orthogonal fine-tuning: block-diagonal orthogonal rotation of the weights",
+            "OFTConfig",
+            True,
+            generic={"r": "r", "dropout": "module_dropout"},
+            fixed={"oft_block_size": 0},
+        ),
+        Method(
+            "adapter",
+            "Houlsby bottleneck adapters: down-projection, nonlinearity, up-projection, residual",
+            "BottleneckConfig",
+            False,
+            generic={"r": "bottleneck_size", "dropout": "dropout"},
+            default_targets=("attention-output", "mlp-output"),
+        ),
+        Method(
+            "prompt-tuning",
+            "trained soft-prompt embeddings prepended to the input",
+            "PromptTuningConfig",
+            False,
+            kind="prompt",
+            defaults=_PROMPT_DEFAULTS,
+        ),
+        Method(
+            "p-tuning",
+            "soft prompt produced by a small trained encoder (MLP or LSTM)",
+            "PromptEncoderConfig",
+            False,
+            kind="prompt",
+            defaults={**_PROMPT_DEFAULTS, "encoder_hidden_size": 128},
+        ),
+        Method(
+            "prefix-tuning",
+            "trained key/value prefixes at every layer",
+            "PrefixTuningConfig",
+            False,
+            kind="prompt",
+            defaults=_PROMPT_DEFAULTS,
+        ),
+        Method(
+            "llama-adapter",
+            "adaption prompts with zero-init gating in the top layers (LLaMA-Adapter)",
+            "AdaptionPromptConfig",
+            False,
+            kind="adaption",
+            defaults={"adapter_len": 10},
+            tasks=frozenset({"causal_lm"}),
+            model_types=frozenset({"llama", "mistral", "gpt2"}),
+            quantized_base=False,
         ),
     ]
 }
-
-# The recipe's generic keys and the name each config class gives them.
-_GENERIC_KEYS = {"LoraConfig": {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout"}}
 
 TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq2seq_lm": "SEQ_2_SEQ_LM", "seq_cls": "SEQ_CLS"}
 
@@ -59,19 +163,63 @@ def canonical_method(name: str) -> str:
     return name.strip().lower().replace("_", "-")
 
 
+def check_fit(
+    method: Method,
+    section: PeftSection,
+    task: str,
+    model_type: str | None,
+    quantized: bool,
+    packing: bool = False,
+) -> None:
+    """Refuse a method that cannot work with this model, task or recipe — before weights load."""
+    if packing and method.kind != "targets":
+        raise UserError(
+            f"data.packing does not work with {method.name}: its virtual tokens would be shared "
+            "by every example in a packed row; set data.packing: false"
+        )
+    if task not in method.tasks:
+        raise UserError(
+            f"peft.method: {method.name} does not support model.task: {task}",
+            f"it supports {', '.join(sorted(method.tasks))}",
+        )
+    if method.model_types is not None and model_type not in method.model_types:
+        raise UserError(
+            f"peft.method: {method.name} does not support {model_type} models",
+            f"it supports {', '.join(sorted(method.model_types))}",
+        )
+    if quantized and not method.quantized_base:
+        raise UserError(
+            f"peft.method: {method.name} cannot train on a quantized base; set model.quantization: none"
+        )
+    if method.kind != "targets":
+        for key in ("target_modules", "layers"):
+            if getattr(section, key) is not None:
+                raise UserError(
+                    f"peft.{key} does not apply to {method.name}, which adds virtual tokens "
+                    "instead of adapting modules; remove it"
+                )
+    for key in ("r", "alpha", "dropout"):
+        if key in section.model_fields_set and key not in method.generic:
+            raise UserError(
+                f"peft.{key} does not apply to {method.name}",
+                "remove it, or set the method's own options under peft.options",
+            )
+
+
 # --------------------------------------------------------------------------- configs
 
 
 @functools.cache
 def _class_nodes() -> dict[str, ast.ClassDef]:
-    """Class definitions in PEFT's config modules, parsed — not imported (importing PEFT
-    pulls in torch and transformers, seconds that `peftcli validate` should not pay)."""
+    """Config class definitions of PEFT and of peftcli's own tuners, parsed — not imported
+    (importing PEFT pulls in torch and transformers: seconds `peftcli validate` should not pay)."""
+    paths = sorted((Path(__file__).parent / "tuners").glob("*.py"))
     spec = importlib.util.find_spec("peft")
-    if spec is None or not spec.origin:
-        return {}
-    root = Path(spec.origin).parent
+    if spec is not None and spec.origin:
+        root = Path(spec.origin).parent
+        paths += [root / "config.py", *sorted(root.glob("tuners/*/config.py"))]
     nodes: dict[str, ast.ClassDef] = {}
-    for path in [root / "config.py", *sorted(root.glob("tuners/*/config.py"))]:
+    for path in paths:
         for node in ast.parse(path.read_text(encoding="utf-8")).body:
             if isinstance(node, ast.ClassDef):
                 nodes[node.name] = node
@@ -79,12 +227,10 @@ def _class_nodes() -> dict[str, ast.ClassDef]:
 
 
 def config_fields(class_name: str) -> set[str]:
-    """The keyword arguments a PEFT config class accepts."""
+    """The keyword arguments a config class accepts."""
     nodes = _class_nodes()
     if class_name not in nodes:
-        import peft
-
-        return set(inspect.signature(getattr(peft, class_name)).parameters)
+        return set(inspect.signature(config_class(class_name)).parameters)
     fields: set[str] = set()
     node = nodes[class_name]
     for stmt in node.body:
@@ -96,11 +242,22 @@ def config_fields(class_name: str) -> set[str]:
     return fields
 
 
+def config_class(name: str) -> type:
+    import peft
+
+    from . import tuners
+
+    return getattr(tuners, name, None) or getattr(peft, name)
+
+
 def config_kwargs(method: Method, section: PeftSection) -> dict[str, Any]:
-    """The keyword arguments the recipe gives the method's PEFT config (targets excluded)."""
+    """The config keywords the recipe sets: peftcli's defaults, the generic keys, then options."""
     valid = config_fields(method.config_class) - {"peft_type", "task_type", "target_modules"}
-    generic = _GENERIC_KEYS.get(method.config_class, {})
-    kwargs = {peft_key: getattr(section, key) for key, peft_key in generic.items()}
+    kwargs = dict(method.defaults)
+    for key, name in method.generic.items():
+        # A generic key the user did not set leaves peftcli's method default in place.
+        if key in section.model_fields_set or name not in kwargs:
+            kwargs[name] = getattr(section, key)
     for key, value in section.options.items():
         if key not in valid:
             raise UserError(
@@ -114,21 +271,89 @@ def config_kwargs(method: Method, section: PeftSection) -> dict[str, Any]:
     return kwargs
 
 
-def apply_method(model: nn.Module, section: PeftSection, task: str) -> Any:
-    """Wrap `model` with the recipe's PEFT method; returns the PeftModel."""
+def _derived_kwargs(
+    method: Method,
+    section: PeftSection,
+    model: nn.Module,
+    index: LinearIndex,
+    targets: dict[str, Any],
+    total_steps: int | None,
+) -> dict[str, Any]:
+    """Config values that depend on the loaded model or on the run's length."""
+    options = section.options
+    out: dict[str, Any] = {}
+    if method.name == "adalora":
+        steps = total_steps or 1
+        out["total_step"] = steps
+        # The budget schedule: warm up at full rank, prune, then fine-tune at the final ranks.
+        out["tinit"] = int(0.1 * steps)
+        out["tfinal"] = int(0.3 * steps)
+        out["target_r"] = max(1, section.r // 2)
+    if method.name == "ia3" and "feedforward_modules" not in options:
+        out["feedforward_modules"] = sorted(n for n in targets["names"] if n in index.mlp_outputs())
+    if method.name == "prompt-tuning" and options.get("prompt_tuning_init") == "TEXT":
+        out["tokenizer_name_or_path"] = options.get("tokenizer_name_or_path") or model.config._name_or_path
+    if method.name == "llama-adapter":
+        out["adapter_layers"] = min(30, model.config.num_hidden_layers)
+    return {k: v for k, v in out.items() if k not in options}
+
+
+def apply_method(model: nn.Module, section: PeftSection, task: str, total_steps: int | None = None) -> Any:
+    """Wrap `model` with the recipe's PEFT method; returns the PeftModel.
+
+    `total_steps` is the run's number of optimizer steps (AdaLoRA schedules its rank budget
+    over it)."""
     from peft import get_peft_model
 
     method = METHODS[section.method]
-    targets = resolve_targets(
-        LinearIndex.from_model(model), section.target_modules, section.layers, method.default_targets
-    )
+    index = LinearIndex.from_model(model)
+    targets: dict[str, Any] = {"names": []}
+    if method.kind == "targets":
+        targets = resolve_targets(index, section.target_modules, section.layers, list(method.default_targets))
+    kwargs = {
+        **config_kwargs(method, section),
+        **_derived_kwargs(method, section, model, index, targets, total_steps),
+    }
     targets.pop("names")
-    import peft
-
-    cls = getattr(peft, method.config_class)
-    kwargs = config_kwargs(method, section)
     try:
-        config = cls(task_type=TASK_TYPES[task], **targets, **kwargs)
+        config = config_class(method.config_class)(task_type=TASK_TYPES[task], **targets, **kwargs)
+        return get_peft_model(model, config)
     except (TypeError, ValueError) as exc:
-        raise UserError(f"peft ({method.name}): {exc}") from None
-    return get_peft_model(model, config)
+        raise UserError(f"peft.method: {method.name}: {str(exc).strip().splitlines()[0]}") from None
+
+
+# --------------------------------------------------------------------------- training hooks
+
+
+def step_hook(section: PeftSection) -> Any:
+    """Called after every optimizer step, before gradients are cleared (AdaLoRA reads them)."""
+    if section.method != "adalora":
+        return None
+    return lambda peft_model, step: peft_model.base_model.update_and_allocate(step)
+
+
+def penalty(section: PeftSection) -> Any:
+    """An extra loss term, added once per optimizer step.
+
+    AdaLoRA's orthogonality regulariser lives in PEFT's forward and only runs when the model
+    computes its own loss; peftcli computes the loss itself (to normalise it over the global
+    batch), so the same term is added here: mean ‖PPᵀ − I‖_F over the A and B matrices."""
+    if section.method != "adalora":
+        return None
+
+    def orthogonality(peft_model: Any) -> torch.Tensor:
+        import torch
+
+        weight = peft_model.peft_config[peft_model.active_adapter].orth_reg_weight
+        terms = []
+        for name, p in peft_model.named_parameters():
+            if p.requires_grad and ("lora_A" in name or "lora_B" in name):
+                cov = p @ p.T if "lora_A" in name else p.T @ p
+                terms.append(
+                    torch.linalg.matrix_norm(
+                        cov - torch.eye(cov.shape[0], device=cov.device, dtype=cov.dtype)
+                    )
+                )
+        return weight * torch.stack(terms).mean() if terms else torch.zeros(())
+
+    return orthogonality

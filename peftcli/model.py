@@ -67,7 +67,8 @@ def _load_error(what: str, path: str, exc: Exception) -> UserError:
     )
 
 
-def load_config(section: ModelSection) -> Any:
+def load_config(section: ModelSection, labels: list[str] | None = None) -> Any:
+    """The model config; for classification with the class names the data defines."""
     from transformers import AutoConfig
 
     path = source(section)
@@ -75,8 +76,17 @@ def load_config(section: ModelSection) -> Any:
         config = AutoConfig.from_pretrained(path, **_common_kwargs(section))
     except (OSError, ValueError, KeyError) as exc:
         raise _load_error("config", path, exc) from None
-    if section.task == "seq_cls" and section.num_labels:
-        config.num_labels = section.num_labels
+    if section.task == "seq_cls":
+        if labels is not None and section.num_labels not in (None, len(labels)):
+            raise UserError(
+                f"model.num_labels: {section.num_labels}, but the training data has {len(labels)} "
+                f"labels ({', '.join(labels)})",
+                "remove model.num_labels to take it from the data",
+            )
+        names = labels or [str(i) for i in range(section.num_labels or config.num_labels)]
+        config.num_labels = len(names)
+        config.id2label = dict(enumerate(names))
+        config.label2id = {n: i for i, n in enumerate(names)}
     return config
 
 
@@ -145,7 +155,7 @@ def meta_model(section: ModelSection) -> Any:
         ) from None
 
 
-def load_model(section: ModelSection, device: Any = None) -> Any:
+def load_model(section: ModelSection, device: Any = None, labels: list[str] | None = None) -> Any:
     """Load the weights for the recipe's task, dtype and quantization.
 
     Quantized bases are placed on `device` at load time (bitsandbytes quantizes while it
@@ -156,7 +166,7 @@ def load_model(section: ModelSection, device: Any = None) -> Any:
     import transformers
 
     path = source(section)
-    config = load_config(section)
+    config = load_config(section, labels)
     cls = getattr(transformers, AUTO_CLASSES[section.task])
     quant = quantization_config(section)
     kwargs: dict[str, Any] = {"config": config, "dtype": resolve_dtype(section), **_common_kwargs(section)}

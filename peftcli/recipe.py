@@ -76,7 +76,7 @@ class DataSection(_Section):
     eval: float | str | None = Field(
         0.1, description="Eval data: a path, or the fraction of train held out (0 = none)."
     )
-    format: Literal["auto", "text", "completion", "messages"] = Field(
+    format: Literal["auto", "text", "completion", "messages", "classification"] = Field(
         "auto", description="How rows become model inputs; auto detects it from the columns."
     )
     max_length: int = Field(512, gt=0, description="Tokens per example; longer examples are truncated.")
@@ -152,6 +152,10 @@ class Recipe(_Section):
                 )
             if self.model.quantization == "none":
                 self.model.quantization = "4bit"
+        if self.data.train_on == "all" and self.model.task != "causal_lm":
+            raise ValueError(
+                f"data.train_on: all applies to causal_lm; {self.model.task} always trains on its targets"
+            )
         if self.data.packing and self.model.task != "causal_lm":
             raise ValueError(f"data.packing works for causal_lm only, not model.task: {self.model.task}")
         return self

@@ -18,6 +18,7 @@ from .errors import UserError
 from .recipe import Recipe, TrainingSection, dump_recipe
 
 INCOMPLETE = ".incomplete"
+LABELS_FILE = "labels.json"
 
 
 def say(message: str) -> None:
@@ -92,10 +93,10 @@ def train(recipe: Recipe, overwrite: bool = False) -> Trained:
     from . import data as data_stage
     from .checks import check_recipe
     from .evaluate import evaluate
-    from .methods import apply_method
+    from .methods import apply_method, penalty, step_hook
     from .model import load_model, load_tokenizer, quiet_libraries
     from .tracking import MetricsLog, plot_losses
-    from .train import fit
+    from .train import fit, plan
 
     run_dir = recipe.output_dir
     work_dir = choose_work_dir(run_dir, overwrite)
@@ -114,9 +115,10 @@ def train(recipe: Recipe, overwrite: bool = False) -> Trained:
 
     task = recipe.model.task
     tokenizer = load_tokenizer(recipe.model)
-    data = data_stage.prepare(recipe.data, tokenizer, recipe.training.seed)
-    model = load_model(recipe.model, device=accelerator.device)
-    model = apply_method(model, recipe.peft, task)
+    data = data_stage.prepare(recipe.data, tokenizer, recipe.training.seed, task)
+    steps = plan(len(data.train.examples), recipe.training, accelerator.num_processes).total_steps
+    model = load_model(recipe.model, device=accelerator.device, labels=data.labels)
+    model = apply_method(model, recipe.peft, task, total_steps=steps)
     counts = trainable_summary(model)
     if main:
         s = data.stats
@@ -141,7 +143,16 @@ def train(recipe: Recipe, overwrite: bool = False) -> Trained:
         return evaluate(m, tokenizer, data.eval, section, task, accelerator, batch)
 
     summary = fit(
-        model, data, recipe.training, accelerator, pad_id, task, log, evaluate=run_eval if data.eval else None
+        model,
+        data,
+        recipe.training,
+        accelerator,
+        pad_id,
+        task,
+        log,
+        evaluate=run_eval if data.eval else None,
+        on_step=step_hook(recipe.peft),
+        penalty=penalty(recipe.peft),
     )
     eval_metrics = run_eval(model, final=True) if data.eval else {}
     if eval_metrics:
@@ -156,6 +167,8 @@ def train(recipe: Recipe, overwrite: bool = False) -> Trained:
     if main:
         accelerator.unwrap_model(model).save_pretrained(work_dir / "adapter")
         tokenizer.save_pretrained(work_dir / "adapter")
+        if data.labels:  # class names, in the order of the classifier's outputs
+            (work_dir / "adapter" / LABELS_FILE).write_text(json.dumps(data.labels) + "\n", encoding="utf-8")
         result = {**eval_metrics, "train": {**summary, **counts}}
         (work_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         plot_losses(

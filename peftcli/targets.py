@@ -19,7 +19,26 @@ from .errors import UserError, did_you_mean
 if TYPE_CHECKING:
     import torch.nn as nn
 
-TARGET_KEYWORDS = ("all-linear", "attention", "mlp")
+TARGET_KEYWORDS = ("all-linear", "attention", "mlp", "keys-values", "attention-output", "mlp-output")
+# Method defaults are chosen structurally; these names only tell the q/k/v projections (fused
+# or not) apart from an attention block's output projection.
+QUERY_NAMES = {"q_proj", "query", "q", "wq"}
+KEY_VALUE_NAMES = {
+    "k_proj",
+    "v_proj",
+    "key",
+    "value",
+    "k",
+    "v",
+    "wk",
+    "wv",
+    "c_attn",
+    "query_key_value",
+    "qkv_proj",
+    "Wqkv",
+    "qkv",
+}  # the last ones are fused q/k/v
+CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}  # weights stored (in, out)
 HEAD_NAMES = {"lm_head", "score", "classifier", "qa_outputs"}
 EMBEDDING_NAMES = {
     "embed_tokens",
@@ -52,6 +71,7 @@ class LinearIndex:
 
     names: list[str]
     attention: set[str] = field(default_factory=set)
+    shapes: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (in_features, out_features)
 
     @property
     def num_layers(self) -> int:
@@ -66,7 +86,7 @@ class LinearIndex:
         heads = {name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in HEAD_NAMES}
         out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         heads |= {name for name, m in model.named_modules() if out is not None and m is out}
-        names, attention = [], set()
+        names, attention, shapes = [], set(), {}
         modules = dict(model.named_modules())
         for name, module in modules.items():
             # bitsandbytes' Linear4bit / Linear8bitLt subclass nn.Linear; GPT-2 uses Conv1D.
@@ -75,22 +95,30 @@ class LinearIndex:
             if any(name == h or name.startswith(h + ".") for h in heads):
                 continue
             names.append(name)
+            w = module.weight.shape
+            shapes[name] = (
+                (w[0], w[1]) if isinstance(module, Conv1D) else (module.in_features, module.out_features)
+            )
             parts = name.split(".")
             for i in range(1, len(parts)):
                 parent = modules[".".join(parts[:i])]
                 if _attention_segment(parts[i - 1]) or "attention" in type(parent).__name__.lower():
                     attention.add(name)
                     break
-        return cls(names, attention)
+        return cls(names, attention, shapes)
 
     @classmethod
     def from_weights(cls, folder: Path) -> LinearIndex | None:
         """From safetensors headers alone; None when the folder has no readable safetensors."""
-        shapes = safetensors_shapes(folder)
-        if not shapes:
+        tensors = safetensors_shapes(folder)
+        if not tensors:
             return None
-        names = []
-        for key, shape in shapes.items():
+        try:
+            model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError):
+            model_type = None
+        names, shapes = [], {}
+        for key, shape in tensors.items():
             if not key.endswith(".weight") or len(shape) != 2:
                 continue
             module = key[: -len(".weight")]
@@ -98,8 +126,29 @@ class LinearIndex:
             if parts[-1] in EMBEDDING_NAMES or parts[-1] in HEAD_NAMES:
                 continue
             names.append(module)
+            # PyTorch stores Linear weights (out, in); GPT-2's Conv1D stores them (in, out).
+            shapes[module] = (
+                (shape[0], shape[1]) if model_type in CONV1D_MODEL_TYPES else (shape[1], shape[0])
+            )
         attention = {n for n in names if any(_attention_segment(p) for p in n.split(".")[:-1])}
-        return cls(sorted(names), attention)
+        return cls(sorted(names), attention, shapes)
+
+    # -- structural groups, used for the methods' default targets
+
+    def keys_values(self) -> set[str]:
+        return {n for n in self.attention if n.rsplit(".", 1)[-1] in KEY_VALUE_NAMES}
+
+    def attention_outputs(self) -> set[str]:
+        qkv = QUERY_NAMES | KEY_VALUE_NAMES
+        return {n for n in self.attention if n.rsplit(".", 1)[-1] not in qkv}
+
+    def mlp_outputs(self) -> set[str]:
+        """FFN down projections: the MLP linears that map a wider space back to the model width."""
+        return {
+            n
+            for n in self.names
+            if layer_index(n) and n not in self.attention and self.shapes[n][0] > self.shapes[n][1]
+        }
 
 
 def safetensors_shapes(folder: Path) -> dict[str, list[int]]:
@@ -124,6 +173,12 @@ def _select(index: LinearIndex, entry: str) -> set[str]:
         return {n for n in index.names if layer_index(n) and n in index.attention}
     if entry == "mlp":
         return {n for n in index.names if layer_index(n) and n not in index.attention}
+    if entry == "keys-values":
+        return index.keys_values()
+    if entry == "attention-output":
+        return index.attention_outputs()
+    if entry == "mlp-output":
+        return index.mlp_outputs()
     found = {n for n in index.names if n == entry or n.endswith("." + entry)}
     if not found:
         try:
@@ -137,7 +192,7 @@ def resolve_targets(
     index: LinearIndex,
     target_modules: list[str] | str | None,
     layers: list[int] | None,
-    default: str = "all-linear",
+    default: list[str] | str = "all-linear",
 ) -> dict[str, Any]:
     """The PEFT config kwargs for the recipe's targets.
 

@@ -33,9 +33,12 @@ class Plan:
     warmup_steps: int
 
 
-def plan(train_batches: int, section: TrainingSection) -> Plan:
-    """Optimizer steps from the per-process number of micro-batches per epoch."""
-    per_epoch = math.ceil(train_batches / section.grad_accum)
+def plan(num_examples: int, section: TrainingSection, num_processes: int = 1) -> Plan:
+    """Optimizer steps for a run, known before the model is built (AdaLoRA schedules over it).
+
+    Each process sees ceil(batches / processes) micro-batches per epoch, as Accelerate shards them."""
+    batches = math.ceil(math.ceil(num_examples / section.batch_size) / num_processes)
+    per_epoch = math.ceil(batches / section.grad_accum)
     total = section.max_steps or max(1, math.ceil(section.epochs * per_epoch))
     return Plan(per_epoch, total, int(section.warmup_ratio * total))
 
@@ -78,8 +81,12 @@ def fit(
     log: MetricsLog,
     evaluate: Callable[[Any], dict[str, Any]] | None = None,
     on_step: Callable[[Any, int], None] | None = None,
+    penalty: Callable[[Any], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Train; returns a summary (steps, tokens, seconds, last loss)."""
+    """Train; returns a summary (steps, tokens, seconds, last loss).
+
+    `on_step(peft_model, step)` runs after each optimizer step while gradients still exist;
+    `penalty(peft_model)` is a loss term added once per optimizer step."""
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
     from transformers import get_scheduler
@@ -97,7 +104,9 @@ def fit(
     )
     optimizer = make_optimizer(model, section)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    p = plan(len(loader), section)
+    p = plan(len(data.train.examples), section, accelerator.num_processes)
+    assert p.steps_per_epoch == math.ceil(len(loader) / section.grad_accum), "plan and loader disagree"
+    peft_model = accelerator.unwrap_model(model)
     scheduler = get_scheduler(
         section.scheduler, optimizer, num_warmup_steps=p.warmup_steps, num_training_steps=p.total_steps
     )
@@ -133,18 +142,21 @@ def fit(
             with nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
                 summed = loss_sum(model, batch, task)
                 # DDP averages gradients over processes; multiply back to get a plain sum.
-                accelerator.backward(summed * accelerator.num_processes / global_sup)
+                loss = summed * accelerator.num_processes / global_sup
+                if penalty is not None and sync:
+                    loss = loss + penalty(peft_model)
+                accelerator.backward(loss)
             window_loss += summed.detach().double()
         window_sup += local_sup.to(accelerator.device)
-        window_tokens += sum(int(b["attention_mask"].sum()) for b in group)
+        window_tokens += sum(int(b["num_tokens"]) for b in group)
         grad_norm = (
             accelerator.clip_grad_norm_(params, section.max_grad_norm) if section.max_grad_norm else None
         )
         optimizer.step()
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         if on_step is not None:
-            on_step(model, step)
+            on_step(peft_model, step)
+        optimizer.zero_grad(set_to_none=True)
         bar.update(1)
 
         if step % section.log_every == 0 or step == p.total_steps:
