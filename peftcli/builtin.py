@@ -175,6 +175,7 @@ def _tiny_t5() -> tuple[Any, Any]:
         eos_token_id=tok.eos_token_id,
         decoder_start_token_id=tok.pad_token_id,
         initializer_factor=1.0,
+        dropout_rate=0.0,
     )
     return T5ForConditionalGeneration(config), tok
 
@@ -196,6 +197,8 @@ def _tiny_bert() -> tuple[Any, Any]:
         max_position_embeddings=512,
         pad_token_id=tok.pad_token_id,
         initializer_range=64**-0.5,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
     # An encoder without a head: `seq_cls` adds a fresh classifier that the adapter trains.
     return BertModel(config, add_pooling_layer=True), tok

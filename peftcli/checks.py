@@ -51,7 +51,24 @@ def read_config(folder: Path, name: str) -> dict[str, Any]:
         raise UserError(f"model.name_or_path: {path} is not valid JSON ({exc})") from None
 
 
-def check_model(recipe: Recipe, config: dict[str, Any]) -> str:
+def check_model(recipe: Recipe, config: dict[str, Any] | None) -> list[str]:
+    """The task and method fit the architecture; returns what was found, and notes."""
+    if config is None:
+        from .methods import METHODS, check_fit
+
+        notes = check_fit(
+            METHODS[recipe.peft.method],
+            recipe.peft,
+            recipe.model.task,
+            None,
+            recipe.model.quantization != "none",
+            recipe.data.packing,
+        )
+        return [
+            f"model: {recipe.model.name_or_path} (hub id, not in the local cache: its config and "
+            "target modules are checked when training starts)",
+            *notes,
+        ]
     task, kind = recipe.model.task, config.get("model_type", "?")
     encoder_decoder = bool(config.get("is_encoder_decoder"))
     if task == "seq2seq_lm" and not encoder_decoder:
@@ -66,7 +83,7 @@ def check_model(recipe: Recipe, config: dict[str, Any]) -> str:
         )
     from .methods import METHODS, check_fit
 
-    check_fit(
+    notes = check_fit(
         METHODS[recipe.peft.method],
         recipe.peft,
         task,
@@ -79,7 +96,7 @@ def check_model(recipe: Recipe, config: dict[str, Any]) -> str:
             f"model.quantization: {recipe.model.quantization} needs bitsandbytes",
             "pip install 'bitsandbytes>=0.48'",
         )
-    return f"model: {recipe.model.name_or_path} ({kind}, {task})"
+    return [f"model: {recipe.model.name_or_path} ({kind}, {task})", *notes]
 
 
 def check_targets(recipe: Recipe, folder: Path | None) -> str | None:
@@ -103,6 +120,8 @@ def check_data(recipe: Recipe, folder: Path | None) -> list[str]:
     from . import data as data_stage
 
     task = recipe.model.task
+    if data_stage.is_hub_dataset(recipe.data.train):
+        return [f"data: hub dataset {recipe.data.train} (read when training starts)"]
     rows = data_stage.read_rows(recipe.data.train)
     fmt = data_stage.detect_format(rows, recipe.data.format, task=task)
     data_stage.check_rows(rows, fmt)
@@ -129,14 +148,8 @@ def has_chat_template(folder: Path) -> bool:
 def check_recipe(recipe: Recipe) -> list[str]:
     """Every check that needs no weights; returns what was found, one line per stage."""
     folder = model_folder(recipe)
-    lines = []
-    if folder is not None:
-        lines.append(check_model(recipe, read_config(folder, recipe.model.name_or_path)))
-    else:
-        lines.append(
-            f"model: {recipe.model.name_or_path} (hub id, not in the local cache: "
-            "its config and target modules are checked when training starts)"
-        )
+    config = read_config(folder, recipe.model.name_or_path) if folder is not None else None
+    lines = check_model(recipe, config)
     targets = check_targets(recipe, folder)
     lines.append(targets or "peft: target modules are checked when the model's config is loaded")
     lines += check_data(recipe, folder)

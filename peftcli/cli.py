@@ -84,22 +84,39 @@ def schema() -> None:
 
 @app.command()
 def methods(json_out: JsonOpt = False) -> None:
-    """List the PEFT methods a recipe can choose."""
+    """List the PEFT methods, whether they merge, and their trainable share of a reference model."""
     from .methods import METHODS
+    from .reference import load
 
-    rows = [
-        {"method": m.name, "peft_config": m.config_class, "mergeable": m.merges, "summary": m.summary}
-        for m in METHODS.values()
-    ]
+    table = load()
+    rows = []
+    for m in METHODS.values():
+        ref = table["methods"].get(m.name, {})
+        rows.append(
+            {
+                "method": m.name,
+                "peft_config": m.config_class,
+                "mergeable": m.merges,
+                "tasks": sorted(m.tasks),
+                "summary": m.summary,
+                "trainable_params": ref.get("trainable_params"),
+                "share": ref.get("share"),
+            }
+        )
     if json_out:
-        _print_json({"methods": rows})
+        _print_json({"reference": table["reference"], "methods": rows})
         return
     width = max(len(r["method"]) for r in rows)
-    typer.echo(f"{'method':<{width}}  merges  {'PEFT config':<12}  what it is")
+    typer.echo(f"{'method':<{width}}  merges  {'trainable':>9}  what it is")
     for r in rows:
+        share = f"{100 * r['share']:.3f}%" if r["share"] is not None else "-"
         typer.echo(
-            f"{r['method']:<{width}}  {'yes' if r['mergeable'] else 'no':<6}  {r['peft_config']:<12}  {r['summary']}"
+            f"{r['method']:<{width}}  {'yes' if r['mergeable'] else 'no':<6}  {share:>9}  {r['summary']}"
         )
+    typer.echo(
+        f"\ntrainable: share of {table['reference']}'s parameters with the recipe defaults "
+        "(r=8, all linear layers, 16 virtual tokens)"
+    )
 
 
 @app.command("eval")

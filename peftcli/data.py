@@ -79,20 +79,26 @@ def read_rows(spec: str, key: str = "data.train") -> Rows:
     line; Parquet and hub datasets go through `datasets`.
     """
     path = Path(spec).expanduser()
-    if path.is_dir():
+    if is_hub_dataset(spec):
+        rows = _read_hub(spec, key)
+    elif path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in EXTENSIONS)
         if not files:
             raise UserError(f"{key}: folder {path} holds no {', '.join(EXTENSIONS)} files")
         rows = [r for f in files for r in _read_file(f, key)]
     elif path.is_file():
         rows = _read_file(path, key)
-    elif spec.startswith((".", "/", "~")) or Path(spec).suffix in EXTENSIONS:
-        raise UserError(f"{key}: file not found: {spec}")
     else:
-        rows = _read_hub(spec, key)
+        raise UserError(f"{key}: file not found: {spec}")
     if not rows:
         raise UserError(f"{key}: {spec} has no rows")
     return rows
+
+
+def is_hub_dataset(spec: str) -> bool:
+    """`org/name` (optionally `:split`) that is not a local path."""
+    path = Path(spec).expanduser()
+    return not path.exists() and not spec.startswith((".", "/", "~")) and path.suffix not in EXTENSIONS
 
 
 def _read_file(path: Path, key: str) -> Rows:
@@ -399,7 +405,7 @@ def prepare(section: DataSection, tokenizer: Any, seed: int, task: str = "causal
     labels = label_names(rows) if task == "seq_cls" else None
     if isinstance(section.eval, str):
         eval_rows = read_rows(section.eval, "data.eval")
-        check_rows(eval_rows, detect_format(eval_rows, fmt, "data.eval"))
+        check_rows(eval_rows, detect_format(eval_rows, fmt, "data.eval", task))
     elif section.eval:
         order = list(range(len(rows)))
         random.Random(seed).shuffle(order)

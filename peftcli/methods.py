@@ -42,6 +42,7 @@ class Method:
     tasks: frozenset[str] = ALL_TASKS
     model_types: frozenset[str] | None = None  # None = any architecture
     quantized_base: bool = True  # works on a 4/8-bit base
+    conv1d: bool = True  # can adapt GPT-2-style Conv1D layers
 
 
 _LORA_KEYS = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
@@ -86,6 +87,7 @@ METHODS: dict[str, Method] = {
             "LoHaConfig",
             True,
             generic={"r": "r", "alpha": "alpha", "dropout": "rank_dropout"},
+            conv1d=False,
         ),
         Method(
             "lokr",
@@ -93,6 +95,7 @@ METHODS: dict[str, Method] = {
             "LoKrConfig",
             True,
             generic={"r": "r", "alpha": "alpha", "dropout": "rank_dropout"},
+            conv1d=False,
         ),
         Method(
             "vera",
@@ -107,8 +110,10 @@ METHODS: dict[str, Method] = {
             "orthogonal fine-tuning: block-diagonal orthogonal rotation of the weights",
             "OFTConfig",
             True,
-            generic={"r": "r", "dropout": "module_dropout"},
-            fixed={"oft_block_size": 0},
+            # PEFT's own default: blocks of 32 (so the rotation's cost does not grow with width).
+            generic={"dropout": "module_dropout"},
+            defaults={"oft_block_size": 32, "r": 0},
+            conv1d=False,
         ),
         Method(
             "adapter",
@@ -170,8 +175,11 @@ def check_fit(
     model_type: str | None,
     quantized: bool,
     packing: bool = False,
-) -> None:
-    """Refuse a method that cannot work with this model, task or recipe — before weights load."""
+) -> list[str]:
+    """Refuse a method that cannot work with this model, task or recipe — before weights load.
+
+    Returns notes on recipe keys the method ignores: a recipe tuned for LoRA (r, alpha,
+    target_modules) stays usable for every method, which `compare` relies on."""
     if packing and method.kind != "targets":
         raise UserError(
             f"data.packing does not work with {method.name}: its virtual tokens would be shared "
@@ -182,28 +190,31 @@ def check_fit(
             f"peft.method: {method.name} does not support model.task: {task}",
             f"it supports {', '.join(sorted(method.tasks))}",
         )
-    if method.model_types is not None and model_type not in method.model_types:
+    if method.model_types is not None and model_type is not None and model_type not in method.model_types:
         raise UserError(
             f"peft.method: {method.name} does not support {model_type} models",
             f"it supports {', '.join(sorted(method.model_types))}",
+        )
+    from .targets import CONV1D_MODEL_TYPES
+
+    if not method.conv1d and model_type in CONV1D_MODEL_TYPES:
+        raise UserError(
+            f"peft.method: {method.name} cannot adapt the Conv1D layers of {model_type} models",
+            "use lora, dora, ia3, vera or adapter",
         )
     if quantized and not method.quantized_base:
         raise UserError(
             f"peft.method: {method.name} cannot train on a quantized base; set model.quantization: none"
         )
-    if method.kind != "targets":
-        for key in ("target_modules", "layers"):
-            if getattr(section, key) is not None:
-                raise UserError(
-                    f"peft.{key} does not apply to {method.name}, which adds virtual tokens "
-                    "instead of adapting modules; remove it"
-                )
-    for key in ("r", "alpha", "dropout"):
-        if key in section.model_fields_set and key not in method.generic:
-            raise UserError(
-                f"peft.{key} does not apply to {method.name}",
-                "remove it, or set the method's own options under peft.options",
-            )
+    keys = ["r", "alpha", "dropout"] + (["target_modules", "layers"] if method.kind != "targets" else [])
+    ignored = [
+        k
+        for k in keys
+        if k in section.model_fields_set
+        and k not in method.generic
+        and (k not in ("target_modules", "layers") or getattr(section, k) is not None)
+    ]
+    return [f"peft.{k} does not apply to {method.name}: ignored" for k in ignored]
 
 
 # --------------------------------------------------------------------------- configs
@@ -290,7 +301,10 @@ def _derived_kwargs(
         out["tfinal"] = int(0.3 * steps)
         out["target_r"] = max(1, section.r // 2)
     if method.name == "ia3" and "feedforward_modules" not in options:
-        out["feedforward_modules"] = sorted(n for n in targets["names"] if n in index.mlp_outputs())
+        # PEFT wants feedforward_modules as a subset of target_modules, written the same way.
+        ff = sorted(n for n in targets["names"] if n in index.mlp_outputs())
+        short = targets["target_modules"] != targets["names"]
+        out["feedforward_modules"] = sorted({n.rsplit(".", 1)[-1] for n in ff}) if short else ff
     if method.name == "prompt-tuning" and options.get("prompt_tuning_init") == "TEXT":
         out["tokenizer_name_or_path"] = options.get("tokenizer_name_or_path") or model.config._name_or_path
     if method.name == "llama-adapter":

@@ -100,7 +100,8 @@ def train(recipe: Recipe, overwrite: bool = False) -> Trained:
 
     run_dir = recipe.output_dir
     work_dir = choose_work_dir(run_dir, overwrite)
-    check_recipe(recipe)  # fails fast, before anything heavy is imported or loaded
+    # Fail fast, before anything heavy is imported or loaded; say what the method ignores.
+    notes = [line for line in check_recipe(recipe) if line.endswith(": ignored")]
     quiet_libraries()
     accelerator = make_accelerator(recipe.training, work_dir)
     main = accelerator.is_main_process
@@ -121,6 +122,8 @@ def train(recipe: Recipe, overwrite: bool = False) -> Trained:
     model = apply_method(model, recipe.peft, task, total_steps=steps)
     counts = trainable_summary(model)
     if main:
+        for note in notes:
+            say(f"peftcli: note: {note}")
         s = data.stats
         say(
             f"peftcli: {recipe.peft.method} on {recipe.model.name_or_path}: "
