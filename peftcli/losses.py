@@ -38,6 +38,10 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 def forward(model: Any, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
     inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    if task != "seq_cls":
+        # No KV cache in training/eval passes: it is wasted memory, and with one present
+        # transformers does not derive the packed-sequence mask from position ids.
+        inputs["use_cache"] = False
     if task == "seq2seq_lm":  # the model shifts labels into decoder inputs
         inputs["labels"] = batch["labels"]
     return model(**inputs).logits

@@ -88,6 +88,7 @@ METHODS: dict[str, Method] = {
             True,
             generic={"r": "r", "alpha": "alpha", "dropout": "rank_dropout"},
             conv1d=False,
+            quantized_base=False,  # PEFT's LyCORIS layers read the packed 4-bit weight as a matrix
         ),
         Method(
             "lokr",
@@ -96,6 +97,7 @@ METHODS: dict[str, Method] = {
             True,
             generic={"r": "r", "alpha": "alpha", "dropout": "rank_dropout"},
             conv1d=False,
+            quantized_base=False,  # PEFT's LyCORIS layers read the packed 4-bit weight as a matrix
         ),
         Method(
             "vera",

@@ -160,3 +160,33 @@ def test_held_out_fraction_is_deterministic_and_disjoint(tmp_path, llama_tok):
     assert a.eval.examples == b.eval.examples
     train_ids = {tuple(e["input_ids"]) for e in a.train.examples}
     assert not train_ids & {tuple(e["input_ids"]) for e in a.eval.examples}
+
+
+def test_packed_rows_give_each_example_its_own_logits(llama_tok):
+    """Packing is exact: position ids restart per example and attention never crosses them."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from peftcli.data import pack
+    from peftcli.losses import forward
+
+    model = AutoModelForCausalLM.from_pretrained(builtin.materialise("tiny-llama")).eval()
+    rows = [
+        {"prompt": f"Uppercase: {w}\n", "completion": w.upper()} for w in ["ab", "cdefg", "hij", "klmnopq"]
+    ]
+    split, _ = encode(llama_tok, rows)
+    packed = pack(split.examples, max_length=48, seed=0)
+    assert len(packed) < len(split.examples)
+    batch = collate(packed, llama_tok.pad_token_id)
+    assert "attention_mask" not in batch and "position_ids" in batch
+    with torch.no_grad():
+        logits = forward(model, batch, "causal_lm")
+        for row, p in enumerate(packed):
+            starts = [i for i, pos in enumerate(p["position_ids"]) if pos == 0] + [len(p["position_ids"])]
+            for a, b in zip(starts, starts[1:], strict=False):
+                alone = model(input_ids=torch.tensor([p["input_ids"][a:b]])).logits[0]
+                assert torch.allclose(logits[row, a:b], alone, atol=1e-5)
+    # Labels travel with their tokens; every example's answer is still supervised.
+    assert sum(sum(t != IGNORE for t in p["labels"]) for p in packed) == sum(
+        sum(t != IGNORE for t in e["labels"]) for e in split.examples
+    )

@@ -234,3 +234,26 @@ def test_shipped_reference_shares_are_current():
 
     shipped = reference.load()
     assert shipped == reference.compute(), "run `python -m peftcli.reference` to refresh method_shares.json"
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_methods_on_a_4bit_base_train_or_are_refused(method, tmp_path, data_dir):
+    """Quantization combines with every method that supports it; the others are refused early."""
+    recipe = load_recipe(
+        write_recipe(
+            tmp_path / "r.yaml",
+            model={"quantization": "4bit"},
+            peft={"method": method},
+            data={"train": str(data_dir / "completion.jsonl"), "eval": 0.0},
+            training={"max_steps": 2, "batch_size": 8, "output_dir": str(tmp_path / "run")},
+        )
+    )
+    if not METHODS[method].quantized_base:
+        with pytest.raises(UserError, match="cannot train on a quantized base"):
+            train(recipe)
+        return
+    trained = train(recipe)
+    import bitsandbytes as bnb
+
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in trained.model.modules())
+    assert (trained.run_dir / "adapter" / "adapter_config.json").is_file()
