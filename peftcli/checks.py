@@ -117,24 +117,30 @@ def check_targets(recipe: Recipe, folder: Path | None) -> str | None:
 
 
 def check_data(recipe: Recipe, folder: Path | None) -> list[str]:
+    """Every row is read (streaming) and checked against its format; says which format."""
     from . import data as data_stage
 
-    task = recipe.model.task
-    if data_stage.is_hub_dataset(recipe.data.train):
-        return [f"data: hub dataset {recipe.data.train} (read when training starts)"]
-    rows = data_stage.read_rows(recipe.data.train)
-    fmt = data_stage.detect_format(rows, recipe.data.format, task=task)
-    data_stage.check_rows(rows, fmt)
-    lines = [f"data: {len(rows)} rows of {fmt}" + (" (detected)" if recipe.data.format == "auto" else "")]
-    if isinstance(recipe.data.eval, str):
-        eval_rows = data_stage.read_rows(recipe.data.eval, "data.eval")
-        data_stage.check_rows(eval_rows, data_stage.detect_format(eval_rows, fmt, "data.eval", task))
-        lines.append(f"eval data: {len(eval_rows)} rows")
-    if fmt == "messages" and folder is not None and not has_chat_template(folder):
-        raise UserError(
-            f"data.format: messages needs a chat template, and {recipe.model.name_or_path} has none",
-            "use a chat model or the completion format",
-        )
+    task, section = recipe.model.task, recipe.data
+    if data_stage.is_hub_dataset(section.train):
+        return [f"data: hub dataset {section.train} (read when training starts)"]
+    found = data_stage.scan(section.train, section.format, task)
+    how = (
+        f" (detected from the columns {', '.join(data_stage.FORMAT_COLUMNS[found.format])})"
+        if section.format == "auto"
+        else ""
+    )
+    lines = [f"data: {found.rows} rows of {found.format}{how}"]
+    if isinstance(section.eval, str) and not data_stage.is_hub_dataset(section.eval):
+        held_out = data_stage.scan(section.eval, found.format, task, "data.eval")
+        lines.append(f"eval data: {held_out.rows} rows")
+    if found.format in data_stage.CHAT_FORMATS:
+        if section.chat_template is not None:
+            data_stage.chat_template(section)  # the file exists
+        elif folder is not None and not has_chat_template(folder):
+            raise UserError(
+                f"data.format: {found.format} needs a chat template, and {recipe.model.name_or_path} has none",
+                "set data.chat_template (a Jinja string or a .jinja file), or use the completion format",
+            )
     return lines
 
 

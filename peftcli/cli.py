@@ -144,6 +144,23 @@ def eval_cmd(
         typer.echo(format_result(result))
 
 
+@app.command("data")
+def data_cmd(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    preview: Annotated[int, typer.Option("--preview", min=0, help="Training rows to show.")] = 3,
+    json_out: JsonOpt = False,
+) -> None:
+    """Show how the data is formatted, tokenised, masked and packed: statistics and the first rows."""
+    from .data_cmd import format_report, run_data
+
+    report = run_data(recipe, overrides, preview)
+    if json_out:
+        _print_json(report.as_json())
+    else:
+        typer.echo(format_report(report, color=sys.stdout.isatty()))
+
+
 # Typer vendors click; find its exception base without naming a private module.
 _ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 

@@ -72,17 +72,30 @@ class PeftSection(_Section):
 
 
 class DataSection(_Section):
-    train: str = Field(description="Training data: .jsonl/.json/.csv file, a folder, or a hub dataset id.")
+    train: str = Field(
+        description="Training data: a .jsonl/.json/.csv/.tsv/.parquet/.txt file, a folder of them, or a "
+        "hub dataset as org/name, org/name:split or org/name@config:split (split default: train)."
+    )
     eval: float | str | None = Field(
         0.1, description="Eval data: a path, or the fraction of train held out (0 = none)."
     )
-    format: Literal["auto", "text", "completion", "messages", "classification"] = Field(
+    format: Literal["auto", "text", "completion", "alpaca", "messages", "sharegpt", "classification"] = Field(
         "auto", description="How rows become model inputs; auto detects it from the columns."
+    )
+    chat_template: str | None = Field(
+        None,
+        description="messages/sharegpt: a Jinja chat template (a string, or the path of a .jinja file) "
+        "used instead of the tokenizer's own; saved with the adapter's tokenizer.",
     )
     max_length: int = Field(512, gt=0, description="Tokens per example; longer examples are truncated.")
     packing: bool = Field(False, description="Pack several short examples per row (causal_lm only).")
     train_on: Literal["completion", "all"] = Field(
         "completion", description="completion: loss on answers only (prompt masked); all: every token."
+    )
+    group_by_length: bool = Field(
+        False,
+        description="Batch examples of similar length together (seeded, shuffled batches), so "
+        "padding to the longest in the batch wastes little.",
     )
 
     @field_validator("eval")
@@ -276,9 +289,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     raw = _merge(raw, parse_overrides(overrides or []))
     raw.setdefault("name", path.stem)
     recipe = validate_recipe(raw, source=str(path))
-    for key in ("train", "eval"):
+    for key in ("train", "eval", "chat_template"):
         value = getattr(recipe.data, key)
-        if isinstance(value, str):
+        if isinstance(value, str) and not (key == "chat_template" and "{" in value):  # a path
             setattr(recipe.data, key, _resolve_data_path(value, path.parent))
     return recipe
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .data import Prepared, collate
+from .data import Prepared, collate, train_sampler
 from .errors import UserError
 from .losses import loss_sum, supervised_tokens
 
@@ -95,10 +95,12 @@ def fit(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
+    sampler = train_sampler(data, section.batch_size, section.seed)  # data.group_by_length
     loader = DataLoader(
         data.train.examples,
         batch_size=section.batch_size,
-        shuffle=True,
+        shuffle=sampler is None,
+        sampler=sampler,
         collate_fn=partial(collate, pad_id=pad_id),
         drop_last=False,
     )

@@ -1,0 +1,143 @@
+"""`peftcli data`: how a recipe's data is formatted, tokenised, masked and packed.
+
+Prepares the data exactly as `peftcli train` does (same cache), then reports its statistics and
+the first training rows: what the model reads, and which tokens carry loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .data import IGNORE
+
+MARK = ("«", "»")  # around supervised text when stdout is not a terminal
+COLOR = ("\x1b[1;32m", "\x1b[0m")  # on a terminal
+
+
+@dataclass
+class Report:
+    stats: dict[str, Any]
+    examples: list[dict[str, str]]  # {"text", "target"}
+    segments: list[list[tuple[str, bool]]] = field(default_factory=list)  # (text, supervised) runs
+    notes: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"stats": self.stats, "examples": self.examples}
+
+
+def run_data(recipe_path: Path, overrides: list[str] | None, preview: int) -> Report:
+    from .data import padding_fraction, prepare
+    from .model import load_tokenizer, quiet_libraries
+    from .recipe import load_recipe
+
+    recipe = load_recipe(recipe_path, overrides)
+    quiet_libraries()
+    tokenizer = load_tokenizer(recipe.model)
+    task, training = recipe.model.task, recipe.training
+    prepared = prepare(recipe.data, tokenizer, training.seed, task)
+    s = prepared.stats
+    lengths = prepared.train.lengths()
+    grouped = recipe.data.group_by_length
+    stats = {
+        "format": prepared.format,
+        "rows": s["rows"],
+        "examples": s["examples"],
+        "sequences": s["sequences"],
+        "tokens": s["tokens"],
+        "supervised_tokens": s["supervised_tokens"],
+        "padding_fraction": round(padding_fraction(lengths, training.batch_size, training.seed, grouped), 4),
+        "truncated": s["truncated"],
+        "dropped": s["dropped"],
+        "longest": int(lengths.max()),
+        "eval_examples": len(prepared.eval.examples) if prepared.eval else 0,
+    }
+    report = Report(stats, [])
+    for example in prepared.train.examples[:preview]:
+        runs = _segments(example, tokenizer, task, prepared.labels)
+        report.segments.append(runs)
+        report.examples.append(
+            {
+                "text": _decode(tokenizer, example["input_ids"]),
+                "target": _target(example, tokenizer, task, prepared.labels),
+            }
+        )
+    report.notes = [
+        f"batches of {training.batch_size}, padded to the longest, "
+        + ("grouped by length" if grouped else "shuffled (data.group_by_length: false)"),
+        f"cache: {prepared.cache_dir}" + (" (loaded)" if prepared.from_cache else " (written)"),
+    ]
+    return report
+
+
+def _decode(tokenizer: Any, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def _target(example: dict[str, Any], tokenizer: Any, task: str, labels: list[str] | None) -> str:
+    """The decoded tokens that carry loss (the class name, for classification)."""
+    if task == "seq_cls":
+        return labels[example["labels"]] if labels else str(example["labels"])
+    if task == "seq2seq_lm":
+        return _decode(tokenizer, [t for t in example["labels"] if t != IGNORE])
+    ids, targets = example["input_ids"], example["labels"]
+    return _decode(tokenizer, [t for t, y in zip(ids, targets, strict=True) if y != IGNORE])
+
+
+def _segments(
+    example: dict[str, Any], tokenizer: Any, task: str, labels: list[str] | None
+) -> list[tuple[str, bool]]:
+    """The input as runs of (text, carries loss); a packed row's examples end with a newline."""
+    if task != "causal_lm":
+        return [
+            (_decode(tokenizer, example["input_ids"]), False),
+            (" → ", False),
+            (_target(example, tokenizer, task, labels), True),
+        ]
+    ids, targets = example["input_ids"], example["labels"]
+    starts = {i for i, p in enumerate(example.get("position_ids", [])) if p == 0 and i}
+    runs: list[tuple[str, bool]] = []
+    chunk: list[int] = []
+    current = False
+    for i, (t, y) in enumerate(zip(ids, targets, strict=True)):
+        supervised = y != IGNORE
+        if chunk and (supervised != current or i in starts):
+            runs.append((_decode(tokenizer, chunk), current))
+            chunk = []
+        if i in starts:
+            runs.append(("\n⏎ next packed example\n", False))
+        chunk.append(t)
+        current = supervised
+    if chunk:
+        runs.append((_decode(tokenizer, chunk), current))
+    return runs
+
+
+def format_report(report: Report, color: bool = False) -> str:
+    s = report.stats
+    share = s["supervised_tokens"] / max(s["tokens"], 1)
+    rows = [
+        ("format", s["format"]),
+        ("rows", f"{s['rows']:,}"),
+        (
+            "examples",
+            f"{s['examples']:,}"
+            + (f" ({s['dropped']} dropped: no supervised token left)" if s["dropped"] else ""),
+        ),
+        ("sequences", f"{s['sequences']:,}" + (" (packed)" if s["sequences"] != s["examples"] else "")),
+        ("tokens", f"{s['tokens']:,}"),
+        ("supervised tokens", f"{s['supervised_tokens']:,} ({100 * share:.1f}%)"),
+        ("padding", f"{100 * s['padding_fraction']:.1f}% of batch positions"),
+        ("truncated", f"{s['truncated']:,}"),
+        ("longest", f"{s['longest']:,} tokens"),
+        ("eval examples", f"{s['eval_examples']:,}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows] + [f"{'':<{width}}  {n}" for n in report.notes]
+    open_, close = COLOR if color else MARK
+    for i, runs in enumerate(report.segments, 1):
+        lines += ["", f"example {i} ({'supervised text in colour' if color else 'supervised text in «»'}):"]
+        text = "".join(f"{open_}{t}{close}" if sup else t for t, sup in runs)
+        lines += ["  " + line for line in text.split("\n")]
+    return "\n".join(lines)
