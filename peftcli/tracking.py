@@ -26,10 +26,6 @@ class MetricsLog:
         if self.trackers:
             self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
-    def close(self) -> None:
-        if self.trackers:
-            self.accelerator.end_training()
-
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():

@@ -22,6 +22,7 @@ from .errors import UserError
 from .losses import loss_sum, supervised_tokens
 
 if TYPE_CHECKING:
+    from .checkpoint import Checkpointer
     from .recipe import TrainingSection
     from .tracking import MetricsLog
 
@@ -43,14 +44,23 @@ def plan(num_examples: int, section: TrainingSection, num_processes: int = 1) ->
     return Plan(per_epoch, total, int(section.warmup_ratio * total))
 
 
-def micro_batch_groups(loader: Any, grad_accum: int) -> Iterator[list[dict[str, torch.Tensor]]]:
-    """Endless micro-batch groups, one per optimizer step; an epoch's last group may be short."""
-    epoch = 0
+def micro_batch_groups(
+    loader: Any, grad_accum: int, steps_per_epoch: int, done: int = 0
+) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """Endless micro-batch groups, one per optimizer step; an epoch's last group may be short.
+
+    `done` optimizer steps are skipped, so a resumed run sees exactly the batches an
+    uninterrupted one would (the order of each epoch is seeded by its number)."""
+    epoch, skip = divmod(done, steps_per_epoch)
+    skip *= grad_accum
     while True:
         if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)  # a new, seeded order every epoch
+            loader.set_epoch(epoch)
         group: list[dict[str, torch.Tensor]] = []
         for batch in loader:
+            if skip:
+                skip -= 1
+                continue
             group.append(batch)
             if len(group) == grad_accum:
                 yield group
@@ -71,6 +81,54 @@ def make_optimizer(model: Any, section: TrainingSection) -> torch.optim.Optimize
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=section.lr)
 
 
+class Window:
+    """Metrics accumulated between two log rows, plus run totals; checkpointed for resume."""
+
+    def __init__(self, accelerator: Any, saved: dict[str, Any] | None = None):
+        self.accelerator = accelerator
+        saved = saved or {}
+        # Saved sums are global; only the main process carries them forward.
+        own = accelerator.is_main_process
+        self.loss = torch.tensor(
+            saved.get("loss", 0.0) if own else 0.0, dtype=torch.float64, device=accelerator.device
+        )
+        self.supervised = torch.tensor(saved.get("supervised", 0) if own else 0, device=accelerator.device)
+        self.tokens = torch.tensor(saved.get("tokens", 0) if own else 0, device=accelerator.device)
+        self.total_tokens = saved.get("total_tokens", 0)
+        self.total_supervised = saved.get("total_supervised", 0)
+        self.started = time.perf_counter()
+
+    def add(self, loss_sum: torch.Tensor, supervised: torch.Tensor, tokens: int) -> None:
+        self.loss += loss_sum
+        self.supervised += supervised.to(self.accelerator.device)
+        self.tokens += tokens
+
+    def reduced(self) -> tuple[float, int, int]:
+        r = self.accelerator.reduce
+        return r(self.loss, "sum").item(), int(r(self.supervised, "sum")), int(r(self.tokens, "sum"))
+
+    def close(self) -> tuple[float, int, float]:
+        """(mean loss per supervised token, tokens, seconds) of the window; starts a new one."""
+        loss, supervised, tokens = self.reduced()
+        seconds = time.perf_counter() - self.started
+        self.total_tokens += tokens
+        self.total_supervised += supervised
+        for t in (self.loss, self.supervised, self.tokens):
+            t.zero_()
+        self.started = time.perf_counter()
+        return loss / max(supervised, 1), tokens, seconds
+
+    def state(self) -> dict[str, Any]:
+        loss, supervised, tokens = self.reduced()
+        return {
+            "loss": loss,
+            "supervised": supervised,
+            "tokens": tokens,
+            "total_tokens": self.total_tokens,
+            "total_supervised": self.total_supervised,
+        }
+
+
 def fit(
     model: Any,
     data: Prepared,
@@ -82,11 +140,13 @@ def fit(
     evaluate: Callable[[Any], dict[str, Any]] | None = None,
     on_step: Callable[[Any, int], None] | None = None,
     penalty: Callable[[Any], torch.Tensor] | None = None,
+    checkpoints: Checkpointer | None = None,
 ) -> dict[str, Any]:
     """Train; returns a summary (steps, tokens, seconds, last loss).
 
     `on_step(peft_model, step)` runs after each optimizer step while gradients still exist;
-    `penalty(peft_model)` is a loss term added once per optimizer step."""
+    `penalty(peft_model)` is a loss term added once per optimizer step; `checkpoints` saves
+    resumable state every `save_every` steps and resumes from the newest one."""
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
     from transformers import get_scheduler
@@ -102,7 +162,9 @@ def fit(
         shuffle=sampler is None,
         sampler=sampler,
         collate_fn=partial(collate, pad_id=pad_id),
-        drop_last=False,
+        # Its own generator: iterating the data never draws from the global RNG, which
+        # dropout uses, so a resumed run draws the same dropout masks.
+        generator=torch.Generator().manual_seed(section.seed),
     )
     optimizer = make_optimizer(model, section)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
@@ -113,32 +175,33 @@ def fit(
         section.scheduler, optimizer, num_warmup_steps=p.warmup_steps, num_training_steps=p.total_steps
     )
     params = [q for q in model.parameters() if q.requires_grad]
+    saved = checkpoints.resume(peft_model, optimizer, scheduler) if checkpoints else None
+    done = saved["step"] if saved else 0
+    window = Window(accelerator, saved)
 
     model.train()
     # A live bar on a terminal; in logs (CI, SLURM, pipes) one line per logged step instead.
     interactive = sys.stderr.isatty()
     bar = tqdm(
         total=p.total_steps,
+        initial=done,
         desc="train",
         unit="step",
         file=sys.stderr,
         dynamic_ncols=True,
         disable=not (accelerator.is_main_process and interactive),
     )
-    groups = micro_batch_groups(loader, section.grad_accum)
-    window_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    window_sup = torch.zeros((), dtype=torch.long, device=accelerator.device)
-    window_tokens = 0
-    totals = {"tokens": 0, "supervised_tokens": 0}
-    started = window_start = time.perf_counter()
+    groups = micro_batch_groups(loader, section.grad_accum, p.steps_per_epoch, done)
+    started = time.perf_counter()
     last: dict[str, Any] = {}
-    for step in range(1, p.total_steps + 1):
+    for step in range(done + 1, p.total_steps + 1):
         group = next(groups)
         # Loss normalisation: every token loss is divided by the number of supervised tokens
         # in the whole global batch (all micro-batches, all processes), so gradient
         # accumulation and multi-process runs make the same update as one big batch.
         local_sup = sum(supervised_tokens(b, task) for b in group)
         global_sup = accelerator.reduce(local_sup.to(accelerator.device), "sum").clamp(min=1)
+        step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
         for i, batch in enumerate(group):
             sync = i == len(group) - 1
             with nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
@@ -148,12 +211,13 @@ def fit(
                 if penalty is not None and sync:
                     loss = loss + penalty(peft_model)
                 accelerator.backward(loss)
-            window_loss += summed.detach().double()
-        window_sup += local_sup.to(accelerator.device)
-        window_tokens += sum(int(b["num_tokens"]) for b in group)
+            step_loss += summed.detach().double()
+        window.add(step_loss, local_sup, sum(int(b["num_tokens"]) for b in group))
         grad_norm = (
             accelerator.clip_grad_norm_(params, section.max_grad_norm) if section.max_grad_norm else None
         )
+        if grad_norm is not None and not torch.isfinite(grad_norm):
+            diverged(step, f"the gradient norm is {float(grad_norm)}", checkpoints)
         optimizer.step()
         scheduler.step()
         if on_step is not None:
@@ -162,25 +226,16 @@ def fit(
         bar.update(1)
 
         if step % section.log_every == 0 or step == p.total_steps:
-            loss = (
-                accelerator.reduce(window_loss, "sum") / accelerator.reduce(window_sup, "sum").clamp(min=1)
-            ).item()
+            loss, tokens, seconds = window.close()
             if not math.isfinite(loss):
-                raise UserError(
-                    f"training diverged: loss is {loss} at step {step}; nothing was saved",
-                    "lower training.lr or set training.max_grad_norm",
-                )
-            tokens = int(accelerator.reduce(torch.tensor(window_tokens, device=accelerator.device), "sum"))
-            elapsed = time.perf_counter() - window_start
-            totals["tokens"] += tokens
-            totals["supervised_tokens"] += int(accelerator.reduce(window_sup, "sum"))
+                diverged(step, f"the loss is {loss}", checkpoints)
             last = {
                 "step": step,
                 "epoch": round(step / p.steps_per_epoch, 4),
                 "loss": loss,
                 "lr": scheduler.get_last_lr()[0],
-                "tokens": totals["tokens"],
-                "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1),
+                "tokens": window.total_tokens,
+                "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
             }
             if grad_norm is not None:
                 last["grad_norm"] = float(grad_norm)
@@ -193,9 +248,6 @@ def fit(
                     file=sys.stderr,
                     flush=True,
                 )
-            window_loss.zero_()
-            window_sup.zero_()
-            window_tokens, window_start = 0, time.perf_counter()
         if (
             evaluate is not None
             and section.eval_every
@@ -209,11 +261,24 @@ def fit(
                     **{f"eval_{k}": v for k, v in evaluate(model).items() if isinstance(v, float)},
                 }
             )
+        if checkpoints is not None and checkpoints.due(step, p.total_steps):
+            checkpoints.save(step, peft_model, optimizer, scheduler, {"step": step, **window.state()})
     bar.close()
     return {
         "steps": p.total_steps,
         "epochs": round(p.total_steps / p.steps_per_epoch, 4),
         "seconds": round(time.perf_counter() - started, 2),
-        **totals,
+        "tokens": window.total_tokens,
+        "supervised_tokens": window.total_supervised,
         "final_loss": last.get("loss"),
+        "resumed_from": done,
     }
+
+
+def diverged(step: int, what: str, checkpoints: Checkpointer | None) -> None:
+    good = checkpoints.last_good() if checkpoints else None
+    raise UserError(
+        f"training diverged at step {step}: {what}; the adapter was not saved"
+        + (f"; the last good checkpoint is {good}" if good else ""),
+        "lower training.lr or set training.max_grad_norm" + (", then --resume" if good else ""),
+    )

@@ -1,0 +1,226 @@
+"""Resumable checkpoints: `checkpoints/step-N/` in the run folder.
+
+A checkpoint holds the adapter (trainable weights only), the optimizer and scheduler states,
+every process's RNG states, the loop's progress (step, data position, metric windows) and the
+fingerprint of what the run depends on. It is written into a hidden temporary folder and
+renamed into place, and `state.json` is written last, so a kill during a save leaves only
+complete checkpoints behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STATE = "state.json"
+_STEP_RE = re.compile(r"^step-(\d+)$")
+# Recipe keys that may change between a run and its resumption: they do not change the math.
+RESUMABLE_CHANGES = {
+    "name",
+    "training.output_dir",
+    "training.log_every",
+    "training.eval_every",
+    "training.save_every",
+    "training.keep_checkpoints",
+    "training.report_to",
+    "training.gradient_checkpointing",
+}
+
+
+def complete(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [
+        (int(m[1]), p) for p in root.iterdir() if (m := _STEP_RE.match(p.name)) and (p / STATE).is_file()
+    ]
+    return [p for _, p in sorted(found)]
+
+
+def latest(root: Path) -> Path | None:
+    found = complete(root)
+    return found[-1] if found else None
+
+
+def file_digest(path: str | None) -> str | None:
+    """sha256 of a local data file or folder (None for hub datasets)."""
+    if not path or not Path(path).exists():
+        return None
+    h = hashlib.sha256()
+    files = [Path(path)] if Path(path).is_file() else sorted(p for p in Path(path).rglob("*") if p.is_file())
+    for f in files:
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint(recipe_dump: dict[str, Any], num_processes: int) -> dict[str, Any]:
+    data = recipe_dump["data"]
+    return {
+        "recipe": recipe_dump,
+        "train_data": file_digest(data["train"]),
+        "eval_data": file_digest(data["eval"]) if isinstance(data["eval"], str) else None,
+        "num_processes": num_processes,
+    }
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """What changed since the checkpoint, in ways that would make the resumed run differ."""
+    changes = []
+    old, new = _flatten(saved["recipe"]), _flatten(current["recipe"])
+    # Keys only one side has come from a different peftcli version and keep their defaults.
+    for key in sorted(set(old) & set(new)):
+        if key not in RESUMABLE_CHANGES and old[key] != new[key]:
+            changes.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+    for key, what in (("train_data", "the data.train file"), ("eval_data", "the data.eval file")):
+        if saved.get(key) != current.get(key):
+            changes.append(f"{what} changed content")
+    if saved["num_processes"] != current["num_processes"]:
+        changes.append(f"number of processes: {saved['num_processes']} -> {current['num_processes']}")
+    return changes
+
+
+def _rng_state() -> dict[str, Any]:
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _adalora_allocator(peft_model: Any) -> Any:
+    return getattr(getattr(peft_model, "base_model", None), "rankallocator", None)
+
+
+def save(
+    root: Path,
+    step: int,
+    peft_model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    progress: dict[str, Any],
+    fingerprint_: dict[str, Any],
+    accelerator: Any,
+    keep: int,
+) -> Path:
+    """Write checkpoint `step` (every process calls this; the main process writes the shared parts)."""
+    target = root / f"step-{step}"
+    tmp = root / f".step-{step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        peft_model.save_pretrained(tmp / "adapter")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if (alloc := _adalora_allocator(peft_model)) is not None:
+            torch.save(
+                {k: getattr(alloc, k) for k in ("ipt", "exp_avg_ipt", "exp_avg_unc")}, tmp / "adalora.pt"
+            )
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = {"step": step, "progress": progress, "fingerprint": fingerprint_}
+        (tmp / STATE).write_text(json.dumps(state, indent=1), encoding="utf-8")
+        shutil.rmtree(target, ignore_errors=True)
+        os.rename(tmp, target)
+        for old in complete(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return target
+
+
+def read_state(checkpoint: Path) -> dict[str, Any]:
+    return json.loads((checkpoint / STATE).read_text(encoding="utf-8"))
+
+
+def load(
+    checkpoint: Path, peft_model: Any, optimizer: Any, scheduler: Any, accelerator: Any
+) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler and RNG; returns the saved progress."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(checkpoint / "adapter" / "adapter_model.safetensors", device=str(accelerator.device))
+    set_peft_model_state_dict(peft_model, weights)
+    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=accelerator.device))
+    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt"))
+    if (alloc := _adalora_allocator(peft_model)) is not None and (checkpoint / "adalora.pt").is_file():
+        for key, value in torch.load(checkpoint / "adalora.pt", map_location=accelerator.device).items():
+            setattr(alloc, key, value)
+    rng = checkpoint / f"rng-{accelerator.process_index}.pt"
+    _set_rng_state(torch.load(rng, weights_only=False))
+    return read_state(checkpoint)["progress"]
+
+
+class Checkpointer:
+    """What the training loop needs: resume once, save when due, name the last good one."""
+
+    def __init__(
+        self,
+        root: Path,
+        every: int | None,
+        keep: int,
+        fingerprint_: dict[str, Any],
+        accelerator: Any,
+        resume_from: Path | None = None,
+    ):
+        self.root, self.every, self.keep = root, every, keep
+        self.fingerprint = fingerprint_
+        self.accelerator = accelerator
+        self.resume_from = resume_from
+
+    def resume(self, peft_model: Any, optimizer: Any, scheduler: Any) -> dict[str, Any] | None:
+        if self.resume_from is None:
+            return None
+        return load(self.resume_from, peft_model, optimizer, scheduler, self.accelerator)
+
+    def due(self, step: int, total: int) -> bool:
+        return bool(self.every) and step % self.every == 0 and step < total
+
+    def save(
+        self, step: int, peft_model: Any, optimizer: Any, scheduler: Any, progress: dict[str, Any]
+    ) -> None:
+        save(
+            self.root,
+            step,
+            peft_model,
+            optimizer,
+            scheduler,
+            progress,
+            self.fingerprint,
+            self.accelerator,
+            self.keep,
+        )
+
+    def last_good(self) -> Path | None:
+        return latest(self.root)

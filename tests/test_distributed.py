@@ -1,0 +1,80 @@
+"""Scale out with Accelerate: a 2-process CPU run (gloo) equals a 1-process run with the same
+global batch, logging happens once, and every shipped launch config names real options."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from .conftest import ROOT, cli, write_recipe
+
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def adapter(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(run / "adapter" / "adapter_model.safetensors")
+
+
+def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, completion_data, capsys):
+    common = {"data": {"eval": 0.1}, "peft": {"dropout": 0.0}}
+    one = write_recipe(
+        tmp_path / "one.yaml",
+        **common,
+        training={"max_steps": 4, "batch_size": 8, "output_dir": str(tmp_path / "one")},
+    )
+    two = write_recipe(
+        tmp_path / "two.yaml",
+        **common,
+        training={"max_steps": 4, "batch_size": 4, "output_dir": str(tmp_path / "two")},
+    )
+    assert cli("train", str(one), capsys=capsys)[0] == 0
+    code, _, err = cli("train", str(two), "--num-processes", "2", capsys=capsys)
+    assert code == 0, err
+    a, b = adapter(tmp_path / "one"), adapter(tmp_path / "two")
+    # Same math, different reduction order (gloo all-reduce, thread counts): float noise only.
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5), (key, (a[key] - b[key]).abs().max())
+    rows = {
+        name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        for name in ("one", "two")
+    }
+    assert [r["step"] for r in rows["two"]] == [r["step"] for r in rows["one"]], "the main process logs once"
+    # Metrics are reduced across processes: the 2-process run reports the global loss.
+    assert [r.get("loss", r.get("eval_loss")) for r in rows["two"]] == pytest.approx(
+        [r.get("loss", r.get("eval_loss")) for r in rows["one"]], rel=1e-5
+    )
+    evals = [json.loads((tmp_path / n / "eval.json").read_text()) for n in ("one", "two")]
+    assert evals[0]["loss"] == pytest.approx(evals[1]["loss"], rel=1e-5)
+    assert evals[1]["examples"] == evals[0]["examples"], "no eval example counted twice"
+
+
+def test_launch_refuses_before_starting_processes(tmp_path, completion_data, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", training={"lrr": 1})
+    code, _, err = cli("train", str(recipe), "--num-processes", "2", capsys=capsys)
+    assert code == 2 and "training.lrr" in err and "launching" not in err
+    code, _, err = cli(
+        "train", str(write_recipe(tmp_path / "ok.yaml")), "--launch-config", "nope.yaml", capsys=capsys
+    )
+    assert code == 2 and "--launch-config: file not found" in err
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_launch_configs_name_real_accelerate_options(path):
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.commands.launch import launch_command_parser
+
+    text = path.read_text()
+    assert text.startswith("#") and "peftcli train" in text, "configs start with the command that uses them"
+    ClusterConfig.from_yaml_file(str(path))  # raises on unknown top-level keys
+    options = {a.dest for a in launch_command_parser()._actions}
+    raw = yaml.safe_load(text)
+    for key in raw.get("fsdp_config") or {}:
+        assert key in options, f"{path.name}: fsdp_config.{key} is not an Accelerate option"
+    for key in raw.get("deepspeed_config") or {}:
+        assert key in options, f"{path.name}: deepspeed_config.{key} is not an Accelerate option"
