@@ -151,6 +151,16 @@ def has_chat_template(folder: Path) -> bool:
     return config.is_file() and bool(json.loads(config.read_text(encoding="utf-8")).get("chat_template"))
 
 
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def check_trackers(recipe: Recipe) -> None:
+    for tracker in recipe.training.report_to:
+        package = TRACKER_PACKAGES.get(tracker)
+        if package and importlib.util.find_spec(package) is None:
+            raise UserError(f"training.report_to: {tracker} needs the {package} package", f"pip install {package}")
+
+
 def check_recipe(recipe: Recipe) -> list[str]:
     """Every check that needs no weights; returns what was found, one line per stage."""
     folder = model_folder(recipe)
@@ -159,4 +169,5 @@ def check_recipe(recipe: Recipe) -> list[str]:
     targets = check_targets(recipe, folder)
     lines.append(targets or "peft: target modules are checked when the model's config is loaded")
     lines += check_data(recipe, folder)
+    check_trackers(recipe)
     return lines
