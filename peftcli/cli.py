@@ -48,18 +48,43 @@ def _print_json(obj: object) -> None:
 def train(
     recipe: RecipeArg,
     overrides: OverridesArg = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue an unfinished run from its newest checkpoint.")
+    ] = False,
     overwrite: Annotated[
         bool,
         typer.Option(
             "--overwrite", help="Replace an existing run (swapped in only when the new one finishes)."
         ),
     ] = False,
+    num_processes: Annotated[
+        int | None,
+        typer.Option(
+            "--num-processes", help="Data-parallel processes on this machine (via accelerate launch)."
+        ),
+    ] = None,
+    launch_config: Annotated[
+        Path | None,
+        typer.Option(
+            "--launch-config", help="An Accelerate config (configs/*.yaml): DDP, FSDP, DeepSpeed, multi-node."
+        ),
+    ] = None,
 ) -> None:
     """Train a recipe; the run folder gets adapter/, metrics.jsonl, eval.json, loss.png."""
     from .recipe import load_recipe
+    from .run import choose_work_dir
     from .run import train as run_train
 
-    run_train(load_recipe(recipe, overrides), overwrite=overwrite)
+    r = load_recipe(recipe, overrides)
+    flags = [f for f, on in (("--resume", resume), ("--overwrite", overwrite)) if on]
+    if num_processes is not None or launch_config is not None:
+        from .checks import check_recipe
+        from .launch import launch
+
+        choose_work_dir(r.output_dir, overwrite, resume)  # refuse before starting processes
+        check_recipe(r)
+        raise typer.Exit(launch(recipe, overrides or [], num_processes, launch_config, flags))
+    run_train(r, overwrite=overwrite, resume=resume)
 
 
 @app.command()
@@ -144,6 +169,78 @@ def eval_cmd(
         typer.echo(format_result(result))
 
 
+@app.command()
+def merge(
+    targets: Annotated[
+        list[Path],
+        typer.Argument(
+            help="A run or adapter folder; several LoRA adapters on one base are combined first.",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[Path, typer.Option("-o", "--out", help="The model folder to write.", show_default=False)],
+    dtype: Annotated[
+        str,
+        typer.Option("--dtype", help="auto (the base checkpoint's dtype) | float32 | bfloat16 | float16."),
+    ] = "auto",
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            "--weights", help="One weight per adapter, e.g. 0.7,0.3 (default: equal, summing to 1)."
+        ),
+    ] = None,
+    combination: Annotated[
+        str,
+        typer.Option(
+            "--combination",
+            help="How several adapters combine (PEFT add_weighted_adapter): cat (exact weighted sum) | "
+            "linear | svd | ties | dare_linear | dare_ties | magnitude_prune | ..._svd.",
+        ),
+    ] = "cat",
+    density: Annotated[
+        float | None,
+        typer.Option("--density", help="Share of each update kept (ties, dare_*, magnitude_prune)."),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing OUT (only once the new one is complete).")
+    ] = False,
+) -> None:
+    """Fold the adapter into the base weights: OUT is a plain transformers model folder."""
+    from .merge import merge as run_merge
+    from .merge import parse_weights
+
+    run_merge(targets, out, dtype, parse_weights(weights), combination, density, overwrite)
+
+
+@app.command()
+def generate(
+    target: Annotated[
+        Path, typer.Argument(help="A run folder, an adapter folder or a model folder.", show_default=False)
+    ],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt.", show_default=False)],
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", min=1, help="Tokens to generate at most.")
+    ] = 128,
+    temperature: Annotated[
+        float, typer.Option("--temperature", min=0.0, help="0 = greedy; above 0, sample at this temperature.")
+    ] = 0.0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for sampling.")] = 0,
+    chat: Annotated[
+        bool, typer.Option("--chat", help="Render the prompt through the chat template the run trained with.")
+    ] = False,
+    system: Annotated[str | None, typer.Option("--system", help="A system message (with --chat).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Continue a prompt with the fine-tuned model (classifiers: the label and class probabilities)."""
+    from .generate_cmd import format_result, run_generate
+
+    result = run_generate(target, prompt, max_new_tokens, temperature, seed, chat, system)
+    if json_out:
+        _print_json(result)
+    else:
+        typer.echo(format_result(result))
+
+
 @app.command("data")
 def data_cmd(
     recipe: RecipeArg,
@@ -159,6 +256,69 @@ def data_cmd(
         _print_json(report.as_json())
     else:
         typer.echo(format_report(report, color=sys.stdout.isatty()))
+
+
+@app.command()
+def estimate(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    gpu_memory: Annotated[
+        str | None,
+        typer.Option("--gpu-memory", help="Say whether the run fits in this much GPU memory, e.g. 24GB."),
+    ] = None,
+    num_processes: Annotated[
+        int, typer.Option("--num-processes", min=1, help="Data-parallel processes (memory is per process).")
+    ] = 1,
+    json_out: JsonOpt = False,
+) -> None:
+    """Parameter counts and a memory plan, from the model's config alone (no weights loaded)."""
+    from .estimate import estimate as run_estimate
+    from .estimate import format_estimate
+    from .recipe import load_recipe
+
+    result = run_estimate(load_recipe(recipe, overrides), gpu_memory, num_processes)
+    if json_out:
+        _print_json(result)
+    else:
+        typer.echo(format_estimate(result))
+
+
+@app.command()
+def compare(
+    recipe: RecipeArg,
+    overrides: OverridesArg = None,
+    methods_opt: Annotated[
+        str,
+        typer.Option(
+            "--methods", help="Comma-separated methods to compare, e.g. lora,ia3,prompt-tuning (or all)."
+        ),
+    ] = "",
+    max_steps: Annotated[
+        int | None, typer.Option("--max-steps", min=1, help="Optimizer steps per method (default: the recipe's).")
+    ] = None,
+    output_dir: Annotated[
+        Path | None,
+        typer.Option("--output-dir", help="Where the runs and the table go (default runs/<name>-compare)."),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace runs left in the output folder by an earlier compare.")
+    ] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Train several methods on the same recipe (model, data, steps, seed) and tabulate them."""
+    from .compare import compare as run_compare
+    from .compare import format_table, parse_methods
+
+    if not methods_opt:
+        raise UserError("compare needs --methods", "e.g. --methods lora,ia3,prompt-tuning (or all)")
+    rows, out = run_compare(recipe, overrides or [], parse_methods(methods_opt), max_steps, output_dir, overwrite)
+    if json_out:
+        _print_json({"rows": rows})
+    else:
+        typer.echo(format_table(rows))
+        typer.echo(f"\nwrote {out}/compare.csv, compare.md, compare.png")
+    if any(str(r.get("error") or "").startswith("crashed") for r in rows):
+        raise typer.Exit(1)
 
 
 # Typer vendors click; find its exception base without naming a private module.
