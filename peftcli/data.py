@@ -517,6 +517,7 @@ class Encoder:
         full = tokenizer("x")["input_ids"]
         start = full.index(plain[0]) if plain and plain[0] in full else 0
         self.prefix = [t for t in full[:start] if t != tokenizer.eos_token_id]
+        self._fast = _fast_encoder(tokenizer)
         self.template = chat_template(section, tokenizer) if fmt in CHAT_FORMATS else None
         if fmt in CHAT_FORMATS and not self.template:
             raise UserError(
@@ -525,7 +526,11 @@ class Encoder:
             )
 
     def _ids(self, texts: list[str]) -> list[list[int]]:
-        return self.tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+        if not texts:
+            return []
+        if self._fast is not None:
+            return [e.ids for e in self._fast(texts, add_special_tokens=False)]
+        return self.tok(texts, add_special_tokens=False)["input_ids"]
 
     # ---- rows → examples
 
@@ -543,19 +548,19 @@ class Encoder:
             sources = self.tok([p for p, _ in pairs])["input_ids"]
             targets = self._ids([a for _, a in pairs])
             return [self._seq2seq(s, t + self.eos, stats) for s, t in zip(sources, targets, strict=True)]
-        return [self._causal(ids, mask, stats) for ids, mask in self.encode_many(rows)]
+        return [self._causal(ids, labels, stats) for ids, labels in self._labelled(rows)]
 
-    def _causal(self, ids: list[int], mask: list[bool], stats: dict[str, int]) -> dict[str, Any] | None:
+    def _causal(self, ids: list[int], labels: list[int], stats: dict[str, int]) -> dict[str, Any] | None:
         stats["rows"] += 1
         max_len = self.section.max_length
         if len(ids) > max_len:
-            ids, mask = ids[:max_len], mask[:max_len]
+            ids, labels = ids[:max_len], labels[:max_len]
             stats["truncated"] += 1
-        supervised = sum(mask[1:])  # position 0 is never predicted, so it cannot carry loss
+        # Position 0 is never predicted, so it cannot carry loss.
+        supervised = len(labels) - labels.count(IGNORE) - (labels[0] != IGNORE)
         if supervised == 0:
             stats["dropped"] += 1
             return None
-        labels = [t if m else IGNORE for t, m in zip(ids, mask, strict=True)]
         labels[0] = IGNORE
         stats["examples"] += 1
         stats["tokens"] += len(ids)
@@ -595,27 +600,32 @@ class Encoder:
     # ---- causal LM: token ids and which of them carry loss
 
     def encode(self, row: dict[str, Any], where: str) -> tuple[list[int], list[bool]]:
-        return self.encode_many([(where, row)])[0]
+        ids, labels = self._labelled([(where, row)])[0]
+        return ids, [y != IGNORE for y in labels]
 
-    def encode_many(self, rows: Sequence[Row]) -> list[tuple[list[int], list[bool]]]:
+    def _labelled(self, rows: Sequence[Row]) -> list[tuple[list[int], list[int]]]:
+        """Token ids and labels (the token where it carries loss, else IGNORE), untruncated."""
         everything = self.section.train_on == "all"
         if self.fmt == "text":
             texts = self._ids([_field(r, "text", w) for w, r in rows])
-            return [(ids, [True] * len(ids)) for ids in (self.prefix + t + self.eos for t in texts)]
+            return [(ids, ids[:]) for ids in (self.prefix + t + self.eos for t in texts)]
         if self.fmt in ("completion", "alpaca"):
             pairs = [prompt_and_answer(r, self.fmt, w) for w, r in rows]
             out = []
             prompts, answers = self._ids([p for p, _ in pairs]), self._ids([a for _, a in pairs])
             for p, a in zip(prompts, answers, strict=True):
                 p, a = self.prefix + p, a + self.eos
-                out.append((p + a, [everything] * len(p) + [True] * len(a)))
+                out.append((p + a, (p if everything else [IGNORE] * len(p)) + a))
             return out
         rendered = [self._render_spans(chat_messages(r, self.fmt, w), w) for w, r in rows]
         enc = self.tok([t for t, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
         out = []
         for (_, spans), ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"], strict=True):
-            mask = [everything or any(s <= a and b <= e for s, e in spans) for a, b in offsets]
-            out.append((ids, mask))
+            labels = [
+                t if everything or any(s <= a and b <= e for s, e in spans) else IGNORE
+                for t, (a, b) in zip(ids, offsets, strict=True)
+            ]
+            out.append((ids, labels))
         return out
 
     def _render(self, messages: list[dict[str, str]], generation_prompt: bool, where: str) -> str:
@@ -668,6 +678,20 @@ class Encoder:
                 prompt = self._render(messages[:-1], True, where)
                 return Reference(self._ids([prompt])[0], messages[-1]["content"])
         return None
+
+
+def _fast_encoder(tokenizer: Any) -> Any:
+    """The Rust tokenizer's `encode_batch_fast` (ids without offsets: about 1.5x faster than the
+    transformers call), where it gives the same ids as the transformers call; else None."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    fast = getattr(backend, "encode_batch_fast", None)
+    if fast is None or backend.truncation is not None or backend.padding is not None:
+        return None
+    probe = [f"Hello  world\n\t{tokenizer.eos_token or ''} é 1234 {tokenizer.pad_token or ''}x"]
+    same = [e.ids for e in fast(probe, add_special_tokens=False)] == tokenizer(
+        probe, add_special_tokens=False
+    )["input_ids"]
+    return fast if same else None
 
 
 def _batches(rows: Iterable[Row], size: int = BATCH_ROWS) -> Iterator[list[Row]]:

@@ -21,7 +21,8 @@ class Report:
     stats: dict[str, Any]
     examples: list[dict[str, str]]  # {"text", "target"}
     segments: list[list[tuple[str, bool]]] = field(default_factory=list)  # (text, supervised) runs
-    notes: list[str] = field(default_factory=list)
+    batching: str = ""
+    cache: str = ""
 
     def as_json(self) -> dict[str, Any]:
         return {"stats": self.stats, "examples": self.examples}
@@ -63,11 +64,10 @@ def run_data(recipe_path: Path, overrides: list[str] | None, preview: int) -> Re
                 "target": _target(example, tokenizer, task, prepared.labels),
             }
         )
-    report.notes = [
-        f"batches of {training.batch_size}, padded to the longest, "
-        + ("grouped by length" if grouped else "shuffled (data.group_by_length: false)"),
-        f"cache: {prepared.cache_dir}" + (" (loaded)" if prepared.from_cache else " (written)"),
-    ]
+    report.batching = f"batches of {training.batch_size}, " + (
+        "grouped by length" if grouped else "shuffled (data.group_by_length: false)"
+    )
+    report.cache = f"{prepared.cache_dir}" + (" (loaded)" if prepared.from_cache else " (written now)")
     return report
 
 
@@ -128,16 +128,17 @@ def format_report(report: Report, color: bool = False) -> str:
         ("sequences", f"{s['sequences']:,}" + (" (packed)" if s["sequences"] != s["examples"] else "")),
         ("tokens", f"{s['tokens']:,}"),
         ("supervised tokens", f"{s['supervised_tokens']:,} ({100 * share:.1f}%)"),
-        ("padding", f"{100 * s['padding_fraction']:.1f}% of batch positions"),
+        ("padding", f"{100 * s['padding_fraction']:.1f}% of batch positions ({report.batching})"),
         ("truncated", f"{s['truncated']:,}"),
         ("longest", f"{s['longest']:,} tokens"),
         ("eval examples", f"{s['eval_examples']:,}"),
+        ("cache", report.cache),
     ]
     width = max(len(k) for k, _ in rows)
-    lines = [f"{k:<{width}}  {v}" for k, v in rows] + [f"{'':<{width}}  {n}" for n in report.notes]
+    lines = [f"{k:<{width}}  {v}" for k, v in rows]
     open_, close = COLOR if color else MARK
     for i, runs in enumerate(report.segments, 1):
         lines += ["", f"example {i} ({'supervised text in colour' if color else 'supervised text in «»'}):"]
         text = "".join(f"{open_}{t}{close}" if sup else t for t, sup in runs)
-        lines += ["  " + line for line in text.split("\n")]
+        lines += ["  " + line for line in text.rstrip("\n").split("\n")]
     return "\n".join(lines)
