@@ -6,7 +6,9 @@ calls; builtins are only materialised into a folder first.
 
 from __future__ import annotations
 
+import functools
 import logging
+import sys
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,12 +53,15 @@ def source(section: ModelSection) -> str:
 
 def _common_kwargs(section: ModelSection) -> dict[str, Any]:
     if section.trust_remote_code:
-        warnings.warn(
-            "model.trust_remote_code is true: code from the checkpoint will run; "
-            "pin model.revision to a commit you have reviewed",
-            stacklevel=2,
-        )
+        _warn_remote_code(section.name_or_path, section.revision)
     return {"revision": section.revision, "trust_remote_code": section.trust_remote_code}
+
+
+@functools.cache
+def _warn_remote_code(name: str, revision: str | None) -> None:
+    pin = f"pinned to revision {revision}" if revision else "not pinned: set model.revision to a commit you have reviewed"
+    print(f"peftcli: warning: model.trust_remote_code is true: code from {name} will run ({pin})",
+          file=sys.stderr, flush=True)
 
 
 def _load_error(what: str, path: str, exc: Exception) -> UserError:

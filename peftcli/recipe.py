@@ -8,6 +8,7 @@ gathered and reported together with its key path.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -303,5 +304,25 @@ def _resolve_data_path(value: str, recipe_dir: Path) -> str:
     return value  # not local: a hub dataset id, checked when the data is read
 
 
+# Hugging Face / OpenAI-style tokens, and credentials in URLs or query strings.
+_SECRET = re.compile(
+    r"hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|(?<=://)[^/@\s]+:[^/@\s]+(?=@)"
+    r"|(?<=[?&;])(?:token|api[_-]?key|access[_-]?token|secret|password)=[^&\s]+",
+    re.IGNORECASE,
+)
+
+
+def redact(value: Any) -> Any:
+    """The same structure with anything that looks like a secret replaced."""
+    if isinstance(value, str):
+        return _SECRET.sub("<redacted>", value)
+    if isinstance(value, dict):
+        return {k: redact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
+
+
 def dump_recipe(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    """The resolved recipe as YAML, secrets redacted (it is written into the run folder)."""
+    return yaml.safe_dump(redact(recipe.model_dump(mode="json")), sort_keys=False)
