@@ -18,6 +18,7 @@ import json
 import os
 import random
 import shutil
+import socket
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -909,11 +910,12 @@ def _build_atomically(folder: Path, build: Any) -> None:
             f"cannot create the data cache {folder.parent}: {exc.strerror}",
             "set PEFTCLI_HOME to a writable folder",
         ) from None
-    for stale in folder.parent.glob(f".{folder.name}.tmp-*"):  # left by a killed run
+    host = socket.gethostname()
+    for stale in folder.parent.glob(f".{folder.name}.tmp-{host}-*"):  # left by a killed run here
         pid = stale.name.rpartition("-")[2]
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    tmp = folder.parent / f".{folder.name}.tmp-{host}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:

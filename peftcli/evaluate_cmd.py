@@ -39,13 +39,21 @@ def open_target(path: Path) -> Target:
         task = _TASKS.get(cfg.get("task_type") or "CAUSAL_LM", "causal_lm")
         return Target(ModelSection(name_or_path=base, task=task), path, None, None)
     if (path / "config.json").is_file():
-        return Target(ModelSection(name_or_path=str(path)), None, None, None)
+        return Target(ModelSection(name_or_path=str(path), task=_model_task(path)), None, None, None)
     if (path / "recipe.yaml").is_file():
         raise UserError(f"{path} holds no adapter yet: the run did not finish", "train it again, or --resume")
     raise UserError(
         f"{path} is not a run, adapter or model folder",
         "expected recipe.yaml + adapter/, adapter_config.json, or config.json",
     )
+
+
+def _model_task(path: Path) -> str:
+    """The task a plain model folder was saved for (a merged run keeps its head)."""
+    config = json.loads((path / "config.json").read_text())
+    if any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or []):
+        return "seq_cls"
+    return "seq2seq_lm" if config.get("is_encoder_decoder") else "causal_lm"
 
 
 def labels_of(target: Target) -> list[str] | None:
