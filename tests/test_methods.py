@@ -257,3 +257,34 @@ def test_methods_on_a_4bit_base_train_or_are_refused(method, tmp_path, data_dir)
 
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in trained.model.modules())
     assert (trained.run_dir / "adapter" / "adapter_config.json").is_file()
+
+
+def test_prompt_learning_options_pass_through():
+    """Prompt tuning initialised from text (the tokenizer found from the model), P-tuning with
+    an LSTM encoder: PEFT options reach the config, and the virtual tokens are what was asked."""
+    import peftcli.tuners  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    from peftcli import builtin
+    from peftcli.methods import apply_method
+    from peftcli.recipe import PeftSection
+
+    path = builtin.materialise("tiny-llama")
+    text = "Uppercase the word"
+    section = PeftSection(
+        method="prompt-tuning",
+        options={"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": text, "num_virtual_tokens": 18},
+    )
+    model = apply_method(AutoModelForCausalLM.from_pretrained(path), section, "causal_lm")
+    config = model.peft_config["default"]
+    assert config.tokenizer_name_or_path == str(path) and config.num_virtual_tokens == 18
+    # Initialised from the text's token embeddings (repeated to fill the virtual tokens).
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(path)(text)["input_ids"][:18]  # PEFT keeps the BOS
+    prompt = model.prompt_encoder["default"].embedding.weight
+    assert torch.allclose(prompt, model.get_input_embeddings().weight[ids])
+
+    section = PeftSection(method="p-tuning", options={"encoder_reparameterization_type": "LSTM"})
+    model = apply_method(AutoModelForCausalLM.from_pretrained(path), section, "causal_lm")
+    assert isinstance(model.prompt_encoder["default"].lstm_head, torch.nn.LSTM)
