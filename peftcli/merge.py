@@ -1,0 +1,407 @@
+"""`peftcli merge`: fold an adapter (or a weighted combination of several LoRA adapters) into
+the base weights and write a plain transformers model folder — it loads with
+`AutoModelFor*.from_pretrained`, without peftcli or PEFT.
+
+The merge itself is PEFT's (`merge_and_unload`, `add_weighted_adapter`). What peftcli adds:
+the merge happens in float32, a quantized base is first dequantized (the adapter was trained
+against the dequantized 4/8-bit weights, not the original checkpoint), and OUT appears only
+once it is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError, did_you_mean
+from .evaluate_cmd import Target, labels_of, open_target
+from .methods import METHODS
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+# PEFT's add_weighted_adapter combinations. `cat` stacks the adapters (rank = sum of ranks), so
+# the merged delta is exactly Σ wᵢ·ΔWᵢ; `linear` averages A and B separately (cross terms).
+COMBINATIONS = (
+    "cat",
+    "linear",
+    "svd",
+    "ties",
+    "ties_svd",
+    "dare_linear",
+    "dare_ties",
+    "dare_linear_svd",
+    "dare_ties_svd",
+    "magnitude_prune",
+    "magnitude_prune_svd",
+)
+NEEDS_DENSITY = {c for c in COMBINATIONS if c.startswith(("ties", "dare", "magnitude"))}
+COMBINES = ("lora", "qlora")  # methods add_weighted_adapter combines
+REPORT_FILE = "merge_report.json"
+# peft_type (adapter_config.json) -> peftcli method, for adapter folders without a recipe
+PEFT_TYPES = {
+    "LORA": "lora",
+    "ADALORA": "adalora",
+    "IA3": "ia3",
+    "LOHA": "loha",
+    "LOKR": "lokr",
+    "VERA": "vera",
+    "OFT": "oft",
+    "BOTTLENECK": "adapter",
+    "PROMPT_TUNING": "prompt-tuning",
+    "P_TUNING": "p-tuning",
+    "PREFIX_TUNING": "prefix-tuning",
+    "ADAPTION_PROMPT": "llama-adapter",
+}
+
+
+@dataclass
+class Source:
+    path: Path  # as the user named it
+    target: Target
+    method: str
+
+    @property
+    def adapter(self) -> Path:
+        assert self.target.adapter is not None
+        return self.target.adapter
+
+
+def adapter_method(target: Target) -> str:
+    """The peftcli method of an adapter: the run's recipe says it; else its adapter_config."""
+    if target.recipe is not None:
+        return target.recipe.peft.method
+    assert target.adapter is not None
+    config = json.loads((target.adapter / "adapter_config.json").read_text())
+    peft_type = str(config.get("peft_type"))
+    if peft_type == "LORA" and config.get("use_dora"):
+        return "dora"
+    if peft_type not in PEFT_TYPES:
+        raise UserError(
+            f"{target.adapter}/adapter_config.json: peft_type {peft_type} is not a peftcli method"
+        )
+    return PEFT_TYPES[peft_type]
+
+
+def open_sources(paths: list[Path]) -> list[Source]:
+    sources = []
+    for path in paths:
+        target = open_target(path)
+        if target.adapter is None:
+            raise UserError(f"{path} is a model folder with no adapter: there is nothing to merge into it")
+        method = adapter_method(target)
+        if not METHODS[method].merges:
+            raise UserError(
+                f"{path}: {method} adapters cannot be merged into the base weights (they add "
+                f"{'virtual tokens' if METHODS[method].kind != 'targets' else 'modules'} of their own)",
+                f"serve it as an adapter: PeftModel.from_pretrained(base, '{target.adapter}'), "
+                f"or `peftcli generate {path}`",
+            )
+        sources.append(Source(path, target, method))
+    return sources
+
+
+def _base_key(source: Source) -> tuple[Any, ...]:
+    from .model import source as model_source
+
+    m = source.target.model
+    return (model_source(m), m.revision, m.task, m.quantization)
+
+
+def check_combination(
+    sources: list[Source], weights: list[float] | None, combination: str, density: float | None
+) -> list[float] | None:
+    """Several adapters: same base, same LoRA method; returns one weight per adapter (or None
+    for a plain single-adapter merge)."""
+    if combination not in COMBINATIONS:
+        raise UserError(
+            f"--combination: `{combination}` is not one of {', '.join(COMBINATIONS)}"
+            f"{did_you_mean(combination, COMBINATIONS)}"
+        )
+    if len(sources) == 1 and weights is None:
+        return None
+    weights = weights if weights is not None else [1.0 / len(sources)] * len(sources)
+    if len(weights) != len(sources):
+        raise UserError(
+            f"--weights has {len(weights)} values for {len(sources)} adapters", "give one weight per adapter"
+        )
+    for s in sources:
+        if s.method not in COMBINES:
+            raise UserError(
+                f"{s.path}: {s.method} adapters cannot be combined with --weights",
+                f"weighted combinations work for {' and '.join(COMBINES)} adapters",
+            )
+    first = sources[0]
+    for s in sources[1:]:
+        if s.method != first.method:
+            raise UserError(
+                f"cannot combine {first.path} ({first.method}) with {s.path} ({s.method})",
+                "combine adapters of one method",
+            )
+        if _base_key(s) != _base_key(first):
+            a, b = first.target.model, s.target.model
+            raise UserError(
+                f"cannot combine {first.path} (base {a.name_or_path}, {a.task}, quantization {a.quantization}) "
+                f"with {s.path} (base {b.name_or_path}, {b.task}, quantization {b.quantization})",
+                "combine adapters trained on the same base model",
+            )
+    if combination in NEEDS_DENSITY and density is None:
+        raise UserError(
+            f"--combination {combination} needs --density", "the share of each update kept, e.g. 0.5"
+        )
+    if density is not None and not 0 < density <= 1:
+        raise UserError(f"--density: {density} is not in (0, 1]")
+    return weights
+
+
+def check_out(out: Path, sources: list[Source], overwrite: bool) -> None:
+    from .model import source as model_source
+
+    resolved = out.expanduser().resolve()
+    protected = [s.adapter.resolve() for s in sources] + [
+        s.target.run_dir.resolve() for s in sources if s.target.run_dir
+    ]
+    protected += [Path(model_source(s.target.model)).resolve() for s in sources]
+    for p in protected:
+        if resolved == p or resolved in p.parents:
+            raise UserError(
+                f"-o {out} would replace {p}, which the merge reads", "choose another output folder"
+            )
+    if out.exists() and not out.is_dir():
+        raise UserError(f"-o {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"-o {out} already exists and is not empty", "pass --overwrite to replace it")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def dequantize_into(float_model: Any, quantized: Any) -> list[str]:
+    """Copy the dequantized weight of every bitsandbytes layer of `quantized` into the same
+    module of `float_model` (a float32 load of the same checkpoint). Returns the module names.
+
+    The adapter learnt a correction to these dequantized weights; merging it into the
+    original checkpoint weights would add back the quantization error it compensated for."""
+    import bitsandbytes as bnb
+    import torch
+    from peft.utils.integrations import dequantize_bnb_weight
+
+    names = []
+    for name, module in quantized.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit | bnb.nn.Linear8bitLt):
+            weight = dequantize_bnb_weight(module.weight, state=getattr(module, "state", None))
+            target = float_model.get_submodule(name).weight
+            with torch.no_grad():
+                target.copy_(weight.to(device=target.device, dtype=torch.float32))
+            names.append(name)
+    return names
+
+
+def load_adapter_model(base: Any, sources: list[Source], names: list[str]) -> Any:
+    from peft import PeftModel
+
+    from . import methods  # noqa: F401  registers peftcli's own tuners with PEFT
+
+    model = None
+    for source, name in zip(sources, names, strict=True):
+        try:
+            if model is None:
+                model = PeftModel.from_pretrained(base, str(source.adapter), adapter_name=name)
+            else:
+                model.load_adapter(str(source.adapter), adapter_name=name)
+        except Exception as exc:  # safetensors, PEFT and torch raise many types for a broken adapter
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"cannot load the adapter in {source.adapter}: {first}") from None
+    model.eval()
+    return model
+
+
+def save_dtype(choice: str, target: Target) -> Any:
+    """`auto`: the base checkpoint's own dtype (float32 when its config names none)."""
+    import torch
+
+    from .model import load_config
+
+    if choice not in DTYPES:
+        raise UserError(
+            f"--dtype: `{choice}` is not one of {', '.join(DTYPES)}{did_you_mean(choice, DTYPES)}"
+        )
+    if choice != "auto":
+        return getattr(torch, choice)
+    config = load_config(target.model.model_copy(update={"task": "causal_lm"}))
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+# --------------------------------------------------------------------------- merging
+
+
+def merge(
+    paths: list[Path],
+    out: Path,
+    dtype: str = "auto",
+    weights: list[float] | None = None,
+    combination: str = "cat",
+    density: float | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Merge and write OUT; returns the report (also written to OUT/merge_report.json)."""
+    import torch
+
+    from .model import load_model, load_tokenizer, quiet_libraries
+    from .run import say
+
+    sources = open_sources(paths)
+    weights = check_combination(sources, weights, combination, density)
+    check_out(out, sources, overwrite)
+    quiet_libraries()
+    first = sources[0]
+    section = first.target.model
+    dtype_out = save_dtype(dtype, first.target)
+    labels = labels_of(first.target)
+    quantized = section.quantization != "none"
+
+    # The merge happens in float32 on the CPU, whatever the base's dtype or quantization.
+    base = load_model(section.model_copy(update={"quantization": "none", "dtype": "float32"}), labels=labels)
+    quantized_model = None
+    if quantized:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        quantized_model = load_model(section, device=device, labels=labels)
+        count = len(dequantize_into(base, quantized_model))
+        say(f"peftcli: dequantized {count} {section.quantization} layers into a float32 copy of the base")
+
+    names = ["default"] if weights is None else [f"adapter{i}" for i in range(len(sources))]
+    model = load_adapter_model(base, sources, names)
+    if weights is not None:
+        torch.manual_seed(0)  # dare_* drop entries at random: the same merge every time
+        try:
+            model.add_weighted_adapter(
+                names, weights, "combined", combination_type=combination, density=density
+            )
+        except ValueError as exc:
+            raise UserError(
+                f"cannot combine {', '.join(str(s.path) for s in sources)} with --combination "
+                f"{combination}: {str(exc).splitlines()[0]}",
+                "cat and svd accept adapters of different ranks",
+            ) from None
+        model.set_adapter("combined")
+        names = ["combined"]
+    with torch.no_grad():
+        merged = model.merge_and_unload(safe_merge=True, adapter_names=names)
+    merged = merged.to(dtype_out).eval()
+
+    tokenizer_section = (
+        section.model_copy(update={"name_or_path": str(first.adapter)})
+        if (first.adapter / "tokenizer_config.json").is_file()
+        else section
+    )
+    tokenizer = load_tokenizer(tokenizer_section)
+    report: dict[str, Any] = {
+        "sources": [str(s.path) for s in sources],
+        "method": first.method,
+        "base": section.name_or_path,
+        "task": section.task,
+        "dtype": str(dtype_out).removeprefix("torch."),
+        "dequantized": section.quantization if quantized else None,
+    }
+    if weights is not None:
+        report.update(combination=combination, weights=weights, density=density)
+    if quantized_model is not None:
+        report["eval"] = compare_losses(first, quantized_model, merged, tokenizer, labels)
+    write_folder(out, merged, tokenizer, report, overwrite)
+    say(f"peftcli: wrote {out} ({report['dtype']}); load it with {_auto_class(section.task)}.from_pretrained")
+    return report
+
+
+def compare_losses(
+    source: Source, quantized: Any, merged: Any, tokenizer: Any, labels: Any
+) -> dict[str, Any]:
+    """Eval loss of the adapter on its quantized base vs the merged model, on the run's eval
+    split: what dequantizing and merging changed."""
+    from .evaluate import loss_metrics
+    from .evaluate_cmd import eval_split
+    from .recipe import TrainingSection
+    from .run import make_accelerator, say
+
+    if source.target.recipe is None:
+        note = "skipped: the target is an adapter folder without a run, so there is no eval split"
+        say(f"peftcli: note: loss comparison {note}")
+        return {"note": note}
+    try:
+        split = eval_split(source.target, tokenizer, None, labels)
+    except UserError as exc:
+        say(f"peftcli: note: loss comparison skipped: {exc.message}")
+        return {"note": f"skipped: {exc.message}"}
+    recipe = source.target.recipe
+    accelerator = make_accelerator(TrainingSection(report_to=["jsonl"], mixed_precision="no"), Path("."))
+    task, batch, pad = recipe.model.task, recipe.training.batch_size, tokenizer.pad_token_id
+    adapter_model = load_adapter_model(quantized, [source], ["default"])
+    adapter_loss = loss_metrics(adapter_model, split, task, accelerator, batch, pad)["loss"]
+    merged.to(accelerator.device)
+    merged_loss = loss_metrics(merged, split, task, accelerator, batch, pad)["loss"]
+    merged.to("cpu")
+    result = {
+        "adapter_loss": adapter_loss,
+        "merged_loss": merged_loss,
+        "change": merged_loss - adapter_loss,
+        "examples": len(split.examples),
+    }
+    say(
+        f"peftcli: eval loss on the run's eval split ({result['examples']} examples): adapter on the "
+        f"{recipe.model.quantization} base {adapter_loss:.4f}, merged {merged_loss:.4f} "
+        f"({result['change']:+.4f})"
+    )
+    return result
+
+
+def write_folder(out: Path, model: Any, tokenizer: Any, report: dict[str, Any], overwrite: bool) -> None:
+    """Write into a hidden folder beside OUT and rename it into place: a failed or interrupted
+    merge leaves no partial OUT, and an existing OUT is replaced only by a complete one."""
+    out = out.expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        try:
+            model.save_pretrained(work)
+            tokenizer.save_pretrained(work)
+            (work / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        except OSError as exc:
+            raise UserError(f"cannot write {out}: {exc.strerror or exc}") from None
+        except Exception as exc:  # the safetensors writer reports I/O errors as its own type
+            if type(exc).__name__ != "SafetensorError":
+                raise
+            raise UserError(f"cannot write {out}: {str(exc).splitlines()[0]}") from None
+        work.chmod(0o755)
+        if out.exists():
+            if any(out.iterdir()) and not overwrite:  # appeared while merging
+                raise UserError(f"-o {out} already exists and is not empty", "pass --overwrite to replace it")
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rename(out, trash / out.name)
+            os.rename(work, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(work, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _auto_class(task: str) -> str:
+    from .model import AUTO_CLASSES
+
+    return AUTO_CLASSES[task]
+
+
+def parse_weights(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise UserError(
+            f"--weights: `{text}` is not a comma-separated list of numbers, e.g. 0.5,0.5"
+        ) from None
