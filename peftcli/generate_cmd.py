@@ -1,0 +1,169 @@
+"""`peftcli generate`: one prompt through a run, an adapter or a (merged) model folder.
+
+The prompt is built the way training built it: `--chat` renders it through the chat template
+the run trained with (saved with its tokenizer in adapter/), otherwise it is tokenised as a
+`completion` prompt (the tokenizer's BOS prefix, no EOS). The same data.Encoder does both.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .evaluate_cmd import Target, labels_of, open_target
+from .recipe import DataSection
+from .run import say
+
+
+def target_tokenizer(target: Target) -> Any:
+    """The tokenizer saved with the adapter (it carries the chat template the run trained
+    with), else the model folder's."""
+    from .model import load_tokenizer
+
+    if target.adapter is not None and (target.adapter / "tokenizer_config.json").is_file():
+        return load_tokenizer(target.model.model_copy(update={"name_or_path": str(target.adapter)}))
+    return load_tokenizer(target.model)
+
+
+def check_template(target: Target, tokenizer: Any) -> str | None:
+    """A warning when the base model's chat template is no longer the one the run recorded
+    (not when the recipe chose its own with data.chat_template)."""
+    from .model import load_tokenizer
+
+    if target.adapter is None or not (target.adapter / "tokenizer_config.json").is_file():
+        return None
+    if target.recipe is not None and target.recipe.data.chat_template is not None:
+        return None
+    if load_tokenizer(target.model).chat_template == tokenizer.chat_template:
+        return None
+    return (
+        f"peftcli: warning: the chat template of {target.model.name_or_path} differs from the one "
+        f"recorded in {target.adapter} at training; using the recorded one"
+    )
+
+
+def prompt_ids(
+    tokenizer: Any, prompt: str, task: str, chat: bool, system: str | None, section: DataSection | None = None
+) -> list[int]:
+    """Token ids of the prompt exactly as training rendered the prompt part of an example."""
+    from .data import Encoder
+
+    # The tokenizer carries the template to use (the run saved its own with the adapter).
+    section = (section or DataSection(train="--prompt")).model_copy(update={"chat_template": None})
+    if task == "seq_cls":
+        ids = tokenizer(prompt)["input_ids"]
+        return ids[: section.max_length - 1] + ids[-1:] if len(ids) > section.max_length else ids
+    if chat:
+        if not tokenizer.chat_template:
+            raise UserError(
+                "--chat needs a chat template, and this model's tokenizer has none", "drop --chat"
+            )
+        messages = [{"role": "system", "content": system}] if system is not None else []
+        # The prompt part of a conversation whose (empty) answer is to be generated.
+        row = {
+            "messages": [*messages, {"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]
+        }
+        reference = Encoder(tokenizer, "messages", section, task).reference(row, "--prompt")
+    else:
+        row = {"prompt": prompt, "completion": ""}
+        reference = Encoder(tokenizer, "completion", section, task).reference(row, "--prompt")
+    assert reference is not None
+    return reference.prompt_ids
+
+
+def load_target_model(target: Target, labels: list[str] | None) -> Any:
+    """The base as the run loaded it (quantized if it was), with the adapter on top."""
+    import torch
+
+    from .model import load_model
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(target.model, device=device, labels=labels)
+    if target.model.quantization == "none":
+        model.to(device)
+    if target.adapter is not None:
+        from peft import PeftModel
+
+        from . import methods  # noqa: F401  registers peftcli's own tuners with PEFT
+
+        model = PeftModel.from_pretrained(model, str(target.adapter))
+    return model.eval()
+
+
+def model_labels(target: Target) -> list[str] | None:
+    """Class names: the run's labels.json, or a (merged) model folder's config id2label."""
+    import json
+
+    labels = labels_of(target)
+    if labels is None and target.adapter is None and target.model.task == "seq_cls":
+        id2label = json.loads((Path(target.model.name_or_path) / "config.json").read_text()).get("id2label")
+        labels = [id2label[k] for k in sorted(id2label, key=int)] if id2label else None
+    return labels
+
+
+def run_generate(
+    path: Path,
+    prompt: str,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    seed: int = 0,
+    chat: bool = False,
+    system: str | None = None,
+) -> dict[str, Any]:
+    """`{"prompt", "output"}`; for classifiers `{"prompt", "label", "probabilities"}`."""
+    import torch
+
+    from .evaluate import generate_answers
+    from .model import quiet_libraries
+
+    if system is not None and not chat:
+        raise UserError("--system needs --chat (the system message goes into the chat template)")
+    quiet_libraries()
+    target = open_target(path)
+    task = target.model.task
+    if chat and task == "seq_cls":
+        raise UserError("--chat does not apply to a classifier: drop it to classify the raw text")
+    tokenizer = target_tokenizer(target)
+    if chat and (warning := check_template(target, tokenizer)):
+        say(warning)
+    section = target.recipe.data if target.recipe else None
+    ids = prompt_ids(tokenizer, prompt, task, chat, system, section)
+    labels = model_labels(target)
+    model = load_target_model(target, labels)
+    device = next(model.parameters()).device
+
+    if task == "seq_cls":
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids], device=device)).logits[0].float()
+        probs = torch.softmax(logits, -1).tolist()
+        names = labels or [str(i) for i in range(len(probs))]
+        best = max(range(len(probs)), key=probs.__getitem__)
+        return {"prompt": prompt, "label": names[best], "probabilities": dict(zip(names, probs, strict=True))}
+
+    if temperature == 0:
+        output = generate_answers(model, tokenizer, [ids], max_new_tokens)[0]
+    else:
+        from transformers import set_seed
+
+        set_seed(seed)
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=torch.tensor([ids], device=device),
+                attention_mask=torch.ones((1, len(ids)), dtype=torch.long, device=device),
+                max_new_tokens=max_new_tokens,
+                do_sample=True,
+                temperature=temperature,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        new = out[0] if getattr(model.config, "is_encoder_decoder", False) else out[0, len(ids) :]
+        output = tokenizer.decode(new, skip_special_tokens=True)
+    return {"prompt": prompt, "output": output}
+
+
+def format_result(result: dict[str, Any]) -> str:
+    if "label" not in result:
+        return result["output"]
+    width = max(len(n) for n in result["probabilities"])
+    rows = [f"{name:<{width}}  {p:.4f}" for name, p in result["probabilities"].items()]
+    return "\n".join([result["label"], *rows])
