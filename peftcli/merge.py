@@ -265,6 +265,12 @@ def merge(
     dtype_out = save_dtype(dtype, first.target)
     labels = labels_of(first.target)
     quantized = section.quantization != "none"
+    for s in sources:
+        if s.target.recipe is None:  # adapter_config.json does not record a quantized base
+            say(
+                f"peftcli: note: {s.path} is not inside a run, so the base is taken as stored; "
+                "merge an adapter trained on a 4/8-bit base from its run folder"
+            )
 
     # The merge happens in float32 on the CPU, whatever the base's dtype or quantization.
     base = load_model(section.model_copy(update={"quantization": "none", "dtype": "float32"}), labels=labels)

@@ -355,6 +355,18 @@ def test_methods_that_cannot_merge_are_refused(unmergeable, method, tmp_path, ca
         assert code == 2 and not stdout and f"{method} adapters cannot be merged" in line
         assert "PeftModel.from_pretrained(base" in line and "peftcli generate" in line
         assert not out.exists()
+    # ... and serving it the way the message says works.
+    code, stdout, _ = cli(
+        "generate",
+        str(unmergeable[method]),
+        "-p",
+        "Uppercase: ab\n",
+        "--max-new-tokens",
+        "3",
+        "--json",
+        capsys=capsys,
+    )
+    assert code == 0 and set(json.loads(stdout)) == {"prompt", "output"}
 
 
 def test_refusal_in_a_real_process_has_no_traceback(unmergeable, tmp_path):
@@ -446,3 +458,13 @@ def test_mismatched_adapters_are_refused(runs, data, second_lora, tmp_path, caps
         line = one_error_line(err)
         assert code == 2 and expected in line and also in line, (expected, line)
     assert not Path(out).exists()
+
+
+def test_an_adapter_folder_outside_its_run_merges_with_a_note(runs, tmp_path, capsys):
+    import shutil
+
+    adapter = shutil.copytree(runs["lora"]["run"] / "adapter", tmp_path / "adapter")
+    code, _, err = cli("merge", str(adapter), "-o", str(tmp_path / "out"), capsys=capsys)
+    assert code == 0 and "is not inside a run, so the base is taken as stored" in err
+    model = auto_class("causal_lm").from_pretrained(tmp_path / "out")
+    assert torch.allclose(probe(model), runs["lora"]["logits"], atol=1e-4)
