@@ -317,8 +317,10 @@ def merge(
     }
     if weights is not None:
         report.update(combination=combination, weights=weights, density=density)
-    if quantized_model is not None:
+    if quantized_model is not None and weights is None:
         report["eval"] = compare_losses(first, quantized_model, merged, tokenizer, labels)
+    elif quantized_model is not None:  # no single adapter to compare the combination with
+        report["eval"] = {"note": "skipped: several adapters were combined"}
     write_folder(out, merged, tokenizer, report, overwrite)
     say(f"peftcli: wrote {out} ({report['dtype']}); load it with {_auto_class(section.task)}.from_pretrained")
     return report
