@@ -97,23 +97,35 @@ def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     return changes
 
 
-def _rng_state() -> dict[str, Any]:
+def _save_rng(path: Path) -> None:
+    """This process's RNG states, as safetensors + JSON (nothing that needs pickle to load)."""
     import numpy as np
+    from safetensors.torch import save_file
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64))}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+        tensors.update({f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(tensors, path.with_suffix(".safetensors"))
+    scalars = {"python": [version, list(mt), gauss], "numpy": [kind, pos, has_gauss, cached]}
+    path.with_suffix(".json").write_text(json.dumps(scalars), encoding="utf-8")
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _load_rng(path: Path) -> None:
     import numpy as np
+    from safetensors.torch import load_file
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    tensors = load_file(path.with_suffix(".safetensors"))
+    scalars = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+    version, mt, gauss = scalars["python"]
+    random.setstate((version, tuple(mt), gauss))
+    kind, pos, has_gauss, cached = scalars["numpy"]
+    np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(t for t in tensors if t.startswith("cuda_"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def _adalora_allocator(peft_model: Any) -> Any:
@@ -138,7 +150,7 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+    _save_rng(tmp / f"rng-{accelerator.process_index}")
     if accelerator.is_main_process:
         peft_model.save_pretrained(tmp / "adapter")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -172,13 +184,16 @@ def load(
 
     weights = load_file(checkpoint / "adapter" / "adapter_model.safetensors", device=str(accelerator.device))
     set_peft_model_state_dict(peft_model, weights)
-    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=accelerator.device))
-    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt"))
+    # weights_only: tensors and plain containers, never arbitrary pickled objects.
+    optimizer.load_state_dict(
+        torch.load(checkpoint / "optimizer.pt", map_location=accelerator.device, weights_only=True)
+    )
+    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
     if (alloc := _adalora_allocator(peft_model)) is not None and (checkpoint / "adalora.pt").is_file():
-        for key, value in torch.load(checkpoint / "adalora.pt", map_location=accelerator.device).items():
+        saved = torch.load(checkpoint / "adalora.pt", map_location=accelerator.device, weights_only=True)
+        for key, value in saved.items():
             setattr(alloc, key, value)
-    rng = checkpoint / f"rng-{accelerator.process_index}.pt"
-    _set_rng_state(torch.load(rng, weights_only=False))
+    _load_rng(checkpoint / f"rng-{accelerator.process_index}")
     return read_state(checkpoint)["progress"]
 
 
