@@ -171,7 +171,8 @@ def train(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Trai
 
     task = recipe.model.task
     tokenizer = load_tokenizer(recipe.model)
-    data = data_stage.prepare(recipe.data, tokenizer, recipe.training.seed, task)
+    with accelerator.main_process_first():  # one process prepares; the others read its cache
+        data = data_stage.prepare(recipe.data, tokenizer, recipe.training.seed, task)
     steps = plan(len(data.train.examples), recipe.training, accelerator.num_processes).total_steps
     model = load_model(recipe.model, device=accelerator.device, labels=data.labels)
     model = apply_method(model, recipe.peft, task, total_steps=steps)
