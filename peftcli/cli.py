@@ -294,14 +294,16 @@ def compare(
         ),
     ] = "",
     max_steps: Annotated[
-        int | None, typer.Option("--max-steps", min=1, help="Optimizer steps per method (default: the recipe's).")
+        int | None,
+        typer.Option("--max-steps", min=1, help="Optimizer steps per method (default: the recipe's)."),
     ] = None,
     output_dir: Annotated[
         Path | None,
         typer.Option("--output-dir", help="Where the runs and the table go (default runs/<name>-compare)."),
     ] = None,
     overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace runs left in the output folder by an earlier compare.")
+        bool,
+        typer.Option("--overwrite", help="Replace runs left in the output folder by an earlier compare."),
     ] = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -311,7 +313,9 @@ def compare(
 
     if not methods_opt:
         raise UserError("compare needs --methods", "e.g. --methods lora,ia3,prompt-tuning (or all)")
-    rows, out = run_compare(recipe, overrides or [], parse_methods(methods_opt), max_steps, output_dir, overwrite)
+    rows, out = run_compare(
+        recipe, overrides or [], parse_methods(methods_opt), max_steps, output_dir, overwrite
+    )
     if json_out:
         _print_json({"rows": rows})
     else:

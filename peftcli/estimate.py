@@ -1,0 +1,379 @@
+"""`peftcli estimate`: parameter counts and a memory plan, from the model's config alone.
+
+The model is built on the meta device (shapes and dtypes, no storage, no weights read) and
+wrapped with the recipe's method by the same `apply_method` as training, so the parameter
+counts are exactly those of a real run. Memory is then planned per process, in bytes:
+
+- **weights**: frozen parameters and buffers in their dtype. Quantized bases follow
+  bitsandbytes. NF4 with double quantization stores per weight 4 bits + one 8-bit absmax
+  per block of 64 weights (8/64 bits) + one fp32 second-level absmax per 256 blocks
+  (32/16384 bits) = 4.127 bits, plus per tensor a 16-entry NF4 table, a 256-entry
+  second-level table and an offset (fp32). 8-bit (LLM.int8) stores 1 byte per weight plus one fp32 scale
+  per output row. Only `nn.Linear`/`Conv1D` layers are quantized; embeddings, the output head
+  and the model's `_keep_in_fp32_modules` are not, and PEFT's `prepare_model_for_kbit_training`
+  casts every unquantized 16-bit parameter to fp32.
+- **adapter**: the trainable parameters (the adapter, plus a trained head such as the seq_cls
+  classifier) in their dtype — PEFT keeps adapter weights in fp32.
+- **optimizer**: AdamW's two moment estimates, in the dtype of each trainable parameter
+  (torch's AdamW keeps no separate master copy; the fp32 trainable parameters are that copy).
+- **gradients**: one per trainable parameter, in its dtype; with several processes DDP's
+  gradient buckets hold a second copy.
+- **activations**: what the forward pass keeps for backward, at its peak (the start of the
+  backward pass), for `T = batch_size × max_length` tokens (the padded worst case). Per token
+  and layer, in the activation dtype (2 bytes under bf16/fp16 mixed precision, else the
+  weights' dtype), summed over the layer's linear layers as found in the model:
+
+      2·h per attention or MLP block   the residual stream into the block's norm, and the norm's
+                                       output (the input the adapted projections keep)
+      + Σ out(q, k, v projections)     queries, keys, values after RoPE, kept by attention
+      + Σ in(attention outputs)        the attention output, kept for the output projection
+      + 2·Σ out(MLP input projections) gate/up (or fc1) outputs and their activations/product
+      + heads·L per attention block    only where attention is eager (scores materialised)
+      + (b + 1)·Σ in(adapted layers)   only with adapter dropout > 0 (dropped input + mask)
+
+  plus, for language-model tasks, 12 bytes per position per vocabulary entry: the fp32
+  log-probabilities kept for the loss's backward, the incoming gradient and the gradient of
+  the logits alive together when backward starts. With gradient checkpointing only each
+  layer's input (h per token) is kept, plus one layer's activations while it is recomputed.
+  Small terms (norm statistics, LoRA's rank-r intermediates) are left out; the formula is
+  exact for LoRA-style methods on every linear layer and an upper bound when fewer modules
+  are adapted.
+
+Measured on CPU (tests/test_estimate.py), a Llama of width 512 with 8 layers and a 32k
+vocabulary, batch 8 × 256 tokens: within 10% of the peak memory training adds.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any
+
+from .errors import UserError
+
+if TYPE_CHECKING:
+    from .recipe import Recipe
+    from .targets import LinearIndex
+
+GiB = 2**30
+# CUDA context, cuBLAS/cuDNN workspaces and allocator slack that no tensor accounts for.
+GPU_RESERVE_BYTES = 1 * GiB
+_UNITS = {"": GiB, "b": 1, "k": 2**10, "m": 2**20, "g": GiB, "t": 2**40}
+_LAYER_PREFIX = re.compile(r"^(.*?\.\d+)\.")
+
+
+def parse_memory(text: str) -> int:
+    """'24GB', '80GiB', '40g', '16000MB' → bytes. GPU memory is quoted in binary units (a "24 GB"
+    card has 24 GiB), so GB and GiB both mean 2**30; a bare number is GiB."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([bkmgt]?)(?:i?b)?\s*", text.lower())
+    if not match:
+        raise UserError(f"--gpu-memory: cannot read `{text}`", "write it like 24GB, 80GiB or 16000MB")
+    return int(float(match[1]) * _UNITS[match[2]])
+
+
+# --------------------------------------------------------------------------- the model, on meta
+
+
+def _local_rows(recipe: Recipe) -> list[Any] | None:
+    from . import data as data_stage
+
+    if data_stage.is_hub_dataset(recipe.data.train):
+        return None
+    return data_stage.read_rows(recipe.data.train)
+
+
+def _train_examples(recipe: Recipe, rows: list[Any]) -> int:
+    """Training examples after the held-out fraction (as `data.prepare` splits them)."""
+    held = recipe.data.eval
+    if isinstance(held, float | int) and held:
+        return len(rows) - max(1, round(held * len(rows)))
+    return len(rows)
+
+
+def load_config(recipe: Recipe, labels: list[str] | None) -> Any:
+    """The model config — from a local folder, the Hugging Face cache, or (online) the hub."""
+    from huggingface_hub import constants
+
+    from .checks import model_folder
+    from .model import load_config as config_of
+
+    if model_folder(recipe) is None and constants.HF_HUB_OFFLINE:
+        name = recipe.model.name_or_path
+        raise UserError(
+            f"model.name_or_path: estimate needs the config of `{name}`, which is not in the local "
+            "Hugging Face cache, and HF_HUB_OFFLINE is set",
+            f"fetch the config once (a few KB, no weights): huggingface-cli download {name} config.json",
+        )
+    return config_of(recipe.model, labels)
+
+
+def meta_model(recipe: Recipe, config: Any, dtype: Any) -> Any:
+    import torch
+    import transformers
+
+    from .model import AUTO_CLASSES
+
+    cls = getattr(transformers, AUTO_CLASSES[recipe.model.task])
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": recipe.model.trust_remote_code}
+    if recipe.model.attn_implementation:
+        kwargs["attn_implementation"] = recipe.model.attn_implementation
+    try:
+        with torch.device("meta"):
+            return cls.from_config(config, **kwargs)
+    except ValueError as exc:
+        raise UserError(
+            f"model.task: {recipe.model.task} does not fit `{recipe.model.name_or_path}` "
+            f"({type(config).__name__}): {str(exc).splitlines()[0]}"
+        ) from None
+
+
+def quantized_weights(model: Any, quantization: str) -> dict[int, tuple[int, int]]:
+    """id(weight) → (numel, output rows) for the weights bitsandbytes would quantize: the
+    same selection transformers makes (linear layers, minus the head, tied weights and the
+    model's fp32 modules)."""
+    if quantization == "none":
+        return {}
+    import torch.nn as nn
+    from transformers.pytorch_utils import Conv1D
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    skip = HfQuantizer.get_modules_to_not_convert(model, None, model._keep_in_fp32_modules)
+    out = {}
+    for name, module in model.named_modules():
+        if (type(module) is nn.Linear or isinstance(module, Conv1D)) and should_convert_module(name, skip):
+            rows = module.weight.shape[1] if isinstance(module, Conv1D) else module.weight.shape[0]
+            out[id(module.weight)] = (module.weight.numel(), rows)
+    return out
+
+
+def quantized_bytes(numel: int, rows: int, quantization: str) -> int:
+    if quantization == "8bit":
+        return numel + 4 * rows  # int8 weights + an fp32 scale per output row
+    blocks = math.ceil(numel / 64)
+    # packed 4-bit weights + uint8 absmax per 64-block + fp32 absmax per 256 blocks, and per
+    # tensor the NF4 table, the second-level table and the second level's fp32 offset
+    return math.ceil(numel / 2) + blocks + 4 * math.ceil(blocks / 256) + 4 * (16 + 256 + 1)
+
+
+# --------------------------------------------------------------------------- activations
+
+
+def _layers(index: LinearIndex) -> dict[str, list[str]]:
+    """Linear layers grouped by the repeated block they sit in ('model.layers.3')."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    for name in index.names:
+        if match := _LAYER_PREFIX.match(name):
+            groups[match[1]].append(name)
+    return groups
+
+
+def layer_floats(
+    index: LinearIndex, names: list[str], hidden: int, heads: int, length: int, eager: bool
+) -> int:
+    """Activation values one layer keeps for backward, per token (see the module docstring)."""
+    attn_out = [n for n in names if n in index.attention_outputs()]
+    qkv = [n for n in names if n in index.attention and n not in attn_out]
+    mlp_out = [n for n in names if n in index.mlp_outputs()]
+    mlp_in = [n for n in names if n not in index.attention and n not in mlp_out]
+    floats = 2 * hidden * (len(attn_out) + len(mlp_out))
+    floats += sum(index.shapes[n][1] for n in qkv) + sum(index.shapes[n][0] for n in attn_out)
+    floats += 2 * sum(index.shapes[n][1] for n in mlp_in)
+    if eager:
+        floats += heads * length * len(attn_out)
+    return floats
+
+
+def activations(
+    recipe: Recipe,
+    base: Any,
+    peft_model: Any,
+    index: LinearIndex,
+    act_bytes: int,
+    num_classes: int,
+) -> dict[str, int]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from .methods import METHODS
+
+    config = base.config
+    method = METHODS[recipe.peft.method]
+    batch, length = recipe.training.batch_size, recipe.data.max_length
+    if method.kind == "prompt":  # virtual tokens are positions too
+        length += int(
+            recipe.peft.options.get("num_virtual_tokens", method.defaults.get("num_virtual_tokens", 0))
+        )
+    tokens = batch * length
+    hidden = config.hidden_size
+    heads = getattr(config, "num_attention_heads", 1) or 1
+    eager = getattr(config, "_attn_implementation", None) == "eager"
+    per_layer = {
+        prefix: layer_floats(index, names, hidden, heads, length, eager) * act_bytes
+        for prefix, names in _layers(index).items()
+    }
+    if recipe.peft.dropout > 0 and "dropout" in method.generic:
+        for name, module in peft_model.named_modules():
+            match = _LAYER_PREFIX.match(name.removeprefix("base_model.model."))
+            if isinstance(module, BaseTunerLayer) and match and match[1] in per_layer:
+                per_layer[match[1]] += (act_bytes + 1) * getattr(module, "in_features", 0)
+    if recipe.training.gradient_checkpointing:
+        layers = len(per_layer) * hidden * act_bytes + max(per_layer.values(), default=0)
+    else:
+        layers = sum(per_layer.values()) + 2 * hidden * act_bytes  # + the final norm
+    positions = batch if recipe.model.task == "seq_cls" else tokens
+    logits = 12 * positions * num_classes
+    return {"layers": layers * tokens, "logits": logits, "tokens": tokens}
+
+
+# --------------------------------------------------------------------------- the estimate
+
+
+def estimate(recipe: Recipe, gpu_memory: str | None = None, num_processes: int = 1) -> dict[str, Any]:
+    """Parameter counts and per-process memory for the recipe, without loading weights."""
+    gpu_bytes = parse_memory(gpu_memory) if gpu_memory is not None else None
+    if num_processes < 1:
+        raise UserError(f"--num-processes: {num_processes} must be at least 1")
+    import torch
+
+    from .checks import check_model
+    from .data import label_names
+    from .methods import apply_method
+    from .model import quiet_libraries
+    from .targets import LinearIndex
+    from .train import plan
+
+    quiet_libraries()
+    rows = _local_rows(recipe)
+    labels = label_names(rows) if rows is not None and recipe.model.task == "seq_cls" else None
+    config = load_config(recipe, labels)
+    notes = [n for n in check_model(recipe, config.to_dict())[1:]]
+    steps = plan(_train_examples(recipe, rows), recipe.training, num_processes).total_steps if rows else 1000
+
+    # The plan's device: a GPU when one is named (assumed bf16-capable) or present.
+    on_gpu = gpu_bytes is not None or torch.cuda.is_available()
+    dtype_name = recipe.model.dtype if recipe.model.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+    dtype = getattr(torch, dtype_name)
+    precision = recipe.training.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if on_gpu else "no"
+    act_bytes = 2 if precision in ("bf16", "fp16") else dtype.itemsize
+
+    base = meta_model(recipe, config, dtype)
+    index = LinearIndex.from_model(base)
+    quantization = recipe.model.quantization
+    quantized = quantized_weights(base, quantization)
+    base_ids = {id(p) for p in base.parameters()}
+    peft_model = apply_method(base, recipe.peft, recipe.model.task, total_steps=steps)
+
+    total = adapter = head = 0
+    weights_bytes = adapter_bytes = 0
+    for name, p in peft_model.named_parameters():
+        total += p.numel()
+        if p.requires_grad:
+            adapter_bytes += p.numel() * p.element_size()
+            if "modules_to_save." in name:
+                head += p.numel()
+            else:
+                adapter += p.numel()
+        elif id(p) in quantized:
+            weights_bytes += quantized_bytes(*quantized[id(p)], quantization)
+        elif quantization != "none" and id(p) in base_ids and p.dtype in (torch.float16, torch.bfloat16):
+            weights_bytes += p.numel() * 4  # prepare_model_for_kbit_training upcasts them
+        else:
+            weights_bytes += p.numel() * p.element_size()
+    weights_bytes += sum(b.numel() * b.element_size() for b in peft_model.buffers())
+    trainable = adapter + head
+
+    num_classes = config.num_labels if recipe.model.task == "seq_cls" else config.vocab_size
+    act = activations(recipe, base, peft_model, index, act_bytes, num_classes)
+    gradients = adapter_bytes * (2 if num_processes > 1 else 1)
+    memory = {
+        "weights_bytes": weights_bytes,
+        "adapter_bytes": adapter_bytes,
+        "optimizer_bytes": 2 * adapter_bytes,
+        "gradients_bytes": gradients,
+        "activations_bytes": act["layers"] + act["logits"],
+    }
+    memory["total_bytes"] = sum(memory.values())
+    result: dict[str, Any] = {
+        "total_params": total,
+        "adapter_params": adapter,
+        "trainable_params": trainable,
+        "trainable_share": trainable / total,
+        "head_params": head,
+        "memory": memory,
+        "activations": {
+            "layers_bytes": act["layers"],
+            "logits_bytes": act["logits"],
+            "tokens": act["tokens"],
+        },
+        "fits": None,
+        "plan": {
+            "method": recipe.peft.method,
+            "model": recipe.model.name_or_path,
+            "task": recipe.model.task,
+            "device": "gpu" if on_gpu else "cpu",
+            "dtype": dtype_name,
+            "mixed_precision": precision,
+            "quantization": quantization,
+            "batch_size": recipe.training.batch_size,
+            "max_length": recipe.data.max_length,
+            "gradient_checkpointing": recipe.training.gradient_checkpointing,
+            "num_processes": num_processes,
+            "all_processes_bytes": memory["total_bytes"] * num_processes,
+        },
+        "notes": notes,
+    }
+    if gpu_bytes is not None:
+        needed = memory["total_bytes"] + GPU_RESERVE_BYTES
+        result.update(
+            fits=needed <= gpu_bytes,
+            gpu_memory_bytes=gpu_bytes,
+            reserve_bytes=GPU_RESERVE_BYTES,
+            margin_bytes=gpu_bytes - needed,
+        )
+    return result
+
+
+def format_estimate(result: dict[str, Any]) -> str:
+    from .compare import human_bytes
+
+    plan, memory = result["plan"], result["memory"]
+    gc = "on" if plan["gradient_checkpointing"] else "off"
+    quant = f", {plan['quantization']} base" if plan["quantization"] != "none" else ""
+    lines = [
+        f"{plan['method']} on {plan['model']} ({plan['task']}): {plan['dtype']}{quant}, "
+        f"mixed precision {plan['mixed_precision']}, on {plan['device']}",
+        f"parameters: {result['total_params']:,} total, {result['trainable_params']:,} trainable "
+        f"({100 * result['trainable_share']:.3f}%)"
+        + (
+            f": adapter {result['adapter_params']:,} + head {result['head_params']:,}"
+            if result["head_params"]
+            else ""
+        ),
+        f"memory per process (batch {plan['batch_size']} × {plan['max_length']} tokens, "
+        f"gradient checkpointing {gc}):",
+    ]
+    for key in ("weights", "adapter", "optimizer", "gradients", "activations", "total"):
+        lines.append(f"  {key:<12} {human_bytes(memory[f'{key}_bytes']):>11}")
+    if plan["num_processes"] > 1:
+        lines.append(
+            f"  × {plan['num_processes']} processes = {human_bytes(plan['all_processes_bytes'])} "
+            "(DDP: every process holds the whole model)"
+        )
+    if result["fits"] is not None:
+        need = memory["total_bytes"] + result["reserve_bytes"]
+        verdict = "fits" if result["fits"] else "does not fit"
+        lines.append(
+            f"{verdict} in {human_bytes(result['gpu_memory_bytes'])}: needs {human_bytes(need)} "
+            f"with {human_bytes(result['reserve_bytes'])} for the CUDA context; "
+            + (
+                f"{human_bytes(result['margin_bytes'])} to spare"
+                if result["fits"]
+                else f"{human_bytes(-result['margin_bytes'])} short (try gradient checkpointing, "
+                "a smaller batch or max_length, or a 4-bit base)"
+            )
+        )
+    lines += [f"note: {n}" for n in result["notes"]]
+    return "\n".join(lines)
