@@ -158,7 +158,9 @@ def check_trackers(recipe: Recipe) -> None:
     for tracker in recipe.training.report_to:
         package = TRACKER_PACKAGES.get(tracker)
         if package and importlib.util.find_spec(package) is None:
-            raise UserError(f"training.report_to: {tracker} needs the {package} package", f"pip install {package}")
+            raise UserError(
+                f"training.report_to: {tracker} needs the {package} package", f"pip install {package}"
+            )
 
 
 def check_recipe(recipe: Recipe) -> list[str]:

@@ -343,7 +343,9 @@ def test_secrets_are_never_written(tmp_path, capsys, monkeypatch, completion_dat
 
     token = "hf_" + "aB3dE6gH9jK2mN5pQ8sT1vW4yZ7bC0eF3h"
     monkeypatch.setenv("HF_TOKEN", token)
-    path = write_recipe(tmp_path / "r.yaml", training={"max_steps": 2}, model={"revision": f"main?token={token}"})
+    path = write_recipe(
+        tmp_path / "r.yaml", training={"max_steps": 2}, model={"revision": f"main?token={token}"}
+    )
     code, out, err = cli("train", str(path), capsys=capsys)
     assert code == 0, err
     assert token not in out + err
@@ -352,7 +354,9 @@ def test_secrets_are_never_written(tmp_path, capsys, monkeypatch, completion_dat
             assert token.encode() not in f.read_bytes(), f
     assert "revision: main?<redacted>" in (tmp_path / "run" / "recipe.yaml").read_text()
     assert redact({"u": ["https://user:pa55@host/x", "sk-" + "a" * 24], "n": 3}) == {
-        "u": ["https://<redacted>@host/x", "<redacted>"], "n": 3}
+        "u": ["https://<redacted>@host/x", "<redacted>"],
+        "n": 3,
+    }
 
 
 def test_trust_remote_code_is_off_by_default_and_warned_about(tmp_path, capsys, completion_data):
@@ -363,7 +367,10 @@ def test_trust_remote_code_is_off_by_default_and_warned_about(tmp_path, capsys, 
     assert code == 0, err
     warnings = [line for line in err.splitlines() if "warning: model.trust_remote_code" in line]
     assert len(warnings) == 1 and "set model.revision" in warnings[0], "\n".join(w[:90] for w in warnings)
-    assert yaml.safe_load((ROOT / "recipes" / "quickstart.yaml").read_text())["model"].get("trust_remote_code") is None
+    assert (
+        yaml.safe_load((ROOT / "recipes" / "quickstart.yaml").read_text())["model"].get("trust_remote_code")
+        is None
+    )
     from peftcli.recipe import ModelSection
 
     assert ModelSection(name_or_path="x").trust_remote_code is False

@@ -262,9 +262,9 @@ def test_methods_on_a_4bit_base_train_or_are_refused(method, tmp_path, data_dir)
 def test_prompt_learning_options_pass_through():
     """Prompt tuning initialised from text (the tokenizer found from the model), P-tuning with
     an LSTM encoder: PEFT options reach the config, and the virtual tokens are what was asked."""
-    import peftcli.tuners  # noqa: F401
     from transformers import AutoModelForCausalLM
 
+    import peftcli.tuners  # noqa: F401
     from peftcli import builtin
     from peftcli.methods import apply_method
     from peftcli.recipe import PeftSection
