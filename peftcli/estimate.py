@@ -371,9 +371,17 @@ def format_estimate(result: dict[str, Any]) -> str:
             + (
                 f"{human_bytes(result['margin_bytes'])} to spare"
                 if result["fits"]
-                else f"{human_bytes(-result['margin_bytes'])} short (try gradient checkpointing, "
-                "a smaller batch or max_length, or a 4-bit base)"
+                else f"{human_bytes(-result['margin_bytes'])} short (try {', '.join(savings(plan))})"
             )
         )
     lines += [f"note: {n}" for n in result["notes"]]
     return "\n".join(lines)
+
+
+def savings(plan: dict[str, Any]) -> list[str]:
+    """What would lower the plan, among what the recipe does not already do."""
+    out = [] if plan["gradient_checkpointing"] else ["training.gradient_checkpointing: true"]
+    out.append("a smaller training.batch_size (with grad_accum to keep the global batch) or data.max_length")
+    if plan["quantization"] == "none":
+        out.append("model.quantization: 4bit")
+    return out
