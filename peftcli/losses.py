@@ -59,7 +59,45 @@ def example_losses(
 
 
 def loss_sum(model: Any, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+    if task == "causal_lm":
+        return _causal_loss_sum(model, batch)
     logits, labels = _targets(forward(model, batch, task), batch["labels"], task)
     return F.cross_entropy(
         logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum"
     )
+
+
+def _causal_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The output head projects only the positions that predict a supervised token.
+
+    Prompt and padding positions would get logits only to be ignored: with the frozen head
+    that is most of its matmul and of the [tokens, vocabulary] float32 logits (and their
+    gradient) in memory. A forward pre-hook on the output embeddings hands the head just those
+    hidden states; a model whose head is not called that way gets full logits, masked here."""
+    labels = batch["labels"][:, 1:]
+    supervised = labels != IGNORE
+    targets = labels[supervised]
+    head = getattr(model, "module", model).get_output_embeddings()  # through DDP/DeepSpeed
+    seen = {"calls": 0, "compacted": False}
+
+    def keep_supervised(module: Any, args: tuple) -> tuple | None:
+        seen["calls"] += 1
+        hidden = args[0] if args else None
+        if seen["calls"] > 1 or not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+            return None
+        # Position t predicts token t+1; prompt-learning methods prepend virtual positions.
+        keep = F.pad(supervised, (hidden.shape[1] - supervised.shape[1] - 1, 1))
+        seen["compacted"] = True
+        return (hidden[keep].unsqueeze(0), *args[1:])
+
+    handle = head.register_forward_pre_hook(keep_supervised) if head is not None else None
+    try:
+        logits = forward(model, batch, "causal_lm")
+    finally:
+        if handle is not None:
+            handle.remove()
+    if seen["compacted"] and seen["calls"] > 1:
+        raise RuntimeError("the output head ran more than once in one forward pass")
+    if not seen["compacted"]:  # full logits: keep the supervised positions
+        logits = _targets(logits, batch["labels"], "causal_lm")[0][supervised]
+    return F.cross_entropy(logits.flatten(0, -2).float(), targets, reduction="sum")
