@@ -304,3 +304,51 @@ def test_memory_plan_matches_measured_peak(llama_folders, tmp_path, size, checkp
         f"{size}, checkpointing={checkpointing}: predicted {predicted / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB"
     )
     assert math.isclose(ratio, 1, abs_tol=TOLERANCE), f"estimate/measured = {ratio:.2f}"
+
+
+@pytest.mark.parametrize(
+    ("model", "tolerance"),
+    [("tiny-llama", 0.03), ("tiny-gpt2", 0.03), ("tiny-bert", 0.03), ("tiny-t5", 0.12)],
+)
+def test_activation_formula_matches_what_autograd_saves(tmp_path, model, tolerance):
+    """The bytes a real LoRA forward pass saves for backward (each storage counted once,
+    parameters excluded) against the plan: the layers plus the fp32 log-probabilities."""
+    from peftcli.data import collate, prepare
+    from peftcli.losses import loss_sum
+    from peftcli.model import load_tokenizer
+
+    task = TASKS[model]
+    # Every row fills max_length (T5: the encoder's prompt and the decoder's answer alike).
+    rows = {
+        "causal_lm": [{"prompt": "x" * 50, "completion": "y" * 200}] * 8,
+        "seq2seq_lm": [{"prompt": "x" * 200, "completion": "y" * 200}] * 8,
+        "seq_cls": [{"text": "x" * 300, "label": str(i % 2)} for i in range(8)],
+    }[task]
+    write_jsonl(tmp_path / "long.jsonl", rows)
+    recipe = load_recipe(
+        write_recipe(
+            tmp_path / "r.yaml",
+            model={"name_or_path": f"builtin:{model}", "task": task},
+            peft={"method": "lora", "dropout": 0.0},
+            data={"train": "long.jsonl", "eval": 0, "max_length": 128},
+        )
+    )
+    act = estimate(recipe)["activations"]
+    tokenizer = load_tokenizer(recipe.model)
+    data = prepare(recipe.data, tokenizer, 0, task)
+    batch = collate(data.train.examples[:8], tokenizer.pad_token_id)
+    assert batch["input_ids"].numel() == act["tokens"]
+    peft_model = apply_method(load_model(recipe.model, labels=data.labels), recipe.peft, task, 10)
+    peft_model.train()
+    params = {p.untyped_storage().data_ptr() for p in peft_model.parameters()}
+    saved: dict[int, int] = {}
+
+    def keep(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        loss_sum(peft_model, batch, task)
+    predicted = act["layers_bytes"] + act["logits_bytes"] / 3  # the log-probabilities: 4 of 12 bytes
+    assert predicted == pytest.approx(sum(saved.values()), rel=tolerance)
