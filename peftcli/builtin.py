@@ -19,7 +19,7 @@ from typing import Any
 from .errors import UserError, did_you_mean
 
 PREFIX = "builtin:"
-VERSION = 1
+VERSION = 2  # bump when a builtin model changes: caches keep the old ones apart
 
 # ChatML, as Qwen and many instruction-tuned models use it: every turn ends with <|im_end|>.
 CHATML_TEMPLATE = (
@@ -147,6 +147,9 @@ def _tiny_gpt2() -> tuple[Any, Any]:
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         initializer_range=64**-0.5,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
     )
     return GPT2LMHeadModel(config), tok
 

@@ -53,7 +53,7 @@ def test_tiny_gpt2_has_no_pad_token_like_the_real_one():
 
 
 def test_builtin_names_resolve_to_folders_and_others_pass_through():
-    assert builtin.resolve("builtin:tiny-llama").endswith("tiny-llama-v1")
+    assert builtin.resolve("builtin:tiny-llama").endswith(f"tiny-llama-v{builtin.VERSION}")
     assert builtin.resolve("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
     with pytest.raises(UserError, match="did you mean `tiny-llama`"):
         builtin.resolve("builtin:tiny-lama")
