@@ -59,9 +59,16 @@ def _common_kwargs(section: ModelSection) -> dict[str, Any]:
 
 @functools.cache
 def _warn_remote_code(name: str, revision: str | None) -> None:
-    pin = f"pinned to revision {revision}" if revision else "not pinned: set model.revision to a commit you have reviewed"
-    print(f"peftcli: warning: model.trust_remote_code is true: code from {name} will run ({pin})",
-          file=sys.stderr, flush=True)
+    pin = (
+        f"pinned to revision {revision}"
+        if revision
+        else "not pinned: set model.revision to a commit you have reviewed"
+    )
+    print(
+        f"peftcli: warning: model.trust_remote_code is true: code from {name} will run ({pin})",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _load_error(what: str, path: str, exc: Exception) -> UserError:
