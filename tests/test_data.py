@@ -453,6 +453,10 @@ def test_length_grouped_batches_waste_less_padding():
 
 
 def test_data_command_json_shape_and_cache(tmp_path, capsys, completion_data):
+    # Data no other test uses, so the first call cannot hit a cache entry another test made.
+    lines = completion_data.read_text().splitlines(keepends=True)
+    lines[0] = json.dumps({"prompt": "Uppercase: zqxjkvbw\n", "completion": "ZQXJKVBW"}) + "\n"
+    completion_data.write_text("".join(lines))
     recipe = write_recipe(tmp_path / "r.yaml", data={"format": "auto"})
     code, out, err = cli("data", str(recipe), "--preview", "2", "--json", capsys=capsys)
     assert code == 0, err
