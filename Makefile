@@ -8,7 +8,7 @@ STAMP       := $(VENV)/.peftcli-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-all lint clean
+.PHONY: setup demo test test-all bench lint clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,16 @@ test: setup
 
 test-all: setup
 	$(BIN)/python -m pytest -q -m ""
+
+# Training benchmark: peftcli vs TRL SFTTrainer vs a plain transformers Trainer (bench/results/).
+# `make bench BENCH_ARGS=--gpu` for the GPU variant; `BENCH_ARGS=--quick` for a smoke run.
+BENCH_STAMP := $(VENV)/.peftcli-bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e ".[bench]" "$(TORCH_SPEC)"
+	touch $(BENCH_STAMP)
+
+bench: setup $(BENCH_STAMP)
+	$(BIN)/python bench/bench_train.py $(BENCH_ARGS)
 
 lint: setup
 	$(BIN)/ruff check peftcli tests
