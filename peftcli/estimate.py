@@ -37,7 +37,9 @@ counts are exactly those of a real run. Memory is then planned per process, in b
 
   plus, for language-model tasks, 12 bytes per position per vocabulary entry: the fp32
   log-probabilities kept for the loss's backward, the incoming gradient and the gradient of
-  the logits alive together when backward starts. With gradient checkpointing only each
+  the logits alive together when backward starts. This counts every position; a causal LM
+  trained with `train_on: completion` projects only the positions that predict a supervised
+  token, so there the term is an upper bound. With gradient checkpointing only each
   layer's input (h per token) is kept, plus one layer's activations while it is recomputed.
   Small terms (norm statistics, LoRA's rank-r intermediates) are left out. The formula
   assumes every projection's input is kept, as LoRA-style methods on every linear layer keep

@@ -350,5 +350,10 @@ def test_activation_formula_matches_what_autograd_saves(tmp_path, model, toleran
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
         loss_sum(peft_model, batch, task)
-    predicted = act["layers_bytes"] + act["logits_bytes"] / 3  # the log-probabilities: 4 of 12 bytes
+    # The log-probabilities (4 of the plan's 12 bytes per logit). The plan counts every position;
+    # a causal LM's head projects only the positions that predict a supervised token.
+    logprobs = act["logits_bytes"] / 3
+    if task == "causal_lm":
+        logprobs *= int((batch["labels"][:, 1:] != -100).sum()) / batch["labels"].numel()
+    predicted = act["layers_bytes"] + logprobs
     assert predicted == pytest.approx(sum(saved.values()), rel=tolerance)
