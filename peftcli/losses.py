@@ -67,28 +67,130 @@ def loss_sum(model: Any, batch: dict[str, torch.Tensor], task: str) -> torch.Ten
     )
 
 
+# Rows of logits computed at once by the fused head + cross-entropy: 2**24 float32 logits
+# (64 MiB) whatever the vocabulary, e.g. 2048 rows of a 8k vocabulary, 128 of Llama 3's 128k.
+FUSED_LOGITS = 2**24
+
+
+def fused_rows(vocab: int) -> int:
+    return max(1, FUSED_LOGITS // max(vocab, 1))
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weight.T + bias` against `targets`, chunk by chunk.
+
+    Each chunk's logits are made and, in place, turned into their exponentials (less the
+    row's maximum) for the log-sum-exp, then — when gradients are wanted — into the softmax
+    minus the one-hot, whose products with
+    the weight (and the hidden states) are the gradients, kept for backward. So no
+    [positions, vocabulary] tensor outlives its chunk: the float32 logits, log-probabilities
+    and their gradient that a plain head + `F.cross_entropy` keep for a whole batch are gone,
+    for the same matmul FLOPs. Under autocast the matmuls run in the autocast dtype, as the
+    model's own head would; the softmax is float32."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden, weight, bias, targets, rows):  # type: ignore[override]
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        wide = torch.promote_types(weight.dtype, torch.float32)  # the softmax's dtype
+        total = torch.zeros((), dtype=wide, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=wide) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=wide) if need_b else None
+        for start in range(0, hidden.shape[0], rows):
+            h, t = hidden[start : start + rows], targets[start : start + rows]
+            logits = F.linear(h, weight, bias).to(wide)
+            # log-sum-exp and softmax in this one buffer (torch.logsumexp would take another)
+            top = logits.amax(dim=-1, keepdim=True)
+            picked = logits.gather(1, t[:, None])
+            sums = logits.sub_(top).exp_().sum(dim=-1, keepdim=True)
+            total += (top + sums.log() - picked).sum()
+            if not (need_h or need_w or need_b):
+                continue
+            grad = logits.div_(sums)  # the softmax
+            grad[torch.arange(len(t), device=t.device), t] -= 1
+            if need_h:
+                grad_h[start : start + rows] = grad.to(h.dtype) @ weight.to(h.dtype)
+            if need_w:
+                grad_w += grad.T @ h.to(wide)
+            if need_b:
+                grad_b += grad.sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_out):  # type: ignore[override]
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        scaled = [None if g is None else (g * grad_out).to(g.dtype) for g in (grad_h, grad_w, grad_b)]
+        return (*scaled, None, None)
+
+
+def linear_cross_entropy(hidden, weight, bias, targets) -> torch.Tensor:
+    return LinearCrossEntropy.apply(hidden, weight, bias, targets, fused_rows(weight.shape[0]))
+
+
+def fusable(head: Any) -> bool:
+    """A plain linear head whose output the model returns untouched (known after one batch)."""
+    return (
+        type(head) is torch.nn.Linear
+        and "forward" not in vars(head)  # no hook that replaced it (e.g. accelerate offload)
+        and getattr(head, "_peftcli_plain_logits", True)
+    )
+
+
 def _causal_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The output head projects only the positions that predict a supervised token.
+    """Only the positions that predict a supervised token reach the output head, fused with
+    the cross-entropy.
 
     Prompt and padding positions would get logits only to be ignored: with the frozen head
     that is most of its matmul and of the [tokens, vocabulary] float32 logits (and their
-    gradient) in memory. A forward pre-hook on the output embeddings hands the head just those
-    hidden states; a model whose head is not called that way gets full logits, masked here."""
+    gradient) in memory. The head's input is cut down to the supervised positions; a plain
+    linear head is replaced for the pass by `LinearCrossEntropy` (chunked, no full logits),
+    returning an empty marker as the logits — if the model hands back anything else (a
+    scale or soft cap applied to the logits) the batch is redone with real logits, and so
+    is every later one. Other heads get the cut-down input; a model whose head is not called
+    that way gets full logits, masked here."""
     labels = batch["labels"][:, 1:]
     supervised = labels != IGNORE
     targets = labels[supervised]
     head = getattr(model, "module", model).get_output_embeddings()  # through DDP/DeepSpeed
+
+    def compact(hidden: Any) -> torch.Tensor | None:
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+            return None
+        # Position t predicts token t+1; prompt-learning methods prepend virtual positions.
+        keep = F.pad(supervised, (hidden.shape[1] - supervised.shape[1] - 1, 1))
+        return hidden[keep]
+
+    if head is not None and fusable(head):
+        fused: dict[str, Any] = {"calls": 0}
+
+        def project(hidden: Any, *args: Any, **kwargs: Any) -> Any:
+            fused["calls"] += 1
+            kept = compact(hidden) if fused["calls"] == 1 and not args and not kwargs else None
+            if kept is None:
+                return torch.nn.Linear.forward(head, hidden, *args, **kwargs)
+            fused["loss"] = linear_cross_entropy(kept, head.weight, head.bias, targets)
+            fused["marker"] = hidden.new_empty((*kept.shape[:-1], 0), dtype=torch.float32)
+            return fused["marker"]
+
+        head.forward = project
+        try:
+            logits = forward(model, batch, "causal_lm")
+        finally:
+            del head.forward
+        if fused["calls"] == 1 and "marker" in fused and logits is fused["marker"]:
+            return fused["loss"]
+        head._peftcli_plain_logits = False  # the model post-processes its logits
+
     seen = {"calls": 0, "compacted": False}
 
     def keep_supervised(module: Any, args: tuple) -> tuple | None:
         seen["calls"] += 1
-        hidden = args[0] if args else None
-        if seen["calls"] > 1 or not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+        kept = compact(args[0]) if args and seen["calls"] == 1 else None
+        if kept is None:
             return None
-        # Position t predicts token t+1; prompt-learning methods prepend virtual positions.
-        keep = F.pad(supervised, (hidden.shape[1] - supervised.shape[1] - 1, 1))
         seen["compacted"] = True
-        return (hidden[keep].unsqueeze(0), *args[1:])
+        return (kept.unsqueeze(0), *args[1:])
 
     handle = head.register_forward_pre_hook(keep_supervised) if head is not None else None
     try:

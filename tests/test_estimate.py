@@ -280,7 +280,7 @@ def llama_folders(tmp_path_factory):
     return make
 
 
-TOLERANCE = 0.25  # measured: within 13% (small) and 7% (llama-512) on the development machine
+TOLERANCE = 0.25  # measured: within 17% (small) and 10% (llama-512) on the development machine
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to read peak RSS")
@@ -350,10 +350,10 @@ def test_activation_formula_matches_what_autograd_saves(tmp_path, model, toleran
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
         loss_sum(peft_model, batch, task)
-    # The log-probabilities (4 of the plan's 12 bytes per logit). The plan counts every position;
-    # a causal LM's head projects only the positions that predict a supervised token.
-    logprobs = act["logits_bytes"] / 3
+    # What the head keeps for backward. The plan counts every position; a causal LM's head
+    # sees only the positions that predict a supervised token.
+    head = act["logits_saved_bytes"]
     if task == "causal_lm":
-        logprobs *= int((batch["labels"][:, 1:] != -100).sum()) / batch["labels"].numel()
-    predicted = act["layers_bytes"] + logprobs
+        head *= int((batch["labels"][:, 1:] != -100).sum()) / batch["labels"].numel()
+    predicted = act["layers_bytes"] + head
     assert predicted == pytest.approx(sum(saved.values()), rel=tolerance)

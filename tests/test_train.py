@@ -129,8 +129,10 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, completion_data):
             )
         )
         runs[name] = adapter_weights(train(recipe).run_dir)
+    # Float32 summation order differs between one and two micro-batches; Adam's normalised
+    # steps turn that into weight differences of ~2e-6 (lr 3e-3), against weights of ~5e-2.
     for key, big in runs["big"].items():
-        assert torch.allclose(big, runs["accum"][key], atol=1e-6), key
+        assert torch.allclose(big, runs["accum"][key], atol=5e-6), key
 
 
 def test_existing_run_is_refused_then_replaced_only_on_success(tmp_path, completion_data, capsys):

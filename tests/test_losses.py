@@ -1,0 +1,129 @@
+"""The causal loss: only supervised positions reach the head, fused with the cross-entropy.
+
+Every shortcut is checked against the plain computation — full logits from the model, then
+`F.cross_entropy` with ignored labels — for the loss and for every trainable gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from peftcli import builtin
+from peftcli.losses import IGNORE, LinearCrossEntropy, _targets, loss_sum
+
+
+def plain_loss(model, batch):
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits, labels = _targets(logits, batch["labels"], "causal_lm")
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+def assert_near(got, want):
+    """Float32 noise of a different summation order: small against the tensor's norm."""
+    assert (got - want).norm() <= 1e-4 * want.norm() + 1e-8
+
+
+def grads(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def batch_for(vocab: int, virtual: int = 0):
+    """Two rows of different lengths: a prompt (ignored), an answer (supervised), padding."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (2, 20), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 14:] = 0
+    labels = ids.clone()
+    labels[:, :8] = IGNORE
+    labels[mask == 0] = IGNORE
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def peft_model(name: str, method: str):
+    from peft import LoraConfig, PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(builtin.materialise(name))
+    if method == "lora":
+        config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    else:
+        config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5)
+    return get_peft_model(model, config).train()
+
+
+@pytest.mark.parametrize(
+    ("name", "method"), [("tiny-llama", "lora"), ("tiny-gpt2", "lora"), ("tiny-llama", "prompt-tuning")]
+)
+def test_fused_head_loss_and_gradients_equal_the_plain_computation(name, method):
+    model = peft_model(name, method)
+    head = model.get_output_embeddings()
+    batch = batch_for(model.config.vocab_size)
+    expected_loss = plain_loss(model, batch)
+    expected = grads(model, expected_loss)
+    loss = loss_sum(model, batch, "causal_lm")
+    assert getattr(head, "_peftcli_plain_logits", True)  # the fused path was taken
+    assert "forward" not in vars(head)  # and the head restored
+    assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-5)
+    got = grads(model, loss)
+    assert got.keys() == expected.keys() and got
+    for n in expected:
+        assert_near(got[n], expected[n])
+
+
+def test_a_model_that_changes_its_logits_gets_real_logits():
+    """A head output the model scales (as Cohere or Granite do) cannot be fused: the batch is
+    redone with real logits, and the head is not fused again."""
+    model = peft_model("tiny-llama", "lora")
+    inner = model.base_model.model
+    original = type(inner).forward
+
+    def scaled(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        out.logits = out.logits * 0.5
+        return out
+
+    type(inner).forward = scaled
+    try:
+        batch = batch_for(model.config.vocab_size)
+        expected_loss = plain_loss(model, batch)
+        expected = grads(model, expected_loss)
+        for _ in range(2):
+            loss = loss_sum(model, batch, "causal_lm")
+            assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-5)
+        assert model.get_output_embeddings()._peftcli_plain_logits is False
+        for n, g in grads(model, loss).items():
+            assert_near(g, expected[n])
+    finally:
+        type(inner).forward = original
+
+
+def test_chunked_linear_cross_entropy_is_exact_across_chunks():
+    """Several chunks, a trainable weight and bias, float64: equal to the plain loss."""
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(37, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    bias = torch.randn(50, dtype=torch.float64, generator=g, requires_grad=True)
+    targets = torch.randint(0, 50, (37,), generator=g)
+    plain = F.cross_entropy(F.linear(hidden, weight, bias), targets, reduction="sum")
+    expected = torch.autograd.grad(plain * 3, (hidden, weight, bias))
+    fused = LinearCrossEntropy.apply(hidden, weight, bias, targets, 8)  # 5 chunks
+    assert fused.item() == pytest.approx(plain.item(), rel=1e-6)
+    for got, want in zip(torch.autograd.grad(fused * 3, (hidden, weight, bias)), expected, strict=True):
+        torch.testing.assert_close(got.double(), want)
+    with torch.no_grad():  # evaluation: the loss alone
+        assert LinearCrossEntropy.apply(hidden, weight, bias, targets, 8).item() == pytest.approx(plain.item())
+
+
+def test_fused_loss_under_bf16_autocast_matches_the_model_head():
+    model = peft_model("tiny-llama", "lora")
+    batch = batch_for(model.config.vocab_size)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = plain_loss(model, batch)
+        loss = loss_sum(model, batch, "causal_lm")
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(expected.item(), rel=2e-2)
+    loss.backward()
