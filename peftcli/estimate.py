@@ -273,7 +273,11 @@ def activations(
         layers = len(per_layer) * shape.hidden * act_bytes + max(per_layer.values(), default=0)
     else:
         layers = sum(per_layer.values()) + 2 * shape.hidden * act_bytes  # + the final norm
-    return {"layers": layers * tokens, "tokens": tokens, **head_bytes(recipe, config, peft_model, tokens, act_bytes)}
+    return {
+        "layers": layers * tokens,
+        "tokens": tokens,
+        **head_bytes(recipe, config, peft_model, tokens, act_bytes),
+    }
 
 
 def head_bytes(recipe: Recipe, config: Any, peft_model: Any, tokens: int, act_bytes: int) -> dict[str, int]:

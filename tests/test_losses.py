@@ -16,7 +16,9 @@ from peftcli.losses import IGNORE, LinearCrossEntropy, _targets, loss_sum
 def plain_loss(model, batch):
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logits, labels = _targets(logits, batch["labels"], "causal_lm")
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    return F.cross_entropy(
+        logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum"
+    )
 
 
 def assert_near(got, want):
@@ -115,7 +117,9 @@ def test_chunked_linear_cross_entropy_is_exact_across_chunks():
     for got, want in zip(torch.autograd.grad(fused * 3, (hidden, weight, bias)), expected, strict=True):
         torch.testing.assert_close(got.double(), want)
     with torch.no_grad():  # evaluation: the loss alone
-        assert LinearCrossEntropy.apply(hidden, weight, bias, targets, 8).item() == pytest.approx(plain.item())
+        assert LinearCrossEntropy.apply(hidden, weight, bias, targets, 8).item() == pytest.approx(
+            plain.item()
+        )
 
 
 def test_fused_loss_under_bf16_autocast_matches_the_model_head():
