@@ -247,6 +247,7 @@ def run_trainer(cfg: dict[str, Any], folder: Path, log: Any) -> dict[str, Any]:
     log(
         f"bench: {label}: {result['train_s']:.1f}s/epoch, "
         f"{result['supervised_tokens'] / result['train_s']:.0f} supervised tok/s, "
+        f"peak heap {result.get('peak_heap_mib') or 0:.0f} MiB, "
         f"peak RSS {result['peak_rss_mib']:.0f} MiB, eval loss {result.get('eval_loss') or float('nan'):.4f}"
     )
     return result
@@ -373,10 +374,13 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         return
     fastest = min(r["train_s"] for r in ok)
     smallest = min(r["peak_rss_mib"] for r in ok)
+    leanest = min((r["peak_heap_mib"] for r in ok if r.get("peak_heap_mib")), default=None)
     for r in ok:
         r["time_vs_best"] = r["train_s"] / fastest
         r["throughput_vs_best"] = fastest / r["train_s"]
         r["rss_vs_best"] = r["peak_rss_mib"] / smallest
+        if leanest and r.get("peak_heap_mib"):
+            r["heap_vs_best"] = r["peak_heap_mib"] / leanest
 
 
 # --------------------------------------------------------------------------- report
@@ -388,23 +392,24 @@ def fmt(value: Any, spec: str = ".2f", none: str = "–") -> str:
 
 def main_table(groups: dict[str, list[dict[str, Any]]]) -> str:
     head = (
-        "| data | trainer | epoch (s) | vs best | supervised tok/s | peak RSS (MiB) | vs best | "
-        "padding | MFU | final train loss | eval loss | prep (s) | steps |\n"
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+        "| data | trainer | epoch (s) | vs best | supervised tok/s | peak heap (MiB) | vs best | "
+        "peak RSS (MiB) | padding | MFU | final train loss | eval loss | prep (s) | steps |\n"
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
     )
     lines = []
     for config, rows in groups.items():
         for trainer in TRAINERS:
             r = next((x for x in rows if x["trainer"] == trainer), None)
             if r is None:
-                lines.append(f"| {config} | {LABELS[trainer]} | n/a (no packing) |" + " |" * 10)
+                lines.append(f"| {config} | {LABELS[trainer]} | n/a (no packing) |" + " |" * 11)
                 continue
             if "error" in r:
-                lines.append(f"| {config} | {LABELS[trainer]} | failed: {r['error'][:60]} |" + " |" * 10)
+                lines.append(f"| {config} | {LABELS[trainer]} | failed: {r['error'][:60]} |" + " |" * 11)
                 continue
             lines.append(
                 f"| {config} | {LABELS[trainer]} | {r['train_s']:.1f} | {r['time_vs_best']:.2f}× | "
-                f"{r['supervised_tok_s']:.0f} | {r['peak_rss_mib']:.0f} | {r['rss_vs_best']:.2f}× | "
+                f"{r['supervised_tok_s']:.0f} | {fmt(r.get('peak_heap_mib'), '.0f')} | "
+                f"{fmt(r.get('heap_vs_best'))}× | {r['peak_rss_mib']:.0f} | "
                 f"{100 * r['padding_fraction']:.1f}% | {100 * r['mfu']:.1f}% | "
                 f"{fmt(r['final_train_loss'], '.4f')} | {fmt(r.get('eval_loss'), '.4f')} | "
                 f"{r['prep_s']:.2f} | {r['steps']} |"
@@ -414,20 +419,29 @@ def main_table(groups: dict[str, list[dict[str, Any]]]) -> str:
 
 def scaling_table(rows: list[dict[str, Any]]) -> str:
     head = (
-        "| sweep | value | trainer | epoch (s) | tokens | tok/s | peak RSS (MiB) | MFU |\n"
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |\n"
+        "| sweep | value | trainer | epoch (s) | tokens | tok/s | peak heap (MiB) | peak RSS (MiB) | MFU |\n"
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n"
     )
     lines = []
     for r in rows:
         label = LABELS[r["trainer"]] + (" (packed)" if r["packing"] else "")
         if "error" in r:
-            lines.append(f"| {r['sweep']} | {r['value']} | {label} | failed | | | | |")
+            lines.append(f"| {r['sweep']} | {r['value']} | {label} | failed | | | | | |")
             continue
         lines.append(
             f"| {r['sweep']} | {r['value']} | {label} | {r['train_s']:.1f} | {r['tokens']} | "
-            f"{r['tok_s']:.0f} | {r['peak_rss_mib']:.0f} | {100 * r['mfu']:.1f}% |"
+            f"{r['tok_s']:.0f} | {fmt(r.get('peak_heap_mib'), '.0f')} | {r['peak_rss_mib']:.0f} | "
+            f"{100 * r['mfu']:.1f}% |"
         )
     return head + "\n".join(lines) + "\n"
+
+
+def memory(mine: dict[str, Any], peers: Any, key: str) -> str:
+    """`1234 vs 2345 MiB (lowest peer)`, or `n/a` where a run did not measure it."""
+    theirs = [r[key] for r in peers if r.get(key)]
+    if not mine.get(key) or not theirs:
+        return "n/a"
+    return f"{mine[key]:.0f} vs {min(theirs):.0f} MiB (lowest peer)"
 
 
 def verdict(groups: dict[str, list[dict[str, Any]]]) -> list[str]:
@@ -443,7 +457,8 @@ def verdict(groups: dict[str, list[dict[str, Any]]]) -> list[str]:
         out.append(
             f"{config}: peftcli {mine['train_s']:.1f}s/epoch vs {LABELS[best['trainer']]} {best['train_s']:.1f}s "
             f"(peftcli {best['train_s'] / mine['train_s']:.2f}× the throughput, {word} the fastest peer); "
-            f"peak RSS {mine['peak_rss_mib']:.0f} vs {min(r['peak_rss_mib'] for r in ok.values()):.0f} MiB (lowest peer)."
+            f"peak heap {memory(mine, ok.values(), 'peak_heap_mib')}; "
+            f"peak RSS {memory(mine, ok.values(), 'peak_rss_mib')}."
         )
     padded = [r for r in groups.get("padded", []) if "error" not in r and r["trainer"] != "peftcli"]
     packed = next(
@@ -453,8 +468,8 @@ def verdict(groups: dict[str, list[dict[str, Any]]]) -> list[str]:
         best = min(padded, key=lambda r: r["train_s"])
         out.append(
             f"peftcli packed vs the fastest padded peer ({LABELS[best['trainer']]}): "
-            f"{best['train_s'] / packed['train_s']:.2f}× the throughput, peak RSS "
-            f"{packed['peak_rss_mib']:.0f} vs {best['peak_rss_mib']:.0f} MiB."
+            f"{best['train_s'] / packed['train_s']:.2f}× the throughput; peak heap "
+            f"{memory(packed, padded, 'peak_heap_mib')}; peak RSS {memory(packed, padded, 'peak_rss_mib')}."
         )
     losses = [r["eval_loss"] for rows in groups.values() for r in rows if r.get("eval_loss") is not None]
     if losses:
@@ -473,11 +488,12 @@ def chart(groups: dict[str, list[dict[str, Any]]], path: Path, title: str) -> No
 
     colors = {"peftcli": "#1f77b4", "trl": "#ff7f0e", "trainer": "#2ca02c"}
     configs = list(groups)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.6))
     width = 0.26
     for panel, (key, label) in enumerate(
         (
             ("train_s", "seconds per epoch (lower is better)"),
+            ("peak_heap_mib", "peak heap (live malloc), MiB (lower is better)"),
             ("peak_rss_mib", "peak RSS, MiB (lower is better)"),
         )
     ):
@@ -486,7 +502,7 @@ def chart(groups: dict[str, list[dict[str, Any]]], path: Path, title: str) -> No
             xs, ys = [], []
             for j, config in enumerate(configs):
                 r = next((x for x in groups[config] if x["trainer"] == trainer and "error" not in x), None)
-                if r is not None:
+                if r is not None and r.get(key):
                     xs.append(j + (i - 1) * width)
                     ys.append(r[key])
             bars = ax.bar(xs, ys, width, label=LABELS[trainer], color=colors[trainer])
@@ -498,7 +514,7 @@ def chart(groups: dict[str, list[dict[str, Any]]], path: Path, title: str) -> No
         ax.set_title(label, fontsize=10)
         ax.margins(y=0.15)
     axes[0].legend(fontsize=8, loc="upper right")
-    ax = axes[2]
+    ax = axes[3]
     for config, style in zip(configs, ("-", "--"), strict=False):
         for r in groups[config]:
             if "error" in r or not r.get("losses"):
@@ -704,8 +720,12 @@ def render_cpu(report: dict[str, Any], quick: bool = False) -> str:
         main_table(report["groups"]),
         "Epoch = the training loop alone (first to last optimizer step), without model loading and data "
         "preparation; prep = tokenising (and packing) the training data. vs best = against the best run of the "
-        "same data layout (1.00× is the best). Peak RSS = the child process's `ru_maxrss` (Python, libraries, "
-        "weights, data and training). Padding = padded positions / all positions fed to the model. Final train "
+        "same data layout (1.00× is the best). Peak heap = the most memory malloc held live at once "
+        "(glibc `mallinfo2`, sampled every 10 ms): what the trainer needed, without what the allocator kept "
+        "after frees. Peak RSS = the child process's `ru_maxrss` (Python, libraries, weights, data and "
+        "training): on top of the heap, glibc keeps freed blocks below its dynamic mmap threshold (up to 32 "
+        "MiB each) for reuse, which varies from run to run by hundreds of MiB; `MALLOC_MMAP_THRESHOLD_=131072` "
+        "brings RSS down to the heap at some speed cost. Padding = padded positions / all positions fed to the model. Final train "
         "loss = mean per-token loss of the last fifth of the steps.",
         "",
         f"MFU = model FLOPs / epoch time / the measured fp32 matmul peak "

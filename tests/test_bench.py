@@ -64,7 +64,9 @@ def test_parameter_counts_match_the_real_model(tokenizer_dir, tmp_path):
     assert work.flops_per_token(TINY, 8) == 4 * work.linear_params(TINY) + 6 * trainable
 
 
-def result(trainer: str, packing: bool, train_s: float, rss: float, **extra) -> dict:
+def result(
+    trainer: str, packing: bool, train_s: float, rss: float, heap: float | None = None, **extra
+) -> dict:
     return {
         "trainer": trainer,
         "packing": packing,
@@ -77,6 +79,7 @@ def result(trainer: str, packing: bool, train_s: float, rss: float, **extra) -> 
         "losses": [9.5, 9.4, 9.3, 9.2, 9.1],
         "eval_loss": 9.0,
         "peak_rss_mib": rss,
+        "peak_heap_mib": heap if heap is not None else rss / 2,
         **extra,
     }
 
@@ -85,7 +88,7 @@ def test_report_ratios_and_verdict():
     groups = {
         "padded": [
             result("peftcli", False, 10.0, 600),
-            result("trl", False, 12.0, 900),
+            result("trl", False, 12.0, 900, heap=500),
             result("trainer", False, 11.0, 650),
         ],
         "packed": [result("peftcli", True, 5.0, 610), result("trl", True, 8.0, 850)],
@@ -95,6 +98,7 @@ def test_report_ratios_and_verdict():
         bench_train.add_ratios(rows)
     trl = groups["padded"][1]
     assert trl["time_vs_best"] == pytest.approx(1.2) and trl["rss_vs_best"] == pytest.approx(1.5)
+    assert trl["heap_vs_best"] == pytest.approx(500 / 300)
     assert trl["padding_fraction"] == pytest.approx(0.1) and trl["supervised_tok_s"] == pytest.approx(
         400 / 12
     )
@@ -102,9 +106,10 @@ def test_report_ratios_and_verdict():
     assert trl["mfu"] == pytest.approx(work.flops_per_token(TINY, 8) * 900 / 12 / 1e10)
     table = bench_train.main_table(groups)
     assert "| packed | transformers Trainer | n/a (no packing) |" in table
-    assert "| padded | TRL SFTTrainer | 12.0 | 1.20× | 33 | 900 | 1.50× | 10.0% |" in table
+    assert "| padded | TRL SFTTrainer | 12.0 | 1.20× | 33 | 500 | 1.67× | 900 | 10.0% |" in table
     verdict = "\n".join(bench_train.verdict(groups))
     assert "padded: peftcli 10.0s/epoch vs transformers Trainer 11.0s" in verdict
+    assert "peak heap 300 vs 325 MiB (lowest peer); peak RSS 600 vs 650 MiB (lowest peer)" in verdict
     assert "peftcli packed vs the fastest padded peer (transformers Trainer): 2.20× the throughput" in verdict
     failed = {"trainer": "trl", "packing": True, "error": "boom"}
     assert "failed: boom" in bench_train.main_table({"packed": [groups["packed"][0], failed]})
