@@ -513,7 +513,8 @@ def chart(groups: dict[str, list[dict[str, Any]]], path: Path, title: str) -> No
         ax.set_xticks(range(len(configs)), configs)
         ax.set_title(label, fontsize=10)
         ax.margins(y=0.15)
-    axes[0].legend(fontsize=8, loc="upper right")
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=9, frameon=False)
     ax = axes[3]
     for config, style in zip(configs, ("-", "--"), strict=False):
         for r in groups[config]:
@@ -533,7 +534,7 @@ def chart(groups: dict[str, list[dict[str, Any]]], path: Path, title: str) -> No
     ax.set_title("train loss per supervised token, per optimizer step", fontsize=10)
     ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -925,10 +926,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-write", action="store_true", help="print the table only")
     args = p.parse_args(argv)
     given = " ".join(argv if argv is not None else sys.argv[1:])
+    # Allocator settings reach every child (and change its RSS): part of the command.
+    env = "".join(f"{k}={v} " for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_"))
     if os.environ.get("MAKELEVEL"):  # run by `make bench`
-        args.command = "make bench" + (f" BENCH_ARGS='{given}'" if given else "")
+        args.command = env + "make bench" + (f" BENCH_ARGS='{given}'" if given else "")
     else:
-        args.command = f"HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_train.py {given}".rstrip()
+        args.command = f"{env}HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_train.py {given}".rstrip()
     return args
 
 
