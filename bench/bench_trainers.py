@@ -237,6 +237,24 @@ def step_losses(log_history: list[dict[str, Any]]) -> list[float]:
 # --------------------------------------------------------------------------- the three trainers
 
 
+def trainer_result(
+    trainer: Any, collate: Any, times: dict[str, float], tokenizer: Any, cfg: dict[str, Any], **timings: float
+) -> dict[str, Any]:
+    """What a `Trainer`-based run (the plain script or TRL) measured, in the shared result keys."""
+    return {
+        **timings,
+        "train_s": times["train_end"] - times["train_begin"],
+        "steps": trainer.state.global_step,
+        "tokens": collate.real,
+        "positions": collate.positions,
+        "supervised_tokens": collate.supervised,
+        "losses": step_losses(trainer.state.log_history),
+        "eval_loss": eval_loss(trainer.model, tokenizer, cfg["eval"], cfg["max_length"], cfg["batch_size"])
+        if cfg.get("eval")
+        else None,
+    }
+
+
 def run_trainer(cfg: dict[str, Any]) -> dict[str, Any]:
     from datasets import load_dataset
     from peft import get_peft_model
@@ -277,19 +295,7 @@ def run_trainer(cfg: dict[str, Any]) -> dict[str, Any]:
         callbacks=[timer_callback(times)],
     )
     trainer.train()
-    return {
-        "prep_s": prep_s,
-        "load_s": load_s,
-        "train_s": times["train_end"] - times["train_begin"],
-        "steps": trainer.state.global_step,
-        "tokens": collate.real,
-        "positions": collate.positions,
-        "supervised_tokens": collate.supervised,
-        "losses": step_losses(trainer.state.log_history),
-        "eval_loss": eval_loss(model, tokenizer, cfg["eval"], cfg["max_length"], cfg["batch_size"])
-        if cfg.get("eval")
-        else None,
-    }
+    return trainer_result(trainer, collate, times, tokenizer, cfg, prep_s=prep_s, load_s=load_s)
 
 
 def run_trl(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -329,17 +335,7 @@ def run_trl(cfg: dict[str, Any]) -> dict[str, Any]:
     trainer.add_callback(timer_callback(times))
     trainer.train()
     return {
-        "prep_s": prep_s,
-        "load_s": load_s,
-        "train_s": times["train_end"] - times["train_begin"],
-        "steps": trainer.state.global_step,
-        "tokens": collate.real,
-        "positions": collate.positions,
-        "supervised_tokens": collate.supervised,
-        "losses": step_losses(trainer.state.log_history),
-        "eval_loss": eval_loss(trainer.model, tokenizer, cfg["eval"], cfg["max_length"], cfg["batch_size"])
-        if cfg.get("eval")
-        else None,
+        **trainer_result(trainer, collate, times, tokenizer, cfg, prep_s=prep_s, load_s=load_s),
         "trl_version": trl.__version__,
         "trl_padding_free": bool(getattr(trainer, "padding_free", False)),
     }

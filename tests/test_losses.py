@@ -32,7 +32,7 @@ def grads(model, loss):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def batch_for(vocab: int, virtual: int = 0):
+def batch_for(vocab: int):
     """Two rows of different lengths: a prompt (ignored), an answer (supervised), padding."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, vocab, (2, 20), generator=g)
