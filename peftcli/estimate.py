@@ -42,7 +42,8 @@ counts are exactly those of a real run. Memory is then planned per process, in b
   bytes per position per vocabulary entry: the fp32 log-probabilities kept for the loss's
   backward, the incoming gradient and the gradient of the logits alive together when
   backward starts. Both count every position; with `train_on: completion` only the positions
-  that predict a supervised token reach the head, so there they are upper bounds. With gradient checkpointing only each
+  that predict a supervised token reach the head, so there they are upper bounds. With
+  gradient checkpointing only each
   layer's input (h per token) is kept, plus one layer's activations while it is recomputed.
   Small terms (norm statistics, LoRA's rank-r intermediates) are left out. The formula
   assumes every projection's input is kept, as LoRA-style methods on every linear layer keep

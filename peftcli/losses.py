@@ -81,8 +81,8 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     Each chunk's logits are made and, in place, turned into their exponentials (less the
     row's maximum) for the log-sum-exp, then — when gradients are wanted — into the softmax
-    minus the one-hot, whose products with
-    the weight (and the hidden states) are the gradients, kept for backward. So no
+    minus the one-hot, whose products with the weight (and the hidden states) are the
+    gradients, kept for backward. So no
     [positions, vocabulary] tensor outlives its chunk: the float32 logits, log-probabilities
     and their gradient that a plain head + `F.cross_entropy` keep for a whole batch are gone,
     for the same matmul FLOPs. Under autocast the matmuls run in the autocast dtype, as the
