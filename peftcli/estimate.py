@@ -43,8 +43,8 @@ counts are exactly those of a real run. Memory is then planned per process, in b
   backward, the incoming gradient and the gradient of the logits alive together when
   backward starts. Both count every position; with `train_on: completion` only the positions
   that predict a supervised token reach the head, so there they are upper bounds. With
-  gradient checkpointing only each
-  layer's input (h per token) is kept, plus one layer's activations while it is recomputed.
+  gradient checkpointing only each layer's input (h per token) is kept, plus one layer's
+  activations while it is recomputed.
   Small terms (norm statistics, LoRA's rank-r intermediates) are left out. The formula
   assumes every projection's input is kept, as LoRA-style methods on every linear layer keep
   it; with fewer adapted modules it is an upper bound (prompt tuning keeps ~25% less).
