@@ -1,21 +1,32 @@
 # peftcli — the two commands a newcomer needs are `make demo` and `make test`.
 PYTHON      ?= python3
 VENV        ?= .venv
-# A CPU wheel keeps setup fast here; on a GPU machine use e.g. `make setup TORCH_SPEC=torch`.
+# torch is installed apart from the lock: its wheel differs per machine (CPU, CUDA, ROCm) and
+# PyPI's Linux torch is the multi-GB CUDA build. The CPU wheel keeps setup fast here; on a GPU
+# machine use e.g. `make setup TORCH_SPEC=torch`.
 TORCH_SPEC  ?= torch==2.13.0
+# Everything else of the tested environment, every file pinned by sha256: `make lock` writes it.
+LOCK        := requirements/lock.txt
 BIN         := $(VENV)/bin
 STAMP       := $(VENV)/.peftcli-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-all bench lint clean
+.PHONY: setup demo test test-all test-gpu test-latest lock bench lint clean
 
+# Installs exactly the lock: its pins with --require-hashes and --no-deps (nothing resolved, so
+# nothing newer slips in), then torch (its dependencies are in the lock already; a CUDA build
+# adds its nvidia-* libraries), then peftcli itself without dependencies, then `pip check`.
+# A changed lock reinstalls; a package dropped from the lock stays until `rm -rf $(VENV)`
+# (`peftcli env` lists any difference from the lock).
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): $(LOCK) pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --require-hashes --no-deps -r $(LOCK)
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[test]" "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet --no-deps -e .
+	$(BIN)/pip check
 	touch $(STAMP)
 
 demo: setup
@@ -23,19 +34,80 @@ demo: setup
 	$(BIN)/peftcli eval runs/quickstart --compare-base
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-all: setup
-	$(BIN)/python -m pytest -q -m ""
+	$(BIN)/python -m pytest -q -m "" $(PYTEST_ARGS)
+
+# Tests marked `gpu` (they skip themselves without CUDA). Exit status 5, "no tests collected",
+# is a pass: there may be no such test yet, or all of them deselected.
+test-gpu: setup
+	$(BIN)/python -m pytest -q -m gpu $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test-gpu: no tests marked gpu"; exit 0; fi; exit $$rc
+
+# `make lock`: resolve pyproject.toml's dependencies plus the test and bench extras to the newest
+# releases that satisfy them, for Python 3.11 on Linux x86_64, with the sha256 of every file of
+# each pinned release. torch is resolved as the CPU wheel (from TORCH_WHEELS: this machine's pip
+# find-links folder; elsewhere e.g. TORCH_WHEELS=https://download.pytorch.org/whl/torch/), so its
+# own dependencies are locked and no nvidia-*/triton package is; torch itself is left out (see
+# TORCH_SPEC). uv (pinned, in $(VENV)-lock) does the resolving: it resolves for a target platform
+# rather than for this machine, and --upgrade ignores the old lock's pins. The file's header
+# names LOCK_DATE; `make lock LOCK_DATE=<that date>` resolves the same lock again later
+# (--exclude-newer: releases after it are not seen).
+UV_VERSION   := 0.13.9
+TORCH_LOCK   ?= torch==2.13.0+cpu
+TORCH_WHEELS ?= /opt/wheels
+LOCK_TOOLS   := $(VENV)-lock
+ifndef LOCK_DATE
+LOCK_DATE := $(shell date -u +%Y-%m-%dT%H:%M:%SZ)
+endif
+
+lock:
+	test -x $(LOCK_TOOLS)/bin/uv || $(PYTHON) -m venv $(LOCK_TOOLS)
+	$(LOCK_TOOLS)/bin/pip install --quiet "uv==$(UV_VERSION)"
+	mkdir -p $(dir $(LOCK))
+	echo "$(TORCH_LOCK)" > $(LOCK_TOOLS)/torch-override.txt
+	$(LOCK_TOOLS)/bin/uv pip compile --quiet --no-config --upgrade pyproject.toml \
+	    --extra test --extra bench --generate-hashes \
+	    --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	    --find-links $(TORCH_WHEELS) --override $(LOCK_TOOLS)/torch-override.txt --no-emit-package torch \
+	    --exclude-newer $(LOCK_DATE) --custom-compile-command "make lock LOCK_DATE=$(LOCK_DATE)" \
+	    --output-file $(LOCK)
+	! grep -Ein '^(nvidia|triton|cuda|torch)[a-z0-9._-]*==' $(LOCK)
+	grep -Eo '^(transformers|peft|accelerate|datasets|bitsandbytes|trl)==[^ ]+' $(LOCK)
+
+# The suite against the newest release of every dependency, no lock, in its own venv: the early
+# warning that an upstream release breaks peftcli. The names come from pyproject.toml (its
+# dependencies, test and bench extras) without their version ranges, since the upper bounds there
+# stop at what the lock tested; --upgrade --upgrade-strategy eager takes the newest each run.
+# torch stays at TORCH_SPEC: a newer torch on PyPI is the multi-GB CUDA build.
+# `make test-latest PYTEST_ARGS="-x tests/test_recipe.py"` runs a part of the suite.
+LATEST := $(VENV)-latest
+define UNBOUNDED_REQUIREMENTS
+import re, tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+extras = project["optional-dependencies"]
+for req in project["dependencies"] + extras["test"] + extras["bench"]:
+    name, marker = re.match(r"\s*([A-Za-z0-9._-]+(?:\[[^\]]*\])?)[^;]*(;.*)?", req).groups()
+    if name.lower() != "torch":
+        print(name + (marker or ""))
+endef
+export UNBOUNDED_REQUIREMENTS
+
+test-latest:
+	test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -c "$$UNBOUNDED_REQUIREMENTS" > $(LATEST)/requirements-latest.txt
+	$(LATEST)/bin/pip install --quiet --upgrade --upgrade-strategy eager \
+	    "$(TORCH_SPEC)" -r $(LATEST)/requirements-latest.txt
+	$(LATEST)/bin/pip install --quiet --no-deps -e .
+	$(LATEST)/bin/pip check
+	$(LATEST)/bin/peftcli env
+	$(LATEST)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 # Training benchmark: peftcli vs TRL SFTTrainer vs a plain transformers Trainer (bench/results/).
+# TRL is in the lock (the bench extra), so `make setup` installs it.
 # `make bench BENCH_ARGS=--gpu` for the GPU variant; `BENCH_ARGS=--quick` for a smoke run.
-BENCH_STAMP := $(VENV)/.peftcli-bench-installed
-$(BENCH_STAMP): $(STAMP)
-	$(BIN)/pip install --quiet -e ".[bench]" "$(TORCH_SPEC)"
-	touch $(BENCH_STAMP)
-
-bench: setup $(BENCH_STAMP)
+bench: setup
 	$(BIN)/python bench/bench_train.py $(BENCH_ARGS)
 
 lint: setup

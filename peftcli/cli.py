@@ -325,6 +325,18 @@ def compare(
         raise typer.Exit(1)
 
 
+@app.command("env")
+def env_cmd(json_out: JsonOpt = False) -> None:
+    """Versions, devices, backends and cache folders: what a bug report needs."""
+    from .env_cmd import collect, format_env
+
+    info = collect()
+    if json_out:
+        _print_json(info)
+    else:
+        typer.echo(format_env(info))
+
+
 # Typer vendors click; find its exception base without naming a private module.
 _ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 

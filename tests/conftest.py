@@ -96,3 +96,34 @@ def cli(*args: str, capsys=None) -> tuple[int, str, str]:
         return code, "", ""
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+PEFTCLI_SCRIPT = Path(sys.executable).with_name("peftcli")
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600):
+    """Run the installed `peftcli` console script in a fresh process, as a user does.
+
+    In-process calls (`cli`) share imports and registrations between tests; this sees exactly
+    what a user sees. Returns the CompletedProcess (returncode, stdout, stderr as text)."""
+    import subprocess
+
+    command = [str(PEFTCLI_SCRIPT)] if PEFTCLI_SCRIPT.exists() else [sys.executable, "-m", "peftcli.cli"]
+    return subprocess.run(
+        [*command, *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd or ROOT,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def one_error_line(proc) -> str:
+    """The single `error:` line of a refused command (exit 2, no traceback); fails otherwise."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    return errors[0]
