@@ -231,14 +231,15 @@ def builtin_path(name: str) -> Path:
     return home() / "builtin" / f"{name}-v{VERSION}"
 
 
-def resolve(name_or_path: str) -> str:
-    """Hub ids and folders pass through; `builtin:<name>` becomes its (materialised) folder."""
+def resolve(name_or_path: str, key: str = "model.name_or_path") -> str:
+    """Hub ids and folders pass through; `builtin:<name>` becomes its (materialised) folder.
+    `key` is what an error names: the recipe key, or '' for a command-line argument."""
     if not name_or_path.startswith(PREFIX):
         return name_or_path
     name = name_or_path[len(PREFIX) :]
     if name not in BUILTINS:
         raise UserError(
-            f"model.name_or_path: unknown builtin model `{name}`{did_you_mean(name, BUILTINS)}; "
+            f"{key}{': ' if key else ''}unknown builtin model `{name}`{did_you_mean(name, BUILTINS)}; "
             f"builtins: {', '.join(PREFIX + n for n in BUILTINS)}"
         )
     return str(materialise(name))

@@ -24,6 +24,22 @@ ENCODER_ONLY = {
     "xlm-roberta",
     "modernbert",
 }
+# Architectures whose position embeddings are a learned table: a longer input fails with an
+# index error mid-training. model_type → (config key of the table size, slots kept for padding).
+LEARNED_POSITIONS = {
+    "gpt2": ("n_positions", 0),
+    "gpt_neo": ("max_position_embeddings", 0),
+    "opt": ("max_position_embeddings", 0),
+    "bart": ("max_position_embeddings", 0),
+    "mbart": ("max_position_embeddings", 0),
+    "bert": ("max_position_embeddings", 0),
+    "distilbert": ("max_position_embeddings", 0),
+    "electra": ("max_position_embeddings", 0),
+    "albert": ("max_position_embeddings", 0),
+    "roberta": ("max_position_embeddings", 2),
+    "xlm-roberta": ("max_position_embeddings", 2),
+    "camembert": ("max_position_embeddings", 2),
+}
 
 
 def model_folder(recipe: Recipe) -> Path | None:
@@ -91,12 +107,38 @@ def check_model(recipe: Recipe, config: dict[str, Any] | None) -> list[str]:
         recipe.model.quantization != "none",
         recipe.data.packing,
     )
+    check_positions(recipe, config)
     if recipe.model.quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
         raise UserError(
             f"model.quantization: {recipe.model.quantization} needs bitsandbytes",
             "pip install 'bitsandbytes>=0.48'",
         )
     return [f"model: {recipe.model.name_or_path} ({kind}, {task})", *notes]
+
+
+def check_positions(recipe: Recipe, config: dict[str, Any]) -> None:
+    """data.max_length (plus a prompt method's virtual tokens) fits a learned position table."""
+    from .methods import METHODS
+
+    kind = config.get("model_type", "?")
+    key, reserved = LEARNED_POSITIONS.get(kind, (None, 0))
+    size = config.get(key) if key else None
+    if not isinstance(size, int):
+        return
+    limit = size - reserved
+    method = METHODS[recipe.peft.method]
+    virtual = 0
+    if method.kind == "prompt":
+        virtual = int(
+            recipe.peft.options.get("num_virtual_tokens", method.defaults.get("num_virtual_tokens", 0))
+        )
+    if recipe.data.max_length + virtual > limit:
+        plus = f" + {virtual} virtual tokens of {method.name}" if virtual else ""
+        raise UserError(
+            f"data.max_length: {recipe.data.max_length}{plus} is more than the {limit} positions "
+            f"{recipe.model.name_or_path} ({kind}) has",
+            f"set data.max_length to {limit - virtual} or less",
+        )
 
 
 def check_targets(recipe: Recipe, folder: Path | None) -> str | None:
@@ -130,9 +172,24 @@ def check_data(recipe: Recipe, folder: Path | None) -> list[str]:
         else ""
     )
     lines = [f"data: {found.rows} rows of {found.format}{how}"]
+    if found.labels is not None:
+        check_labels(recipe, found.labels)
+        shown = ", ".join(found.labels[:10]) + (", ..." if len(found.labels) > 10 else "")
+        lines.append(f"labels: {len(found.labels)} classes ({shown})")
     if isinstance(section.eval, str) and not data_stage.is_hub_dataset(section.eval):
         held_out = data_stage.scan(section.eval, found.format, task, "data.eval")
+        unknown = [x for x in held_out.labels or [] if x not in (found.labels or [])]
+        if unknown:
+            raise UserError(
+                f"data.eval: label {unknown[0]!r} is not one of the training labels ({', '.join(found.labels or [])})",
+                "every class of the eval data must occur in data.train",
+            )
         lines.append(f"eval data: {held_out.rows} rows")
+    if "exact_match" in (recipe.eval.metrics or []) and found.format == "text":
+        raise UserError(
+            "eval.metrics: exact_match needs prompts with reference answers, and data.format text has none",
+            "use a completion, alpaca or chat format, or drop exact_match",
+        )
     if found.format in data_stage.CHAT_FORMATS:
         if section.chat_template is not None:
             data_stage.chat_template(section)  # the file exists
@@ -142,6 +199,16 @@ def check_data(recipe: Recipe, folder: Path | None) -> list[str]:
                 "set data.chat_template (a Jinja string or a .jinja file), or use the completion format",
             )
     return lines
+
+
+def check_labels(recipe: Recipe, labels: list[str]) -> None:
+    """model.num_labels, when set, agrees with the classes of the training data."""
+    n = recipe.model.num_labels
+    if n is not None and n != len(labels):
+        raise UserError(
+            f"model.num_labels: {n}, but the training data has {len(labels)} labels ({', '.join(labels)})",
+            "remove model.num_labels to take it from the data",
+        )
 
 
 def has_chat_template(folder: Path) -> bool:
@@ -172,4 +239,9 @@ def check_recipe(recipe: Recipe) -> list[str]:
     lines.append(targets or "peft: target modules are checked when the model's config is loaded")
     lines += check_data(recipe, folder)
     check_trackers(recipe)
+    if recipe.training.eval_every is not None and not recipe.data.eval:
+        # A note, not an error: `data.eval=0` on a recipe that evaluates should just work.
+        lines.append(
+            f"training.eval_every does not apply without an eval split (data.eval: {recipe.data.eval}): ignored"
+        )
     return lines

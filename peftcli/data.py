@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from .recipe import DataSection
 
 IGNORE = -100
-EXTENSIONS = {
+EXTENSIONS = {  # matched case-insensitively (train.JSONL, DATA.CSV)
     ".jsonl": "jsonl",
     ".json": "json",
     ".csv": "csv",
@@ -82,7 +82,7 @@ ALPACA_PROMPT_INPUT = (
     "context. Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
-CACHE_VERSION = 1  # bump when encoding changes, so old caches are not reused
+CACHE_VERSION = 2  # bump when encoding changes, so old caches are not reused (2: labels by value)
 BATCH_ROWS = 256  # rows per tokenizer call
 
 
@@ -136,7 +136,12 @@ Rows = list[Row]
 def is_hub_dataset(spec: str) -> bool:
     """`org/name[@config][:split]` that is not a local path."""
     path = Path(spec).expanduser()
-    return not path.exists() and not spec.startswith((".", "/", "~")) and path.suffix not in EXTENSIONS
+    return not path.exists() and not spec.startswith((".", "/", "~")) and _kind(path) is None
+
+
+def _kind(path: Path) -> str | None:
+    """The reader for a file, from its extension in any case; None when unknown."""
+    return EXTENSIONS.get(path.suffix.lower())
 
 
 def hub_spec(spec: str) -> tuple[str, str | None, str]:
@@ -158,7 +163,7 @@ class Source:
             return
         path = Path(spec).expanduser()
         if path.is_dir():
-            self.files = sorted(p for p in path.rglob("*") if p.suffix in EXTENSIONS and p.is_file())
+            self.files = sorted(p for p in path.rglob("*") if _kind(p) is not None and p.is_file())
             if not self.files:
                 raise UserError(f"{key}: folder {path} holds no {', '.join(EXTENSIONS)} files")
             self.root = path
@@ -229,7 +234,7 @@ def _file_rows(path: Path, key: str) -> Iterator[Row]:
 
     JSON Lines, CSV/TSV and text are read line by line; a .json array is parsed whole;
     Parquet goes through pyarrow in record batches."""
-    kind = EXTENSIONS.get(path.suffix)
+    kind = _kind(path)
     if kind is None:
         raise UserError(f"{key}: {path} has an unknown extension; use one of {', '.join(EXTENSIONS)}")
     name = path.name
@@ -252,6 +257,7 @@ def _file_rows(path: Path, key: str) -> Iterator[Row]:
         try:
             with open(path, encoding="utf-8-sig", newline="") as f:
                 reader = csv.DictReader(f, delimiter="," if kind == "csv" else "\t")
+                _unique_columns(reader.fieldnames or [], path, key)
                 for row in reader:
                     if None in row or None in row.values():
                         raise UserError(
@@ -266,7 +272,9 @@ def _file_rows(path: Path, key: str) -> Iterator[Row]:
         import pyarrow.parquet as pq
 
         try:
-            batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+            parquet = pq.ParquetFile(path)
+            _unique_columns(parquet.schema_arrow.names, path, key)
+            batches = parquet.iter_batches(batch_size=1024)
             n = 0
             for batch in batches:
                 for row in batch.to_pylist():
@@ -274,6 +282,17 @@ def _file_rows(path: Path, key: str) -> Iterator[Row]:
                     yield f"{name} row {n}", row
         except (OSError, ValueError) as exc:  # pyarrow's errors derive from these
             raise UserError(f"{key}: cannot read {path}: {_first_line(exc)}") from None
+
+
+def _unique_columns(names: Sequence[str], path: Path, key: str) -> None:
+    """A column named twice would silently lose all but one of its values."""
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise UserError(
+                f"{key}: {path}: column `{name}` appears twice in the header", "rename or remove one of them"
+            )
+        seen.add(name)
 
 
 def _json_rows(path: Path, key: str) -> Iterator[Row]:
@@ -434,10 +453,11 @@ def label_names(rows: Iterable[Row]) -> list[str]:
 
 
 def _label_order(labels: set[Any]) -> list[str]:
-    """Class names in a stable order: integers by value (0..max), strings sorted."""
+    """Class names in the order of the classifier's outputs: the distinct integer labels sorted
+    by value (so {-1, 1} is two classes, and {0, 50000} too), else the names sorted as text."""
     if all(isinstance(x, int) and not isinstance(x, bool) for x in labels):
-        return [str(i) for i in range(max(labels) + 1)]
-    return sorted(str(x) for x in labels)
+        return [str(i) for i in sorted(labels)]
+    return sorted({str(x) for x in labels})
 
 
 @dataclass
@@ -1122,7 +1142,14 @@ def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     for row, e in enumerate(examples):
         ids[row, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
         mask[row, : len(e["input_ids"])] = 1
-    batch = {"input_ids": ids, "attention_mask": mask, "num_tokens": mask.sum()}
+    # Tokens per row, so rows that carry no example (see train.Shard) can be left out of counts.
+    row_tokens = mask.sum(dim=1)
+    batch = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "row_tokens": row_tokens,
+        "num_tokens": row_tokens.sum(),
+    }
     if "position_ids" in examples[0]:
         # Packed rows: the mask comes from the position ids (see `pack`); the padding tail
         # counts up from 0 too, making it a segment of its own that nothing attends across.

@@ -115,9 +115,12 @@ def evaluate(
     batch_size: int,
     with_exact_match: bool | None = None,
 ) -> dict[str, Any]:
-    """The metrics `section.metrics` asks for, where they apply to the task (exact_match also
-    when `with_exact_match`; classification always reports accuracy and F1)."""
-    wanted = set(section.metrics)
+    """The metrics `section.metrics` asks for (null: the task's default), where they apply to the
+    task (exact_match also when `with_exact_match`; classification always reports accuracy and
+    F1). The recipe refuses metrics a task does not compute (recipe.TASK_METRICS)."""
+    from .recipe import DEFAULT_METRICS
+
+    wanted = set(section.metrics or DEFAULT_METRICS[task])
     measured = loss_metrics(model, split, task, accelerator, batch_size, tokenizer.pad_token_id)
     keep = wanted | ({"accuracy", "f1"} if task == "seq_cls" else set())
     metrics: dict[str, Any] = {k: v for k, v in measured.items() if k in keep}

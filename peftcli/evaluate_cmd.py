@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import builtin
 from .errors import UserError
-from .recipe import DataSection, EvalSection, ModelSection, Recipe, TrainingSection, load_recipe
+from .recipe import DataSection, EvalSection, ModelSection, Recipe, TrainingSection, load_recipe, read_yaml
 
 _TASKS = {"CAUSAL_LM": "causal_lm", "SEQ_2_SEQ_LM": "seq2seq_lm", "SEQ_CLS": "seq_cls"}
 
@@ -22,12 +23,17 @@ class Target:
 
 
 def open_target(path: Path) -> Target:
-    """A run folder, an adapter folder (PEFT save_pretrained) or a plain model folder."""
+    """A run folder, an adapter folder (PEFT save_pretrained), a plain model folder, or a
+    builtin model (`builtin:<name>`, as in a recipe's model.name_or_path)."""
+    spec = str(path)
     path = path.expanduser()
+    if not path.exists() and spec.startswith(builtin.PREFIX):
+        folder = Path(builtin.resolve(spec, key=""))
+        return Target(ModelSection(name_or_path=spec, task=_model_task(folder)), None, None, None)
     if not path.exists():
         raise UserError(f"no such run, adapter or model folder: {path}")
     if (path / "recipe.yaml").is_file() and (path / "adapter" / "adapter_config.json").is_file():
-        recipe = load_recipe(path / "recipe.yaml")
+        recipe = load_recipe(path / "recipe.yaml", _recorded_default_metrics(path / "recipe.yaml"))
         return Target(recipe.model, path / "adapter", recipe, path)
     if (path / "adapter_config.json").is_file():
         if (path.parent / "recipe.yaml").is_file():
@@ -48,19 +54,47 @@ def open_target(path: Path) -> Target:
     )
 
 
+def _recorded_default_metrics(path: Path) -> list[str]:
+    """Runs recorded before eval.metrics depended on the task hold the old default,
+    [loss, perplexity], for classifiers too: read it as the task's default."""
+    raw = read_yaml(path)
+    task = (raw.get("model") or {}).get("task")
+    if task == "seq_cls" and (raw.get("eval") or {}).get("metrics") == ["loss", "perplexity"]:
+        return ["eval.metrics=null"]
+    return []
+
+
 def _model_task(path: Path) -> str:
-    """The task a plain model folder was saved for (a merged run keeps its head)."""
+    """The task a plain model folder was saved for (a merged run keeps its head; an encoder
+    without one, such as builtin:tiny-bert, is for classification)."""
+    from .checks import ENCODER_ONLY
+
     config = json.loads((path / "config.json").read_text())
-    if any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or []):
+    if _is_classifier(config) or config.get("model_type") in ENCODER_ONLY:
         return "seq_cls"
     return "seq2seq_lm" if config.get("is_encoder_decoder") else "causal_lm"
 
 
+def _is_classifier(config: dict[str, Any]) -> bool:
+    return any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or [])
+
+
 def labels_of(target: Target) -> list[str] | None:
+    """Class names in the order of the classifier's outputs: the run's labels.json, or the
+    id2label of a (merged) classifier folder; None when the target has none."""
+    from .model import source
     from .run import LABELS_FILE
 
-    path = target.adapter / LABELS_FILE if target.adapter else None
-    return json.loads(path.read_text()) if path and path.is_file() else None
+    if target.adapter is not None:
+        path = target.adapter / LABELS_FILE
+        return json.loads(path.read_text()) if path.is_file() else None
+    if target.model.task != "seq_cls":
+        return None
+    config = json.loads((Path(source(target.model)) / "config.json").read_text())
+    id2label = config.get("id2label")
+    if not _is_classifier(config) or not id2label:
+        return None  # a base encoder: its head is new, its classes come from the data
+    return [id2label[k] for k in sorted(id2label, key=int)]
 
 
 def eval_split(target: Target, tokenizer: Any, data: Path | None, labels: list[str] | None) -> Any:
@@ -96,6 +130,10 @@ def run_eval(path: Path, data: Path | None = None, compare_base: bool = False) -
     )
     tokenizer = load_tokenizer(tokenizer_section)
     labels = labels_of(target)
+    if labels is None and target.model.task == "seq_cls" and data is not None:
+        from . import data as data_stage
+
+        labels = data_stage.scan(str(data), "auto", "seq_cls", "--data").labels
     split = eval_split(target, tokenizer, data, labels)
     training = target.recipe.training if target.recipe else TrainingSection()
     section = target.recipe.eval if target.recipe else EvalSection()
@@ -120,11 +158,9 @@ def run_eval(path: Path, data: Path | None = None, compare_base: bool = False) -
     if compare_base:
         results["base"] = measure(model, "the base model")
     if target.adapter is not None:
-        from peft import PeftModel
+        from .methods import load_adapter
 
-        from . import methods  # noqa: F401  registers peftcli's own tuners with PEFT
-
-        model = PeftModel.from_pretrained(accelerator.unwrap_model(model), str(target.adapter))
+        model = load_adapter(accelerator.unwrap_model(model), target.adapter)
         model.eval()
         results["adapter"] = measure(model, "the adapter")
     else:

@@ -53,6 +53,10 @@ def prompt_ids(
     section = (section or DataSection(train="--prompt")).model_copy(update={"chat_template": None})
     if task == "seq_cls":
         ids = tokenizer(prompt)["input_ids"]
+        if not ids:  # an empty text, and a tokenizer that adds no [CLS]/[SEP]
+            raise UserError(
+                "--prompt is empty, and this classifier's tokenizer adds no tokens to it", "give a text"
+            )
         return ids[: section.max_length - 1] + ids[-1:] if len(ids) > section.max_length else ids
     if chat:
         if not tokenizer.chat_template:
@@ -69,6 +73,13 @@ def prompt_ids(
         row = {"prompt": prompt, "completion": ""}
         reference = Encoder(tokenizer, "completion", section, task).reference(row, "--prompt")
     assert reference is not None
+    if not reference.prompt_ids:  # an empty prompt, and a tokenizer that adds no BOS (GPT-2)
+        if tokenizer.bos_token_id is None:
+            raise UserError(
+                "--prompt is empty, and this model's tokenizer has no BOS token to start from",
+                "give a prompt",
+            )
+        return [tokenizer.bos_token_id]  # what transformers' generate starts from without input
     return reference.prompt_ids
 
 
@@ -83,23 +94,10 @@ def load_target_model(target: Target, labels: list[str] | None) -> Any:
     if target.model.quantization == "none":
         model.to(device)
     if target.adapter is not None:
-        from peft import PeftModel
+        from .methods import load_adapter
 
-        from . import methods  # noqa: F401  registers peftcli's own tuners with PEFT
-
-        model = PeftModel.from_pretrained(model, str(target.adapter))
+        model = load_adapter(model, target.adapter)
     return model.eval()
-
-
-def model_labels(target: Target) -> list[str] | None:
-    """Class names: the run's labels.json, or a (merged) model folder's config id2label."""
-    import json
-
-    labels = labels_of(target)
-    if labels is None and target.adapter is None and target.model.task == "seq_cls":
-        id2label = json.loads((Path(target.model.name_or_path) / "config.json").read_text()).get("id2label")
-        labels = [id2label[k] for k in sorted(id2label, key=int)] if id2label else None
-    return labels
 
 
 def run_generate(
@@ -119,8 +117,8 @@ def run_generate(
 
     if system is not None and not chat:
         raise UserError("--system needs --chat (the system message goes into the chat template)")
+    target = open_target(path)  # a wrong path is refused before the heavy libraries load
     quiet_libraries()
-    target = open_target(path)
     task = target.model.task
     if chat and task == "seq_cls":
         raise UserError("--chat does not apply to a classifier: drop it to classify the raw text")
@@ -129,7 +127,7 @@ def run_generate(
         say(warning)
     section = target.recipe.data if target.recipe else None
     ids = prompt_ids(tokenizer, prompt, task, chat, system, section)
-    labels = model_labels(target)
+    labels = labels_of(target)
     model = load_target_model(target, labels)
     device = next(model.parameters()).device
 

@@ -201,20 +201,11 @@ def dequantize_into(float_model: Any, quantized: Any) -> list[str]:
 
 
 def load_adapter_model(base: Any, sources: list[Source], names: list[str]) -> Any:
-    from peft import PeftModel
+    from .methods import load_adapter
 
-    from . import methods  # noqa: F401  registers peftcli's own tuners with PEFT
-
-    model = None
+    model = base
     for source, name in zip(sources, names, strict=True):
-        try:
-            if model is None:
-                model = PeftModel.from_pretrained(base, str(source.adapter), adapter_name=name)
-            else:
-                model.load_adapter(str(source.adapter), adapter_name=name)
-        except Exception as exc:  # safetensors, PEFT and torch raise many types for a broken adapter
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserError(f"cannot load the adapter in {source.adapter}: {first}") from None
+        model = load_adapter(model, source.adapter, adapter_name=name)
     model.eval()
     return model
 

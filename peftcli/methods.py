@@ -43,6 +43,7 @@ class Method:
     model_types: frozenset[str] | None = None  # None = any architecture
     quantized_base: bool = True  # works on a 4/8-bit base
     conv1d: bool = True  # can adapt GPT-2-style Conv1D layers
+    kv_prefix: bool = False  # feeds trained key/values through the model's `past_key_values`
 
 
 _LORA_KEYS = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
@@ -148,6 +149,7 @@ METHODS: dict[str, Method] = {
             False,
             kind="prompt",
             defaults=_PROMPT_DEFAULTS,
+            kv_prefix=True,
         ),
         Method(
             "llama-adapter",
@@ -204,6 +206,8 @@ def check_fit(
             f"peft.method: {method.name} cannot adapt the Conv1D layers of {model_type} models",
             "use lora, dora, ia3, vera or adapter",
         )
+    if model_type is not None:
+        check_carries(method, model_type, task)
     if quantized and not method.quantized_base:
         raise UserError(
             f"peft.method: {method.name} cannot train on a quantized base; set model.quantization: none"
@@ -217,6 +221,67 @@ def check_fit(
         and (k not in ("target_modules", "layers") or getattr(section, k) is not None)
     ]
     return [f"peft.{k} does not apply to {method.name}: ignored" for k in ignored]
+
+
+def check_carries(method: Method, model_type: str, task: str) -> None:
+    """Refuse a method the installed libraries cannot put on this architecture."""
+    if method.kv_prefix and not takes_past_key_values(model_type, task):
+        import transformers
+
+        raise UserError(
+            f"peft.method: {method.name} cannot train {model_type} models for {task} with transformers "
+            f"{transformers.__version__}: their forward takes no past_key_values, which carry the prefixes",
+            "use prompt-tuning or p-tuning (virtual tokens at the input) or lora",
+        )
+
+
+@functools.cache
+def takes_past_key_values(model_type: str, task: str) -> bool:
+    """Whether PEFT's prefix tuning can hand its prefixes to the installed transformers' model.
+
+    PEFT passes them as `past_key_values`. For classification it first checks, literally, that
+    the task model's or its backbone's forward names that argument (transformers 5.24 renamed
+    it to `cache`, so BERT fails there); language models get it as a keyword, which a forward
+    takes by name or through transformers' deprecation alias. So the answer is read from the
+    installed classes, never from a table. An architecture transformers does not know (remote
+    code) is given the benefit of the doubt."""
+    import transformers
+    from transformers.models.auto import modeling_auto as auto
+
+    tables = {
+        "causal_lm": auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        "seq2seq_lm": auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+        "seq_cls": auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    }
+    names = [tables[task].get(model_type)]
+    if task == "seq_cls":
+        names.append(auto.MODEL_MAPPING_NAMES.get(model_type))
+    classes = [getattr(transformers, n, None) for n in names if isinstance(n, str)]
+    if not classes or None in classes:
+        return True
+    return any(_takes(c.forward, "past_key_values", aliases=task != "seq_cls") for c in classes)
+
+
+def _takes(function: Any, name: str, aliases: bool) -> bool:
+    """`function` has a parameter `name`, or (with `aliases`) a decorator of transformers'
+    `deprecate_kwarg` that renames `name` to a parameter it has."""
+    import inspect
+
+    if name in inspect.signature(function).parameters:
+        return True
+    while aliases and function is not None:
+        cells = getattr(function, "__closure__", None) or ()
+        names = getattr(getattr(function, "__code__", None), "co_freevars", ())
+        free = {}
+        for var, cell in zip(names, cells, strict=False):
+            try:
+                free[var] = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+        if free.get("old_name") == name and free.get("new_name"):
+            return True
+        function = getattr(function, "__wrapped__", None)
+    return False
 
 
 # --------------------------------------------------------------------------- configs
@@ -322,6 +387,7 @@ def apply_method(model: nn.Module, section: PeftSection, task: str, total_steps:
     from peft import get_peft_model
 
     method = METHODS[section.method]
+    check_carries(method, model.config.model_type, task)  # a hub model checked only now
     index = LinearIndex.from_model(model)
     targets: dict[str, Any] = {"names": []}
     if method.kind == "targets":
@@ -336,6 +402,24 @@ def apply_method(model: nn.Module, section: PeftSection, task: str, total_steps:
         return get_peft_model(model, config)
     except (TypeError, ValueError) as exc:
         raise UserError(f"peft.method: {method.name}: {str(exc).strip().splitlines()[0]}") from None
+
+
+def load_adapter(model: Any, folder: Path | str, adapter_name: str = "default") -> Any:
+    """Put a saved adapter (any method, peftcli's own included) on `model`: the one way peftcli
+    loads adapters. peftcli's tuners are registered with PEFT first, so a fresh process loads
+    them like PEFT's own. A PeftModel gets the adapter added under `adapter_name`."""
+    from peft import PeftModel
+
+    from . import tuners  # noqa: F401  registers peftcli's own methods with PEFT
+
+    try:
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(folder), adapter_name=adapter_name)
+            return model
+        return PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name)
+    except Exception as exc:  # safetensors, PEFT and torch raise many types for a broken adapter
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot load the adapter in {folder}: {first}") from None
 
 
 # --------------------------------------------------------------------------- training hooks

@@ -19,21 +19,36 @@ from .errors import UserError, did_you_mean
 from .methods import METHODS, canonical_method
 
 MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
+Task = Literal["causal_lm", "seq2seq_lm", "seq_cls"]
+Metric = Literal["loss", "perplexity", "exact_match", "accuracy", "f1"]
+# What evaluation computes for each task (see evaluate.py), and what it reports by default.
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "causal_lm": ("loss", "perplexity", "exact_match"),
+    "seq2seq_lm": ("loss", "perplexity", "exact_match"),
+    "seq_cls": ("loss", "accuracy", "f1"),
+}
+DEFAULT_METRICS: dict[str, list[str]] = {
+    "causal_lm": ["loss", "perplexity"],
+    "seq2seq_lm": ["loss", "perplexity"],
+    "seq_cls": ["loss", "accuracy", "f1"],
+}
+MAX_SEED = 2**32 - 1  # numpy's limit; training seeds numpy, torch and random with it
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No NaN or infinity: `lr: .inf` or `epochs: .nan` is a typo, never a setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSection(_Section):
     name_or_path: str = Field(
         description="Hub id, local model folder, or builtin:<name> (see `peftcli methods`)."
     )
-    task: Literal["causal_lm", "seq2seq_lm", "seq_cls"] = Field(
-        "causal_lm", description="What the model is trained to do."
-    )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weight dtype; auto = bfloat16 on GPUs that support it, float32 on CPU."
+    task: Task = Field("causal_lm", description="What the model is trained to do.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "float64"] = Field(
+        "auto",
+        description="Weight dtype; auto = bfloat16 on GPUs that support it, float32 on CPU "
+        "(float64: for checking results to the last digit, not for speed).",
     )
     quantization: Literal["none", "4bit", "8bit"] = Field(
         "none", description="Load the base quantized with bitsandbytes (4bit = NF4 + double quantization)."
@@ -45,7 +60,15 @@ class ModelSection(_Section):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = Field(
         None, description="Attention kernel; null = the library default."
     )
-    num_labels: int | None = Field(None, gt=1, description="Number of classes (seq_cls only).")
+    num_labels: int | None = Field(
+        None, gt=1, description="Number of classes (seq_cls only); null = the number of labels in the data."
+    )
+
+    @model_validator(mode="after")
+    def _num_labels_for_classifiers(self) -> ModelSection:
+        if self.num_labels is not None and self.task != "seq_cls":
+            raise ValueError(f"model.num_labels applies to model.task: seq_cls, not {self.task}; remove it")
+        return self
 
 
 class PeftSection(_Section):
@@ -128,7 +151,9 @@ class TrainingSection(_Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward to save memory."
     )
-    seed: int = Field(42, description="Seed for weights init, data order and dropout.")
+    seed: int = Field(
+        42, ge=0, le=MAX_SEED, description=f"Seed for weights init, data order and dropout (0 to {MAX_SEED})."
+    )
     log_every: int = Field(10, gt=0, description="Optimizer steps between metrics.jsonl rows.")
     eval_every: int | None = Field(
         None, gt=0, description="Optimizer steps between evaluations; null = at the end only."
@@ -141,11 +166,22 @@ class TrainingSection(_Section):
 
 
 class EvalSection(_Section):
-    metrics: list[Literal["loss", "perplexity", "exact_match", "accuracy"]] = Field(
-        default_factory=lambda: ["loss", "perplexity"],
-        description="Metrics; exact_match generates greedily and compares with the reference answer.",
+    metrics: list[Metric] | None = Field(
+        None,
+        description="Metrics: loss, perplexity, exact_match for causal_lm and seq2seq_lm (exact_match "
+        "generates greedily and compares with the reference answer); loss, accuracy, f1 (macro) for "
+        "seq_cls. null = the task's default: [loss, perplexity], or [loss, accuracy, f1] for seq_cls.",
     )
     max_new_tokens: int = Field(32, gt=0, description="Generation budget for exact_match.")
+
+    @field_validator("metrics")
+    @classmethod
+    def _some_metric(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value:
+            raise ValueError(
+                "list at least one metric (null = the task's default); data.eval: 0 skips evaluation"
+            )
+        return value
 
 
 class Recipe(_Section):
@@ -172,6 +208,15 @@ class Recipe(_Section):
             )
         if self.data.packing and self.model.task != "causal_lm":
             raise ValueError(f"data.packing works for causal_lm only, not model.task: {self.model.task}")
+        task, fits = self.model.task, TASK_METRICS[self.model.task]
+        if self.eval.metrics is None:
+            self.eval.metrics = list(DEFAULT_METRICS[task])
+        unfit = [m for m in self.eval.metrics if m not in fits]
+        if unfit:
+            raise ValueError(
+                f"eval.metrics: {', '.join(unfit)} {'does' if len(unfit) == 1 else 'do'} not apply to "
+                f"model.task: {task}; it computes {', '.join(fits)}"
+            )
         return self
 
     @property
@@ -257,7 +302,8 @@ def _format_error(err: dict[str, Any]) -> str:
         choices = err.get("ctx", {}).get("expected", "")
         names = [c.strip().strip("'") for c in choices.replace(" or ", ", ").split(",")]
         return f"`{path}: {value}` is not one of {', '.join(names)}{did_you_mean(value, names)}"
-    if kind == "value_error" and not path:
+    if kind == "value_error" and (not path or isinstance(value, dict)):
+        # A whole-recipe or whole-section check: its message names its keys.
         return str(err["msg"]).removeprefix("Value error, ")
     msg = str(err["msg"]).removeprefix("Value error, ")
     return f"`{path}: {value}`: {msg}" if path else msg

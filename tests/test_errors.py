@@ -111,6 +111,7 @@ RECIPE_CASES = [
         {
             "model": {"name_or_path": "builtin:tiny-bert", "task": "seq_cls"},
             "peft": {"method": "llama-adapter"},
+            "eval": {"metrics": None},
         },
         [],
         "llama-adapter does not support model.task",
