@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from .errors import UserError
+from .errors import Interrupted, UserError
 
 app = typer.Typer(
     name="peftcli",
@@ -72,19 +73,24 @@ def train(
 ) -> None:
     """Train a recipe; the run folder gets adapter/, metrics.jsonl, eval.json, loss.png."""
     from .recipe import load_recipe
-    from .run import choose_work_dir
+    from .run import check_can_start
     from .run import train as run_train
 
     r = load_recipe(recipe, overrides)
     flags = [f for f, on in (("--resume", resume), ("--overwrite", overwrite)) if on]
+    again = shlex.join(["peftcli", "train", str(recipe), *(overrides or []), "--resume"])
     if num_processes is not None or launch_config is not None:
         from .checks import check_recipe
         from .launch import launch
 
-        choose_work_dir(r.output_dir, overwrite, resume)  # refuse before starting processes
+        check_can_start(r, overwrite, resume)  # refuse before starting processes
         check_recipe(r)
         raise typer.Exit(launch(recipe, overrides or [], num_processes, launch_config, flags))
-    run_train(r, overwrite=overwrite, resume=resume)
+    try:
+        run_train(r, overwrite=overwrite, resume=resume)
+    except Interrupted as exc:
+        exc.command = again
+        raise
 
 
 @app.command()
@@ -344,6 +350,8 @@ _ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "C
 def main() -> None:
     try:
         code = app(standalone_mode=False)
+        if code == 130:  # click turns Ctrl-C outside training into exit status 130, silently
+            print("error: interrupted", file=sys.stderr)
         sys.exit(code if isinstance(code, int) else 0)
     except UserError as exc:
         if _state["debug"]:
@@ -358,7 +366,12 @@ def main() -> None:
             file=sys.stderr,
         )
         sys.exit(2)
-    except typer.Abort:
+    except Interrupted as exc:
+        saved = f"; the newest checkpoint is {exc.checkpoint}" if exc.checkpoint else ""
+        how = f"`{exc.command}`" if exc.command else "--resume"
+        print(f"error: {exc}{saved}; continue with {how}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
 

@@ -24,7 +24,8 @@ from typing import Any
 from .errors import UserError, did_you_mean
 from .methods import METHODS, canonical_method
 from .recipe import load_recipe
-from .run import is_run, say
+from .run import say
+from .run_folder import is_run
 
 RESULT_ENV = "PEFTCLI_COMPARE_RESULT"  # where a worker writes its JSON result
 TASK_METRICS = ("exact_match", "accuracy")

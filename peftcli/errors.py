@@ -26,3 +26,18 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """' (did you mean `x`?)' for the closest choice, or '' when nothing is close."""
     match = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
     return f" (did you mean `{match[0]}`?)" if match else ""
+
+
+class Interrupted(Exception):
+    """Training stopped by Ctrl-C or SIGTERM after finishing a step (checkpointed when it could)."""
+
+    def __init__(self, step: int, signal_number: int, checkpoint: object = None):
+        super().__init__(f"interrupted at step {step}")
+        self.step = step
+        self.signal_number = signal_number
+        self.checkpoint = checkpoint
+        self.command = ""  # the command that continues the run, filled in by the caller
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signal_number  # 130 for SIGINT, 143 for SIGTERM, as shells report them

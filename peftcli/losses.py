@@ -14,6 +14,12 @@ import torch.nn.functional as F
 IGNORE = -100
 
 
+def at_least_float32(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in at least float32 for the softmax (half precision loses the small probabilities);
+    a float64 model keeps float64."""
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+
+
 def _targets(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and labels as [batch, positions, classes] and [batch, positions]."""
     if task == "seq_cls":  # one "position" per example
@@ -53,7 +59,7 @@ def example_losses(
     """Summed cross-entropy and supervised-token count, per example."""
     logits, labels = _targets(logits, labels, task)
     losses = F.cross_entropy(
-        logits.float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="none"
+        at_least_float32(logits).transpose(1, 2), labels, ignore_index=IGNORE, reduction="none"
     )  # [batch, positions]; 0 where ignored
     return losses.sum(dim=1), (labels != IGNORE).sum(dim=1)
 
@@ -63,7 +69,7 @@ def loss_sum(model: Any, batch: dict[str, torch.Tensor], task: str) -> torch.Ten
         return _causal_loss_sum(model, batch)
     logits, labels = _targets(forward(model, batch, task), batch["labels"], task)
     return F.cross_entropy(
-        logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum"
+        at_least_float32(logits).flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum"
     )
 
 
@@ -202,4 +208,4 @@ def _causal_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor
         raise RuntimeError("the output head ran more than once in one forward pass")
     if not seen["compacted"]:  # full logits: keep the supervised positions
         logits = _targets(logits, batch["labels"], "causal_lm")[0][supervised]
-    return F.cross_entropy(logits.flatten(0, -2).float(), targets, reduction="sum")
+    return F.cross_entropy(at_least_float32(logits.flatten(0, -2)), targets, reduction="sum")

@@ -7,17 +7,16 @@ of the recipe.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from . import run_folder
+from .errors import Interrupted, UserError
 from .recipe import Recipe, TrainingSection, dump_recipe
 
-INCOMPLETE = ".incomplete"
 LABELS_FILE = "labels.json"
 
 
@@ -26,36 +25,22 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def is_run(path: Path) -> bool:
-    return path.is_dir() and any(path.iterdir())
+def protected_paths(recipe: Recipe) -> list[Path]:
+    """Local files the recipe reads: a run folder must never hold (and so replace) them."""
+    data = recipe.data
+    paths = [data.train, data.eval if isinstance(data.eval, str) else None, data.chat_template]
+    return [Path(p) for p in paths if p and Path(p).expanduser().exists()]
 
 
-def choose_work_dir(run_dir: Path, overwrite: bool, resume: bool) -> tuple[Path, bool]:
-    """Where this run writes, and whether it continues the run there.
+def plan_folder(recipe: Recipe, overwrite: bool, resume: bool) -> run_folder.Plan:
+    """Where the run writes; refuses what would replace or mix anything. Touches nothing."""
+    return run_folder.plan(recipe.output_dir, overwrite, resume, protected_paths(recipe))
 
-    An existing finished run is never written into: with `--overwrite` the new run is built
-    beside it and swapped in only when it has finished. `--resume` continues an unfinished
-    run in place."""
-    if resume and overwrite:
-        raise UserError("--resume and --overwrite contradict each other", "pick one")
-    if not is_run(run_dir):
-        return run_dir, False
-    unfinished = (run_dir / INCOMPLETE).exists()
-    if resume:
-        if not unfinished:
-            raise UserError(
-                f"{run_dir} holds a finished run; there is nothing to resume",
-                "pass --overwrite to train it again",
-            )
-        return run_dir, True
-    if not overwrite:
-        state = "an unfinished run" if unfinished else "a run"
-        hint = "pass --resume to continue it, " if unfinished else "pass "
-        raise UserError(
-            f"{run_dir} already holds {state}",
-            f"{hint}--overwrite to replace it, or set training.output_dir / name",
-        )
-    return run_dir.with_name(f".{run_dir.name}.partial"), False
+
+def check_can_start(recipe: Recipe, overwrite: bool, resume: bool) -> None:
+    """What refuses a `train` before any process starts: the folder, and another `train` in it."""
+    run_folder.check_free(recipe.output_dir)
+    plan_folder(recipe, overwrite, resume)
 
 
 def resume_point(run_dir: Path, fingerprint_: dict[str, Any]) -> Path | None:
@@ -72,28 +57,6 @@ def resume_point(run_dir: Path, fingerprint_: dict[str, Any]) -> Path | None:
             "restore the original recipe and data, or pass --overwrite to start again",
         )
     return checkpoint
-
-
-def keep_metrics_until(path: Path, step: int) -> None:
-    """Drop rows a killed run logged after its last checkpoint: each step appears once."""
-    if path.is_file():
-        rows = [
-            line
-            for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line)["step"] <= step
-        ]
-        path.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
-
-
-def finish_work_dir(work_dir: Path, run_dir: Path) -> None:
-    (work_dir / INCOMPLETE).unlink(missing_ok=True)
-    if work_dir == run_dir:
-        return
-    trash = run_dir.with_name(f".{run_dir.name}.old")
-    shutil.rmtree(trash, ignore_errors=True)
-    os.rename(run_dir, trash)
-    os.rename(work_dir, run_dir)
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 def make_accelerator(section: TrainingSection, project_dir: Path) -> Any:
@@ -131,42 +94,47 @@ class Trained:
 
 def train(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Trained:
     """Train the recipe into its run folder (continuing it from its newest checkpoint with
-    `resume`)."""
+    `resume`). The main process holds the run's lock from before it looks at the folder until
+    it returns."""
+    from .checks import check_recipe
+    from .model import quiet_libraries
+
+    # Fail fast, before anything heavy is imported or loaded; say what the method ignores.
+    plan_folder(recipe, overwrite, resume)
+    notes = [line for line in check_recipe(recipe) if line.endswith(": ignored")]
+
+    quiet_libraries()
+    accelerator = make_accelerator(recipe.training, recipe.output_dir)
+    lock = run_folder.RunLock(recipe.output_dir) if accelerator.is_main_process else None
+    try:
+        if lock is not None:
+            lock.acquire()
+        accelerator.wait_for_everyone()
+        # Decided again under the lock: the folder may have changed since the first look.
+        where = plan_folder(recipe, overwrite, resume)
+        accelerator.wait_for_everyone()
+        return _train(recipe, where, accelerator, notes)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(recipe: Recipe, where: run_folder.Plan, accelerator: Any, notes: list[str]) -> Trained:
     from accelerate.utils import set_seed
 
     from . import data as data_stage
     from .checkpoint import Checkpointer, fingerprint, read_state
-    from .checks import check_recipe
     from .evaluate import evaluate
     from .methods import apply_method, penalty, step_hook
-    from .model import load_model, load_tokenizer, quiet_libraries
-    from .tracking import MetricsLog, plot_losses
-    from .train import fit, plan
+    from .model import load_model, load_tokenizer
+    from .tracking import MetricsLog, keep_metrics_until
+    from .train import Control, fit, plan
 
-    run_dir = recipe.output_dir
-    work_dir, continuing = choose_work_dir(run_dir, overwrite, resume)
-    # Fail fast, before anything heavy is imported or loaded; say what the method ignores.
-    notes = [line for line in check_recipe(recipe) if line.endswith(": ignored")]
-    quiet_libraries()
-    accelerator = make_accelerator(recipe.training, work_dir)
+    run_dir, work_dir = where.run_dir, where.work_dir
     main = accelerator.is_main_process
+    accelerator.project_configuration.set_directories(str(work_dir))
     print_ = fingerprint(recipe.model_dump(mode="json"), accelerator.num_processes)
-    start = resume_point(work_dir, print_) if continuing else None
-    if main:
-        if work_dir != run_dir:  # leftovers of an earlier interrupted --overwrite
-            shutil.rmtree(work_dir, ignore_errors=True)
-        work_dir.mkdir(parents=True, exist_ok=True)
-        (work_dir / INCOMPLETE).touch()
-        (work_dir / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
-        step = read_state(start)["step"] if start else 0
-        keep_metrics_until(work_dir / "metrics.jsonl", step)
-        if continuing:
-            say(
-                f"peftcli: resuming {run_dir} from {start.name}"
-                if start
-                else f"peftcli: {run_dir} has no complete checkpoint; starting it again from step 0"
-            )
-    accelerator.wait_for_everyone()
+    start = resume_point(work_dir, print_) if where.continuing else None
     set_seed(recipe.training.seed)
 
     task = recipe.model.task
@@ -177,7 +145,22 @@ def train(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Trai
     model = load_model(recipe.model, device=accelerator.device, labels=data.labels)
     model = apply_method(model, recipe.peft, task, total_steps=steps)
     counts = trainable_summary(model)
+    # The run folder is made (or reopened) only now that everything it needs has loaded: a
+    # recipe, data or model that fails leaves nothing behind.
     if main:
+        if not where.continuing:
+            run_folder.discard_partial(where)
+            run_folder.writable(work_dir.parent)
+            run_folder.create(work_dir)
+        (work_dir / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
+        step = read_state(start)["step"] if start else 0
+        keep_metrics_until(work_dir / "metrics.jsonl", step)
+        if where.continuing:
+            say(
+                f"peftcli: resuming {run_dir} from {start.name}"
+                if start
+                else f"peftcli: {run_dir} has no complete checkpoint; starting it again from step 0"
+            )
         for note in notes:
             say(f"peftcli: note: {note}")
         s = data.stats
@@ -191,6 +174,7 @@ def train(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Trai
             f"{len(data.eval.examples) if data.eval else 0} eval examples, {s['supervised_tokens']:,} of "
             f"{s['tokens']:,} train tokens supervised, {s['truncated']} truncated, {s['dropped']} dropped"
         )
+    accelerator.wait_for_everyone()
 
     log = MetricsLog(work_dir / "metrics.jsonl", accelerator, recipe.training.report_to)
     batch = recipe.training.batch_size
@@ -201,49 +185,93 @@ def train(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Trai
         section = recipe.eval if final else recipe.eval.model_copy(update={"metrics": metrics})
         return evaluate(m, tokenizer, data.eval, section, task, accelerator, batch)
 
-    summary = fit(
-        model,
-        data,
-        recipe.training,
-        accelerator,
-        pad_id,
-        task,
-        log,
-        evaluate=run_eval if data.eval else None,
-        on_step=step_hook(recipe.peft),
-        penalty=penalty(recipe.peft),
-        checkpoints=Checkpointer(
-            work_dir / "checkpoints",
-            recipe.training.save_every,
-            recipe.training.keep_checkpoints,
-            print_,
-            accelerator,
-            start,
-        ),
-    )
-    eval_metrics = run_eval(model, final=True) if data.eval else {}
-    if eval_metrics:
-        log.log(
-            {
-                "step": summary["steps"],
-                "epoch": summary["epochs"],
-                **{f"eval_{k}": v for k, v in eval_metrics.items() if isinstance(v, float)},
-            }
-        )
+    control = Control()
+    try:
+        with control:
+            summary = fit(
+                model,
+                data,
+                recipe.training,
+                accelerator,
+                pad_id,
+                task,
+                log,
+                evaluate=run_eval if data.eval else None,
+                on_step=step_hook(recipe.peft),
+                penalty=penalty(recipe.peft),
+                checkpoints=Checkpointer(
+                    work_dir / "checkpoints",
+                    recipe.training.save_every,
+                    recipe.training.keep_checkpoints,
+                    print_,
+                    accelerator,
+                    start,
+                ),
+                control=control,
+            )
+    except Interrupted:
+        raise
+    except BaseException:
+        # Nothing was trained: leave the folder as it was found.
+        if main and control.step == 0 and not where.continuing:
+            shutil.rmtree(work_dir, ignore_errors=True) if where.creates else _empty(work_dir)
+        raise
+
+    # Training is done: the adapter, tokenizer and run files are written before anything else
+    # (evaluation, plots), so no later failure costs the trained adapter.
+    result = {"train": {**summary, **counts}}
     if main:
-        accelerator.unwrap_model(model).save_pretrained(work_dir / "adapter")
-        tokenizer.save_pretrained(work_dir / "adapter")
-        if data.labels:  # class names, in the order of the classifier's outputs
-            (work_dir / "adapter" / LABELS_FILE).write_text(json.dumps(data.labels) + "\n", encoding="utf-8")
-        result = {**eval_metrics, "train": {**summary, **counts}}
-        (work_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        plot_losses(
-            work_dir / "metrics.jsonl", work_dir / "loss.png", title=f"{recipe.name} ({recipe.peft.method})"
-        )
-        finish_work_dir(work_dir, run_dir)
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items() if isinstance(v, float))
-        say(f"peftcli: {summary['steps']} steps in {summary['seconds']:.1f}s; eval: {shown or 'none'}")
+        save_adapter(accelerator.unwrap_model(model), tokenizer, data.labels, work_dir / "adapter")
+        write_json(work_dir / "eval.json", result)
+        run_folder.finish(where)
+        log.path = run_dir / "metrics.jsonl"
         say(f"peftcli: saved {run_dir}/adapter (load with PeftModel.from_pretrained)")
+    accelerator.wait_for_everyone()
+    try:
+        eval_metrics = run_eval(model, final=True) if data.eval else {}
+        if eval_metrics:
+            log.log(
+                {
+                    "step": summary["steps"],
+                    "epoch": summary["epochs"],
+                    **{f"eval_{k}": v for k, v in eval_metrics.items() if isinstance(v, float)},
+                }
+            )
+        if main:
+            write_json(run_dir / "eval.json", {**eval_metrics, **result})
+            from .tracking import plot_losses
+
+            plot_losses(
+                run_dir / "metrics.jsonl", run_dir / "loss.png", title=f"{recipe.name} ({recipe.peft.method})"
+            )
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items() if isinstance(v, float))
+            say(f"peftcli: {summary['steps']} steps in {summary['seconds']:.1f}s; eval: {shown or 'none'}")
+    except BaseException:
+        if main:
+            say(
+                f"peftcli: training finished and its adapter is saved in {run_dir}/adapter; what failed "
+                f"came after it (evaluate it again with `peftcli eval {run_dir}`)"
+            )
+        raise
     accelerator.wait_for_everyone()
     accelerator.end_training()  # closes trackers and the process group
     return Trained(run_dir, accelerator.unwrap_model(model), tokenizer, eval_metrics)
+
+
+def _empty(folder: Path) -> None:
+    """Return a folder that was empty before the run to being empty."""
+    for child in folder.iterdir() if folder.is_dir() else []:
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+def save_adapter(peft_model: Any, tokenizer: Any, labels: list[str] | None, folder: Path) -> None:
+    peft_model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    if labels:  # class names, in the order of the classifier's outputs
+        (folder / LABELS_FILE).write_text(json.dumps(labels) + "\n", encoding="utf-8")
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)

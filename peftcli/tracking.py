@@ -28,9 +28,30 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of `metrics.jsonl`; a last line torn by a killed process is left out."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                from .errors import UserError
+
+                raise UserError(f"{path}: line {number} is not JSON", "repair or delete the line") from None
+    return rows
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """Drop rows a killed run logged after its last checkpoint (each step appears once), and a
+    last line it tore while writing."""
+    if path.is_file():
+        rows = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        tmp.replace(path)
 
 
 def plot_losses(metrics_path: Path, out: Path, title: str = "") -> None:

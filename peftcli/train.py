@@ -7,6 +7,7 @@ the recipe. Logging, evaluation and checkpoints are one-line calls into helpers.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -18,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .data import Prepared, collate, train_sampler
-from .errors import UserError
-from .losses import loss_sum, supervised_tokens
+from .errors import Interrupted, UserError
+from .losses import IGNORE, loss_sum, supervised_tokens
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpointer
@@ -45,29 +46,58 @@ def plan(num_examples: int, section: TrainingSection, num_processes: int = 1) ->
 
 
 def micro_batch_groups(
-    loader: Any, grad_accum: int, steps_per_epoch: int, done: int = 0
+    loader: Any, grad_accum: int, steps_per_epoch: int, done: int = 0, shard: Shard | None = None
 ) -> Iterator[list[dict[str, torch.Tensor]]]:
     """Endless micro-batch groups, one per optimizer step; an epoch's last group may be short.
 
     `done` optimizer steps are skipped, so a resumed run sees exactly the batches an
-    uninterrupted one would (the order of each epoch is seeded by its number)."""
+    uninterrupted one would (the order of each epoch is seeded by its number). With several
+    processes, `shard` masks the examples Accelerate repeats to even out an epoch's last batch."""
     epoch, skip = divmod(done, steps_per_epoch)
     skip *= grad_accum
     while True:
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
         group: list[dict[str, torch.Tensor]] = []
-        for batch in loader:
+        for index, batch in enumerate(loader):
             if skip:
                 skip -= 1
                 continue
-            group.append(batch)
+            group.append(shard.mask_repeats(batch, index) if shard else batch)
             if len(group) == grad_accum:
                 yield group
                 group = []
         if group:
             yield group
         epoch += 1
+
+
+@dataclass
+class Shard:
+    """Which rows of a process's micro-batches are real examples.
+
+    Accelerate deals the epoch's batches round-robin (batch k of process p is global batch
+    k·N + p) and, so that every process steps together, completes the last round with examples
+    from the start of the epoch. In that global order the first `examples` slots are the epoch;
+    every slot after them is a repeat. Repeats keep their place in the forward and backward
+    pass (every process must take part in each gradient all-reduce) but carry no loss and no
+    tokens, so an uneven last global batch makes the same update as on one process."""
+
+    examples: int
+    batch_size: int
+    process: int
+    processes: int
+
+    def mask_repeats(self, batch: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
+        first = (index * self.processes + self.process) * self.batch_size
+        rows = batch["labels"].shape[0]
+        if first + rows <= self.examples:
+            return batch
+        repeat = torch.arange(first, first + rows, device=batch["labels"].device) >= self.examples
+        labels = batch["labels"].clone()
+        labels[repeat] = IGNORE
+        tokens = batch["row_tokens"].masked_fill(repeat, 0)
+        return {**batch, "labels": labels, "row_tokens": tokens, "num_tokens": tokens.sum()}
 
 
 def make_optimizer(model: Any, section: TrainingSection) -> torch.optim.Optimizer:
@@ -141,12 +171,14 @@ def fit(
     on_step: Callable[[Any, int], None] | None = None,
     penalty: Callable[[Any], torch.Tensor] | None = None,
     checkpoints: Checkpointer | None = None,
+    control: Control | None = None,
 ) -> dict[str, Any]:
     """Train; returns a summary (steps, tokens, seconds, last loss).
 
     `on_step(peft_model, step)` runs after each optimizer step while gradients still exist;
     `penalty(peft_model)` is a loss term added once per optimizer step; `checkpoints` saves
-    resumable state every `save_every` steps and resumes from the newest one."""
+    resumable state every `save_every` steps and resumes from the newest one; `control` counts
+    the steps taken and stops the loop, checkpointed, after Ctrl-C or SIGTERM."""
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
     from transformers import get_scheduler
@@ -170,6 +202,11 @@ def fit(
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     p = plan(len(data.train.examples), section, accelerator.num_processes)
     assert p.steps_per_epoch == math.ceil(len(loader) / section.grad_accum), "plan and loader disagree"
+    shard = None
+    if accelerator.num_processes > 1:
+        shard = Shard(
+            len(data.train.examples), section.batch_size, accelerator.process_index, accelerator.num_processes
+        )
     peft_model = accelerator.unwrap_model(model)
     scheduler = get_scheduler(
         section.scheduler, optimizer, num_warmup_steps=p.warmup_steps, num_training_steps=p.total_steps
@@ -191,7 +228,8 @@ def fit(
         dynamic_ncols=True,
         disable=not (accelerator.is_main_process and interactive),
     )
-    groups = micro_batch_groups(loader, section.grad_accum, p.steps_per_epoch, done)
+    groups = micro_batch_groups(loader, section.grad_accum, p.steps_per_epoch, done, shard)
+    control = control or Control()
     started = time.perf_counter()
     last: dict[str, Any] = {}
     for step in range(done + 1, p.total_steps + 1):
@@ -261,8 +299,18 @@ def fit(
                     **{f"eval_{k}": v for k, v in evaluate(model).items() if isinstance(v, float)},
                 }
             )
-        if checkpoints is not None and checkpoints.due(step, p.total_steps):
+        saved_now = checkpoints is not None and checkpoints.due(step, p.total_steps)
+        if saved_now:
             checkpoints.save(step, peft_model, optimizer, scheduler, {"step": step, **window.state()})
+        control.step = step
+        if step < p.total_steps and (signal_number := control.stop_requested(accelerator)):
+            bar.close()
+            saved = None
+            if checkpoints is not None and checkpoints.every:
+                if not saved_now:
+                    checkpoints.save(step, peft_model, optimizer, scheduler, {"step": step, **window.state()})
+                saved = checkpoints.last_good()
+            raise Interrupted(step, signal_number, saved)
     bar.close()
     return {
         "steps": p.total_steps,
@@ -273,6 +321,59 @@ def fit(
         "final_loss": last.get("loss"),
         "resumed_from": done,
     }
+
+
+class Control:
+    """Ctrl-C and SIGTERM while training: finish the step, checkpoint, stop (see `fit`).
+
+    The first signal asks the loop to stop after the current optimizer step; a second Ctrl-C
+    (a second later or more: a launcher relaying the first one does not count) stops at once.
+    With several processes they agree every step on whether any of them was asked to stop."""
+
+    def __init__(self) -> None:
+        self.step = 0  # optimizer steps finished by this run
+        self.signal: int | None = None
+        self.at = 0.0
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> Control:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        import signal
+
+        if self.signal is None:
+            self.signal, self.at = signum, time.monotonic()
+            if os.environ.get("RANK", "0") == "0":
+                print(
+                    f"\npeftcli: {signal.Signals(signum).name}: stopping after step {self.step + 1} "
+                    "(press Ctrl-C again to stop at once)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        elif signum == signal.SIGINT and time.monotonic() - self.at > 1.0:
+            raise KeyboardInterrupt
+
+    def stop_requested(self, accelerator: Any) -> int:
+        """The signal that asks to stop (0 for none), agreed by every process."""
+        asked = self.signal or 0
+        if accelerator.num_processes > 1:
+            flag = torch.tensor([asked], device=accelerator.device)
+            asked = int(accelerator.gather(flag).max())
+        return asked
 
 
 def diverged(step: int, what: str, checkpoints: Checkpointer | None) -> None:

@@ -194,9 +194,11 @@ def fit(model, *args, **kwargs):
         float(p.detach().sum())
     import gc; gc.collect()
     seen["before"] = status("VmRSS")
+    seen["file_before"] = status("RssFile")
     open("/proc/self/clear_refs", "w").write("5")
     summary = real_fit(model, *args, **kwargs)
     seen["peak"] = status("VmHWM")
+    seen["file_after"] = status("RssFile")
     return summary
 peftcli.train.fit = fit
 train(load_recipe(sys.argv[1], sys.argv[2:]))
@@ -220,7 +222,11 @@ def measure(recipe: Path, *overrides: str, default_malloc: bool = False) -> int:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
-    return seen["peak"] - seen["before"]
+    # The first backward pass and optimizer step page in library code: which kernels, and so how
+    # many MiB (12-16 on an AMX Xeon, less on an EPYC), depends on the CPU. Those file-backed
+    # pages are not tensors; they only grow, so subtracting their growth leaves the anonymous
+    # memory the plan is about.
+    return seen["peak"] - seen["before"] - (seen["file_after"] - seen["file_before"])
 
 
 # (hidden, intermediate, layers, vocabulary, batch, max_length)
@@ -280,7 +286,10 @@ def llama_folders(tmp_path_factory):
     return make
 
 
-TOLERANCE = 0.25  # measured: within 17% (small) and 10% (llama-512) on the development machine
+# The plan counts tensors; the process also holds allocator slack and kernel workspaces, which
+# differ with the CPU's kernels. Measured estimate/measured on an AMX Xeon (small): 0.90 without
+# and 1.21 with gradient checkpointing.
+TOLERANCE = 0.25
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to read peak RSS")
