@@ -923,13 +923,9 @@ def prepare(section: DataSection, tokenizer: Any, seed: int, task: str = "causal
 def _build_atomically(folder: Path, build: Any) -> None:
     """Build into a temporary folder beside `folder` and rename it into place, so a cache entry
     is complete or absent; when another process got there first, its entry is kept."""
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(
-            f"cannot create the data cache {folder.parent}: {exc.strerror}",
-            "set PEFTCLI_HOME to a writable folder",
-        ) from None
+    from .builtin import make_dirs
+
+    make_dirs(folder.parent)
     host = socket.gethostname()
     for stale in folder.parent.glob(f".{folder.name}.tmp-{host}-*"):  # left by a killed run here
         pid = stale.name.rpartition("-")[2]

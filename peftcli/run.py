@@ -7,6 +7,7 @@ of the recipe.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ def plan_folder(recipe: Recipe, overwrite: bool, resume: bool) -> run_folder.Pla
 
 def check_can_start(recipe: Recipe, overwrite: bool, resume: bool) -> None:
     """What refuses a `train` before any process starts: the folder, and another `train` in it."""
+    run_folder.check_location(recipe.output_dir, protected_paths(recipe))
     run_folder.check_free(recipe.output_dir)
     plan_folder(recipe, overwrite, resume)
 
@@ -97,22 +99,24 @@ def train(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Trai
     `resume`). The main process holds the run's lock from before it looks at the folder until
     it returns."""
     from .checks import check_recipe
-    from .model import quiet_libraries
 
-    # Fail fast, before anything heavy is imported or loaded; say what the method ignores.
-    plan_folder(recipe, overwrite, resume)
-    notes = [line for line in check_recipe(recipe) if line.endswith(": ignored")]
-
-    quiet_libraries()
-    accelerator = make_accelerator(recipe.training, recipe.output_dir)
-    lock = run_folder.RunLock(recipe.output_dir) if accelerator.is_main_process else None
+    # The main process (accelerate launch sets RANK; a plain run is rank 0) claims the run
+    # before it looks at the folder, and before anything heavy is imported: a second `train`
+    # of the same folder is refused at once.
+    main = os.environ.get("RANK", "0") == "0"
+    # Refused at once: a run another peftcli trains, a folder that can never be a run.
+    check_can_start(recipe, overwrite, resume) if main else plan_folder(recipe, overwrite, resume)
+    lock = run_folder.RunLock(recipe.output_dir) if main else None
     try:
         if lock is not None:
             lock.acquire()
-        accelerator.wait_for_everyone()
-        # Decided again under the lock: the folder may have changed since the first look.
         where = plan_folder(recipe, overwrite, resume)
-        accelerator.wait_for_everyone()
+        # Fail fast, before anything heavy is imported or loaded; say what the method ignores.
+        notes = [line for line in check_recipe(recipe) if line.endswith(": ignored")]
+        from .model import quiet_libraries
+
+        quiet_libraries()
+        accelerator = make_accelerator(recipe.training, recipe.output_dir)
         return _train(recipe, where, accelerator, notes)
     finally:
         if lock is not None:

@@ -159,6 +159,8 @@ def safetensors_shapes(folder: Path) -> dict[str, list[int]]:
         try:
             with path.open("rb") as f:
                 (length,) = struct.unpack("<Q", f.read(8))
+                if length > path.stat().st_size:  # not a safetensors file: don't read "length" bytes
+                    return {}
                 header = json.loads(f.read(length))
         except (OSError, ValueError, struct.error):
             return {}
