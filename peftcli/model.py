@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import builtin
 from .errors import UserError
+from .quant import prepare_quantized, quantization_config
 
 if TYPE_CHECKING:
     import torch
@@ -127,29 +128,6 @@ def resolve_dtype(section: ModelSection) -> torch.dtype:
     return getattr(torch, section.dtype)
 
 
-def quantization_config(section: ModelSection) -> Any:
-    if section.quantization == "none":
-        return None
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise UserError(
-            f"model.quantization: {section.quantization} needs bitsandbytes",
-            "pip install 'bitsandbytes>=0.48'",
-        ) from None
-    from transformers import BitsAndBytesConfig
-
-    if section.quantization == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=resolve_dtype(section),
-        bnb_4bit_quant_storage=resolve_dtype(section),
-    )
-
-
 def meta_model(section: ModelSection) -> Any:
     """The model's module tree on the meta device: no weights read, for checks and estimates."""
     import torch
@@ -189,15 +167,14 @@ def load_model(section: ModelSection, device: Any = None, labels: list[str] | No
         kwargs["device_map"] = {
             "": device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
         }
+    from safetensors import SafetensorError
+
     try:
         model = cls.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:  # a missing or corrupt weights file
         raise _load_error("weights", path, exc) from None
     if quant is not None:
-        from peft import prepare_model_for_kbit_training
-
-        # Gradient checkpointing is the training stage's choice, made there.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = prepare_quantized(model)
     if getattr(model.config, "pad_token_id", None) is None and section.task == "seq_cls":
         model.config.pad_token_id = model.config.eos_token_id
     return model

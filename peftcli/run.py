@@ -258,8 +258,11 @@ def _train(recipe: Recipe, where: run_folder.Plan, accelerator: Any, notes: list
             )
         raise
     accelerator.wait_for_everyone()
+    # The DDP wrapper (with gloo work it holds) goes before the process group it talks over;
+    # left to interpreter exit, gloo's threads can abort the process after a finished run.
+    accelerator.free_memory()
     accelerator.end_training()  # closes trackers and the process group
-    return Trained(run_dir, accelerator.unwrap_model(model), tokenizer, eval_metrics)
+    return Trained(run_dir, model, tokenizer, eval_metrics)
 
 
 def _empty(folder: Path) -> None:

@@ -21,6 +21,11 @@ if len(sys.argv) > 3 and sys.argv[3] == "4bit":
     )
     kwargs["device_map"] = {"": "cpu"}
 model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path, **kwargs), adapter).eval()
+# bitsandbytes' packed CPU kernel (AVX-512 BF16 CPUs) fails on tiny-llama's down_proj and rounds
+# to bf16; peftcli keeps it off (peftcli/quant.py), and so does this plain-PEFT comparison.
+for module in model.modules():
+    if hasattr(module, "support_avx512bf16_for_cpu"):
+        module.support_avx512bf16_for_cpu = False
 ids = torch.tensor([list(range(40, 72))])
 with torch.no_grad():
     torch.save(model(input_ids=ids).logits, out)

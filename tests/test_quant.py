@@ -1,0 +1,108 @@
+"""4/8-bit bases on every CPU. bitsandbytes' packed CPU path (CPUs with AVX-512 BF16) fails on
+some shapes, drops gradients after an evaluation and rounds to bf16 (see peftcli/quant.py), so
+peftcli keeps every 4-bit layer on the portable path: an evaluation computes exactly what the
+training forward computes, on any CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from peftcli.model import load_model
+from peftcli.recipe import ModelSection
+
+from .conftest import run_cli, write_recipe
+
+bnb = pytest.importorskip("bitsandbytes")
+
+
+def tiny_llama_4bit() -> torch.nn.Module:
+    return load_model(ModelSection(name_or_path="builtin:tiny-llama", quantization="4bit", dtype="float32"))
+
+
+def test_every_4bit_layer_takes_the_portable_path():
+    layers = [m for m in tiny_llama_4bit().modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 28  # 7 projections × 4 layers
+    assert not any(getattr(m, "support_avx512bf16_for_cpu", False) for m in layers)
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_the_no_grad_forward_equals_the_grad_forward(dora):
+    """Evaluation and generation (eval mode, no grad) run the same kernels on the same
+    dequantized weights as a training forward (dropout 0): the logits are bitwise equal, and a
+    training forward after an evaluation is unchanged (no weight was repacked)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, target_modules="all-linear", use_dora=dora, init_lora_weights=False)
+    model = get_peft_model(tiny_llama_4bit(), config)
+    ids = torch.randint(0, 250, (2, 24), device=next(model.parameters()).device)
+    model.train()
+    reference = model(input_ids=ids).logits.detach()
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, reference)
+    model.train()
+    assert torch.equal(model(input_ids=ids).logits.detach(), reference)
+
+
+def train_rows(run) -> list[tuple]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["lr"], r["tokens"]) for r in rows if "loss" in r]
+
+
+def test_qlora_trains_evaluates_and_saves_and_evaluations_do_not_change_training(tmp_path, completion_data):
+    """The issue's command, on the installed script: train, evaluate with a no-grad forward and
+    greedy generation, save. Evaluating after every step must leave training exactly as it is
+    without evaluations (each one packs the weights on an AVX-512 BF16 CPU; before the fix the
+    steps after it lost the gradient through the base layers)."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name, every in [("plain", []), ("evals", ["training.eval_every=1"])]:
+        run = tmp_path / name
+        recipe = write_recipe(
+            tmp_path / f"{name}.yaml",
+            peft={"method": "qlora"},
+            training={"output_dir": str(run)},
+            eval={"metrics": ["loss", "exact_match"], "max_new_tokens": 4},
+        )
+        proc = run_cli("train", str(recipe), "training.max_steps=3", *every)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr
+        assert (run / "adapter" / "adapter_model.safetensors").is_file()
+        evals = json.loads((run / "eval.json").read_text())
+        assert evals["loss"] > 0 and 0 <= evals["exact_match"] <= 1
+        runs[name] = run
+
+    assert [r[0] for r in train_rows(runs["plain"])] == [1, 2, 3]
+    assert train_rows(runs["evals"]) == train_rows(runs["plain"])
+    plain, evals = (load_file(runs[n] / "adapter" / "adapter_model.safetensors") for n in ("plain", "evals"))
+    assert plain.keys() == evals.keys() and all(torch.equal(plain[k], evals[k]) for k in plain)
+
+
+def test_lora_on_an_8bit_base_trains_evaluates_and_saves(tmp_path, completion_data):
+    """8-bit layers have no packed CPU path (int8 matmuls take any shape): the same run works."""
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", model={"quantization": "8bit"}, eval={"metrics": ["loss"]})
+    proc = run_cli("train", str(recipe), "training.max_steps=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((run / "eval.json").read_text())["loss"] > 0
+
+
+@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+def test_a_classifier_on_a_quantized_base_trains_its_full_precision_head(tmp_path, quantization):
+    """The classification head is new and trained whole: it stays out of quantization."""
+    run = tmp_path / "run"
+    proc = run_cli(
+        "train",
+        "recipes/bert-lora-cls.yaml",
+        f"model.quantization={quantization}",
+        "training.max_steps=2",
+        f"training.output_dir={run}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((run / "eval.json").read_text())["accuracy"] >= 0
