@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
-from .recipe import Recipe
+from peftcli.errors import UserError
+from peftcli.recipe import Recipe
 
 ENCODER_ONLY = {
     "bert",
@@ -44,7 +44,7 @@ LEARNED_POSITIONS = {
 
 def model_folder(recipe: Recipe) -> Path | None:
     """The local folder holding the model's files, or None for a hub id not in the local cache."""
-    from .model import source
+    from peftcli.model.load import source
 
     src = source(recipe.model)
     if Path(src).is_dir():
@@ -70,7 +70,7 @@ def read_config(folder: Path, name: str) -> dict[str, Any]:
 def check_model(recipe: Recipe, config: dict[str, Any] | None) -> list[str]:
     """The task and method fit the architecture; returns what was found, and notes."""
     if config is None:
-        from .methods import METHODS, check_fit
+        from peftcli.methods import METHODS, check_fit
 
         notes = check_fit(
             METHODS[recipe.peft.method],
@@ -97,7 +97,7 @@ def check_model(recipe: Recipe, config: dict[str, Any] | None) -> list[str]:
             f"({'encoder-decoder' if encoder_decoder else 'encoder-only'})",
             f"use {'seq2seq_lm' if encoder_decoder else 'seq_cls'}",
         )
-    from .methods import METHODS, check_fit
+    from peftcli.methods import METHODS, check_fit
 
     notes = check_fit(
         METHODS[recipe.peft.method],
@@ -118,7 +118,7 @@ def check_model(recipe: Recipe, config: dict[str, Any] | None) -> list[str]:
 
 def check_positions(recipe: Recipe, config: dict[str, Any]) -> None:
     """data.max_length (plus a prompt method's virtual tokens) fits a learned position table."""
-    from .methods import METHODS
+    from peftcli.methods import METHODS
 
     kind = config.get("model_type", "?")
     key, reserved = LEARNED_POSITIONS.get(kind, (None, 0))
@@ -143,8 +143,8 @@ def check_positions(recipe: Recipe, config: dict[str, Any]) -> None:
 
 def check_targets(recipe: Recipe, folder: Path | None) -> str | None:
     """Target modules from the checkpoint's weight names; None when they cannot be read."""
-    from .methods import METHODS, config_kwargs
-    from .targets import LinearIndex, resolve_targets
+    from peftcli.methods import METHODS, config_kwargs
+    from peftcli.methods.targets import LinearIndex, resolve_targets
 
     method = METHODS[recipe.peft.method]
     config_kwargs(method, recipe.peft)
@@ -160,7 +160,7 @@ def check_targets(recipe: Recipe, folder: Path | None) -> str | None:
 
 def check_data(recipe: Recipe, folder: Path | None) -> list[str]:
     """Every row is read (streaming) and checked against its format; says which format."""
-    from . import data as data_stage
+    from peftcli import data as data_stage
 
     task, section = recipe.model.task, recipe.data
     if data_stage.is_hub_dataset(section.train):

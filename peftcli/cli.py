@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from .errors import Interrupted, UserError
+from peftcli.errors import Interrupted, UserError
 
 app = typer.Typer(
     name="peftcli",
@@ -72,16 +72,16 @@ def train(
     ] = None,
 ) -> None:
     """Train a recipe; the run folder gets adapter/, metrics.jsonl, eval.json, loss.png."""
-    from .recipe import load_recipe
-    from .run import check_can_start
-    from .run import train as run_train
+    from peftcli.recipe import load_recipe
+    from peftcli.training.run import check_can_start
+    from peftcli.training.run import train as run_train
 
     r = load_recipe(recipe, overrides)
     flags = [f for f, on in (("--resume", resume), ("--overwrite", overwrite)) if on]
     again = shlex.join(["peftcli", "train", str(recipe), *(overrides or []), "--resume"])
     if num_processes is not None or launch_config is not None:
-        from .checks import check_recipe
-        from .launch import launch
+        from peftcli.checks import check_recipe
+        from peftcli.commands.launch import launch
 
         check_can_start(r, overwrite, resume)  # refuse before starting processes
         check_recipe(r)
@@ -96,8 +96,8 @@ def train(
 @app.command()
 def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
     """Check a recipe — schema, model config, target modules, data — without training."""
-    from .checks import check_recipe
-    from .recipe import load_recipe
+    from peftcli.checks import check_recipe
+    from peftcli.recipe import load_recipe
 
     r = load_recipe(recipe, overrides)
     for line in check_recipe(r):
@@ -108,7 +108,7 @@ def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
 @app.command()
 def schema() -> None:
     """Print the recipe's JSON Schema."""
-    from .recipe import Recipe
+    from peftcli.recipe import Recipe
 
     _print_json(Recipe.model_json_schema())
 
@@ -116,8 +116,8 @@ def schema() -> None:
 @app.command()
 def methods(json_out: JsonOpt = False) -> None:
     """List the PEFT methods, whether they merge, and their trainable share of a reference model."""
-    from .methods import METHODS
-    from .reference import load
+    from peftcli.methods import METHODS
+    from peftcli.methods.reference import load
 
     table = load()
     rows = []
@@ -164,13 +164,13 @@ def eval_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Loss, perplexity and exact match (where the data has reference answers)."""
-    from .evaluate_cmd import run_eval
+    from peftcli.commands.eval import run_eval
 
     result = run_eval(target, data, compare_base)
     if json_out:
         _print_json(result)
     else:
-        from .evaluate_cmd import format_result
+        from peftcli.commands.eval import format_result
 
         typer.echo(format_result(result))
 
@@ -212,8 +212,8 @@ def merge(
     ] = False,
 ) -> None:
     """Fold the adapter into the base weights: OUT is a plain transformers model folder."""
-    from .merge import merge as run_merge
-    from .merge import parse_weights
+    from peftcli.commands.merge import merge as run_merge
+    from peftcli.commands.merge import parse_weights
 
     run_merge(targets, out, dtype, parse_weights(weights), combination, density, overwrite)
 
@@ -238,7 +238,7 @@ def generate(
     json_out: JsonOpt = False,
 ) -> None:
     """Continue a prompt with the fine-tuned model (classifiers: the label and class probabilities)."""
-    from .generate_cmd import format_result, run_generate
+    from peftcli.commands.generate import format_result, run_generate
 
     result = run_generate(target, prompt, max_new_tokens, temperature, seed, chat, system)
     if json_out:
@@ -255,7 +255,7 @@ def data_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Show how the data is formatted, tokenised, masked and packed: statistics and the first rows."""
-    from .data_cmd import format_report, run_data
+    from peftcli.commands.data import format_report, run_data
 
     report = run_data(recipe, overrides, preview)
     if json_out:
@@ -278,9 +278,9 @@ def estimate(
     json_out: JsonOpt = False,
 ) -> None:
     """Parameter counts and a memory plan, from the model's config alone (no weights loaded)."""
-    from .estimate import estimate as run_estimate
-    from .estimate import format_estimate
-    from .recipe import load_recipe
+    from peftcli.commands.estimate import estimate as run_estimate
+    from peftcli.commands.estimate import format_estimate
+    from peftcli.recipe import load_recipe
 
     result = run_estimate(load_recipe(recipe, overrides), gpu_memory, num_processes)
     if json_out:
@@ -314,8 +314,8 @@ def compare(
     json_out: JsonOpt = False,
 ) -> None:
     """Train several methods on the same recipe (model, data, steps, seed) and tabulate them."""
-    from .compare import compare as run_compare
-    from .compare import format_table, parse_methods
+    from peftcli.commands.compare import compare as run_compare
+    from peftcli.commands.compare import format_table, parse_methods
 
     if not methods_opt:
         raise UserError("compare needs --methods", "e.g. --methods lora,ia3,prompt-tuning (or all)")
@@ -334,7 +334,7 @@ def compare(
 @app.command("env")
 def env_cmd(json_out: JsonOpt = False) -> None:
     """Versions, devices, backends and cache folders: what a bug report needs."""
-    from .env_cmd import collect, format_env
+    from peftcli.commands.env import collect, format_env
 
     info = collect()
     if json_out:

@@ -15,23 +15,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import UserError, did_you_mean
-from .methods import METHODS, canonical_method
+from peftcli.errors import UserError, did_you_mean
+from peftcli.methods import METHODS, canonical_method
+from peftcli.tasks import TASKS, Task
 
 MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
-Task = Literal["causal_lm", "seq2seq_lm", "seq_cls"]
 Metric = Literal["loss", "perplexity", "exact_match", "accuracy", "f1"]
-# What evaluation computes for each task (see evaluate.py), and what it reports by default.
-TASK_METRICS: dict[str, tuple[str, ...]] = {
-    "causal_lm": ("loss", "perplexity", "exact_match"),
-    "seq2seq_lm": ("loss", "perplexity", "exact_match"),
-    "seq_cls": ("loss", "accuracy", "f1"),
-}
-DEFAULT_METRICS: dict[str, list[str]] = {
-    "causal_lm": ["loss", "perplexity"],
-    "seq2seq_lm": ["loss", "perplexity"],
-    "seq_cls": ["loss", "accuracy", "f1"],
-}
 MAX_SEED = 2**32 - 1  # numpy's limit; training seeds numpy, torch and random with it
 
 
@@ -208,9 +197,9 @@ class Recipe(_Section):
             )
         if self.data.packing and self.model.task != "causal_lm":
             raise ValueError(f"data.packing works for causal_lm only, not model.task: {self.model.task}")
-        task, fits = self.model.task, TASK_METRICS[self.model.task]
+        task, fits = self.model.task, TASKS[self.model.task].metrics
         if self.eval.metrics is None:
-            self.eval.metrics = list(DEFAULT_METRICS[task])
+            self.eval.metrics = list(TASKS[task].default_metrics)
         unfit = [m for m in self.eval.metrics if m not in fits]
         if unfit:
             raise ValueError(

@@ -18,7 +18,7 @@ CLASSES = {
 for job in json.load(open(sys.argv[1])):
     config = json.load(open(f"{job['adapter']}/adapter_config.json"))
     if config["peft_type"] == "BOTTLENECK":
-        import peftcli.tuners  # noqa: F401  registers peftcli's own tuner with PEFT
+        import peftcli.methods.tuners  # noqa: F401  registers peftcli's own tuners with PEFT
     kwargs = {}
     if job["task"] == "seq_cls":
         kwargs["num_labels"] = len(json.load(open(f"{job['adapter']}/labels.json")))

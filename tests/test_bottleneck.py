@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-import peftcli.tuners  # noqa: F401  (registers `bottleneck` with PEFT)
-from peftcli.tuners.bottleneck import BottleneckConfig, BottleneckLayer
+import peftcli.methods.tuners  # noqa: F401  registers peftcli's own tuners with PEFT
+from peftcli.methods.tuners.bottleneck import BottleneckConfig, BottleneckLayer
 
 # Houlsby placement: attention-output and FFN-output projections.
 TINY_MODELS = {
@@ -36,7 +36,7 @@ with torch.no_grad():
 
 @pytest.fixture(scope="module")
 def model_paths():
-    from peftcli.builtin import materialise
+    from peftcli.model.builtin import materialise
 
     return {name: materialise(name) for name in TINY_MODELS}
 
@@ -237,7 +237,7 @@ def test_registration_is_idempotent():
         PEFT_TYPE_TO_TUNER_MAPPING,
     )
 
-    from peftcli.tuners import bottleneck
+    from peftcli.methods.tuners import bottleneck
 
     bottleneck.register()
     bottleneck.register()

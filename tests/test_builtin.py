@@ -6,8 +6,8 @@ import hashlib
 
 import pytest
 
-from peftcli import builtin
 from peftcli.errors import UserError
+from peftcli.model import builtin
 
 
 def digest(path):

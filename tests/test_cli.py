@@ -25,7 +25,7 @@ def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     "args", [["--help"], ["schema"], ["methods"], ["validate", "recipes/quickstart.yaml"]]
 )
 def test_light_commands_answer_without_heavy_imports(args):
-    from peftcli.builtin import materialise
+    from peftcli.model.builtin import materialise
 
     materialise("tiny-llama")  # once per machine; then validate reads only JSON headers
     code = (

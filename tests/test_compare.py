@@ -12,8 +12,8 @@ import pytest
 import torch
 import yaml
 
-from peftcli.compare import COLUMNS
-from peftcli.estimate import estimate
+from peftcli.commands.compare import COLUMNS
+from peftcli.commands.estimate import estimate
 from peftcli.recipe import load_recipe
 
 from .conftest import cli, write_recipe

@@ -11,10 +11,8 @@ import shutil
 
 import pytest
 
-from peftcli import builtin
 from peftcli import data as data_stage
 from peftcli.data import (
-    IGNORE,
     Encoder,
     LengthGroupedSampler,
     Source,
@@ -30,7 +28,9 @@ from peftcli.data import (
     read_rows,
 )
 from peftcli.errors import UserError
+from peftcli.model import builtin
 from peftcli.recipe import DataSection
+from peftcli.training.losses import IGNORE
 
 from .conftest import cli, write_jsonl, write_recipe
 
@@ -44,7 +44,7 @@ def llama_tok():
 
 @pytest.fixture(scope="module")
 def gpt2_tok():
-    from peftcli.model import load_tokenizer
+    from peftcli.model.load import load_tokenizer
     from peftcli.recipe import ModelSection
 
     return load_tokenizer(ModelSection(name_or_path="builtin:tiny-gpt2"))
@@ -139,7 +139,7 @@ def test_alpaca_renders_the_alpaca_prompt_with_and_without_input(llama_tok):
 
 
 def test_alpaca_for_seq2seq_puts_the_prompt_in_the_encoder():
-    from peftcli.model import load_tokenizer
+    from peftcli.model.load import load_tokenizer
     from peftcli.recipe import ModelSection
 
     tok = load_tokenizer(ModelSection(name_or_path="builtin:tiny-t5", task="seq2seq_lm"))
@@ -403,7 +403,7 @@ def test_packed_rows_give_each_example_its_own_logits(llama_tok):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from peftcli.losses import forward
+    from peftcli.training.losses import forward
 
     model = AutoModelForCausalLM.from_pretrained(builtin.materialise("tiny-llama")).eval()
     rows = [

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from peftcli.env_cmd import NOT_INSTALLED, OPTIONAL, PACKAGES, lock_drift
+from peftcli.commands.env import NOT_INSTALLED, OPTIONAL, PACKAGES, lock_drift
 
 from .conftest import run_cli
 

@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from peftcli import data as data_stage
-from peftcli.estimate import estimate, parse_memory, quantized_bytes
+from peftcli.commands.estimate import estimate, parse_memory, quantized_bytes
 from peftcli.methods import apply_method
-from peftcli.model import load_model
+from peftcli.model.load import load_model
 from peftcli.recipe import load_recipe
-from peftcli.run import trainable_summary
+from peftcli.training.accelerator import trainable_summary
 
 from .conftest import ROOT, cli, write_jsonl, write_recipe
 
@@ -131,7 +131,7 @@ def test_activations_follow_checkpointing_batch_and_processes(tmp_path, completi
 
 def test_an_8b_config_without_weights_answers_from_the_config(tmp_path, completion_data):
     """Only config.json in the folder: nothing to load, and the counts agree with `peftcli methods`."""
-    from peftcli.reference import REFERENCE, load
+    from peftcli.methods.reference import REFERENCE, load
 
     folder = tmp_path / "llama-8b"
     folder.mkdir()
@@ -174,19 +174,19 @@ def test_parse_memory():
 
 # --------------------------------------------------------------------------- measured memory
 
-# Runs `peftcli.run.train` and reports the resident memory the training loop adds: VmRSS when
+# Runs `peftcli.training.run.train` and reports the resident memory the training loop adds: VmRSS when
 # `fit` starts (model, adapter and data loaded, weights paged in), then the peak (VmHWM, reset
 # through /proc/self/clear_refs at that moment) when it returns.
 MEASURE = """
 import json, re, sys
-import peftcli.train
+import peftcli.training.loop
 from peftcli.recipe import load_recipe
 from peftcli.run import train
 
 def status(key):
     return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read())[1]) * 1024
 
-real_fit, seen = peftcli.train.fit, {}
+real_fit, seen = peftcli.training.loop.fit, {}
 def fit(model, *args, **kwargs):
     # Weights load as views of the mmapped safetensors file and page in at first use: touch
     # them all now, so that they count as resident before training (as weights_bytes does).
@@ -200,7 +200,7 @@ def fit(model, *args, **kwargs):
     seen["peak"] = status("VmHWM")
     seen["file_after"] = status("RssFile")
     return summary
-peftcli.train.fit = fit
+peftcli.training.loop.fit = fit
 train(load_recipe(sys.argv[1], sys.argv[2:]))
 print(json.dumps(seen))
 """
@@ -242,7 +242,7 @@ def llama_folders(tmp_path_factory):
     per size, with 16 rows of text longer than max_length."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from peftcli.builtin import materialise
+    from peftcli.model.builtin import materialise
 
     made: dict[str, Path] = {}
 
@@ -323,8 +323,8 @@ def test_activation_formula_matches_what_autograd_saves(tmp_path, model, toleran
     """The bytes a real LoRA forward pass saves for backward (each storage counted once,
     parameters excluded) against the plan: the layers plus the fp32 log-probabilities."""
     from peftcli.data import collate, prepare
-    from peftcli.losses import loss_sum
-    from peftcli.model import load_tokenizer
+    from peftcli.model.load import load_tokenizer
+    from peftcli.training.losses import loss_sum
 
     task = TASKS[model]
     # Every row fills max_length (T5: the encoder's prompt and the decoder's answer alike).

@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from peftcli import builtin
-from peftcli.data import IGNORE, Encoder, new_stats
-from peftcli.evaluate import generate_answers
-from peftcli.generate_cmd import prompt_ids
+from peftcli.commands.generate import prompt_ids
+from peftcli.data import Encoder, new_stats
+from peftcli.model import builtin
 from peftcli.recipe import load_recipe
-from peftcli.run import train
+from peftcli.training.evaluate import generate_answers
+from peftcli.training.losses import IGNORE
+from peftcli.training.run import train
 
 from .conftest import ROOT, cli, write_jsonl, write_recipe
 

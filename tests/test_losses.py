@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from peftcli import builtin
-from peftcli.losses import IGNORE, LinearCrossEntropy, _targets, loss_sum
+from peftcli.model import builtin
+from peftcli.training.losses import IGNORE, LinearCrossEntropy, _targets, loss_sum
 
 
 def plain_loss(model, batch):

@@ -17,10 +17,10 @@ import torch
 from bitsandbytes import functional as bnb_functional
 from safetensors.torch import load_file
 
-from peftcli import builtin
 from peftcli.methods import METHODS
+from peftcli.model import builtin
 from peftcli.recipe import load_recipe
-from peftcli.run import train
+from peftcli.training.run import train
 
 from .conftest import ROOT, cli, write_jsonl, write_recipe
 
@@ -120,9 +120,9 @@ def merged(runs, tmp_path_factory) -> dict[str, Path]:
 def auto_class(task: str):
     import transformers
 
-    from peftcli.model import AUTO_CLASSES
+    from peftcli.tasks import TASKS
 
-    return getattr(transformers, AUTO_CLASSES[task])
+    return getattr(transformers, TASKS[task].auto_class)
 
 
 def test_every_mergeable_method_merges_to_the_adapters_outputs(runs, merged):
@@ -192,10 +192,10 @@ def test_dtype_option_sets_the_saved_dtype(runs, tmp_path):
 def loss_on(model, run_dir: Path) -> float:
     """The eval loss the merge report should have measured, recomputed independently."""
     from peftcli.data import prepare
-    from peftcli.evaluate import loss_metrics
-    from peftcli.model import load_tokenizer
+    from peftcli.model.load import load_tokenizer
     from peftcli.recipe import TrainingSection
-    from peftcli.run import make_accelerator
+    from peftcli.training.accelerator import make_accelerator
+    from peftcli.training.evaluate import loss_metrics
 
     recipe = load_recipe(run_dir / "recipe.yaml")
     tokenizer = load_tokenizer(recipe.model)
@@ -208,7 +208,7 @@ def loss_on(model, run_dir: Path) -> float:
 def test_quantized_base_is_dequantized_before_merging(runs, merged, data, tmp_path, quantization, capsys):
     from peft import PeftModel
 
-    from peftcli.model import load_model
+    from peftcli.model.load import load_model
 
     if quantization == "4bit":
         run_dir, out = runs["qlora"]["run"], merged["qlora"]
@@ -285,7 +285,7 @@ def lora_factors(run_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, f
 def test_two_lora_runs_combine_with_weights(runs, second_lora, tmp_path, combination):
     from peft import PeftModel
 
-    from peftcli.model import load_model
+    from peftcli.model.load import load_model
     from peftcli.recipe import ModelSection
 
     first = runs["lora"]["run"]

@@ -16,7 +16,7 @@ import torch
 from peftcli.errors import UserError
 from peftcli.methods import METHODS
 from peftcli.recipe import load_recipe
-from peftcli.run import train
+from peftcli.training.run import train
 
 from .conftest import write_jsonl, write_recipe
 
@@ -57,8 +57,8 @@ def refusal(model_name: str, method: str) -> str | None:
     """peftcli's refusal of the pair, from the same rule `validate` and `train` apply (None when
     it trains). Some refusals follow the installed libraries (prefix tuning needs a model that
     takes `past_key_values`), so a new release moves a pair between the two expectations."""
-    from peftcli import builtin
     from peftcli.methods import check_fit
+    from peftcli.model import builtin
     from peftcli.recipe import PeftSection
 
     task = MODELS[model_name][0]
@@ -258,9 +258,9 @@ def test_trainable_parameters_match_the_methods_formula(method):
     """LoKr is left out: its count depends on PEFT's factorisation of each dimension."""
     from transformers import AutoModelForCausalLM
 
-    import peftcli.tuners  # noqa: F401
-    from peftcli import builtin
+    import peftcli.methods.tuners  # noqa: F401  registers peftcli's own tuners with PEFT
     from peftcli.methods import apply_method
+    from peftcli.model import builtin
     from peftcli.recipe import PeftSection
 
     model = AutoModelForCausalLM.from_pretrained(builtin.materialise("tiny-llama"))
@@ -272,10 +272,12 @@ def test_trainable_parameters_match_the_methods_formula(method):
 
 def test_shipped_reference_shares_are_current():
     """`peftcli methods` shows shares from method_shares.json; recompute them on the meta device."""
-    from peftcli import reference
+    from peftcli.methods import reference
 
     shipped = reference.load()
-    assert shipped == reference.compute(), "run `python -m peftcli.reference` to refresh method_shares.json"
+    assert shipped == reference.compute(), (
+        "run `python -m peftcli.methods.reference` to refresh method_shares.json"
+    )
 
 
 @pytest.mark.parametrize("method", METHOD_NAMES)
@@ -306,9 +308,9 @@ def test_prompt_learning_options_pass_through():
     an LSTM encoder: PEFT options reach the config, and the virtual tokens are what was asked."""
     from transformers import AutoModelForCausalLM
 
-    import peftcli.tuners  # noqa: F401
-    from peftcli import builtin
+    import peftcli.methods.tuners  # noqa: F401  registers peftcli's own tuners with PEFT
     from peftcli.methods import apply_method
+    from peftcli.model import builtin
     from peftcli.recipe import PeftSection
 
     path = builtin.materialise("tiny-llama")
@@ -339,17 +341,19 @@ def test_prefix_tuning_rule_agrees_with_what_peft_does(model_name):
     or ignores them."""
     from peft import PrefixTuningConfig, get_peft_model
 
-    from peftcli import builtin
-    from peftcli.methods import TASK_TYPES, takes_past_key_values
-    from peftcli.model import AUTO_CLASSES
+    from peftcli.methods import takes_past_key_values
+    from peftcli.model import builtin
+    from peftcli.tasks import TASKS
 
     task = MODELS[model_name][0]
     folder = builtin.materialise(model_name)
     model_type = json.loads((Path(folder) / "config.json").read_text())["model_type"]
     import transformers
 
-    base = getattr(transformers, AUTO_CLASSES[task]).from_pretrained(folder)
-    model = get_peft_model(base, PrefixTuningConfig(task_type=TASK_TYPES[task], num_virtual_tokens=4))
+    base = getattr(transformers, TASKS[task].auto_class).from_pretrained(folder)
+    model = get_peft_model(
+        base, PrefixTuningConfig(task_type=TASKS[task].peft_task_type, num_virtual_tokens=4)
+    )
     model.eval()
     kwargs = {"decoder_input_ids": PROBE[:, :5]} if task == "seq2seq_lm" else {}
     with torch.no_grad():

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from peftcli.model import load_model
+from peftcli.model.load import load_model
 from peftcli.recipe import ModelSection
 
 from .conftest import run_cli, write_recipe

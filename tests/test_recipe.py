@@ -149,7 +149,7 @@ def test_every_builtin_recipe_trains(path, tmp_path, monkeypatch):
     """A smoke run of each shipped recipe on its builtin model (3 steps, 8 eval examples)."""
     import json
 
-    from peftcli.run import train
+    from peftcli.training.run import train
 
     monkeypatch.chdir(ROOT)
     recipe = load_recipe(

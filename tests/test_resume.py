@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from peftcli.recipe import load_recipe
-from peftcli.run import train
+from peftcli.training.run import train
 
 from .conftest import cli, write_recipe
 

@@ -102,7 +102,7 @@ def case_seed(tmp: Path) -> tuple[list[str], Path, str]:
 
 def case_broken_weights(tmp: Path) -> tuple[list[str], Path, str]:
     """A failure after the checks (the weights do not load): nothing is left behind."""
-    from peftcli.builtin import materialise
+    from peftcli.model.builtin import materialise
 
     model = tmp / "model"
     shutil.copytree(materialise("tiny-llama"), model)

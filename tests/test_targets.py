@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from peftcli import builtin
 from peftcli.errors import UserError
-from peftcli.targets import LinearIndex, resolve_targets
+from peftcli.methods.targets import LinearIndex, resolve_targets
+from peftcli.model import builtin
 
 
 @pytest.fixture(scope="module")

@@ -10,16 +10,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
-from .evaluate_cmd import Target, labels_of, open_target
-from .recipe import DataSection
-from .run import say
+from peftcli.console import say
+from peftcli.errors import UserError
+from peftcli.recipe import DataSection
+from peftcli.runs import Target, labels_of, open_target
 
 
 def target_tokenizer(target: Target) -> Any:
     """The tokenizer saved with the adapter (it carries the chat template the run trained
     with), else the model folder's."""
-    from .model import load_tokenizer
+    from peftcli.model.load import load_tokenizer
 
     if target.adapter is not None and (target.adapter / "tokenizer_config.json").is_file():
         return load_tokenizer(target.model.model_copy(update={"name_or_path": str(target.adapter)}))
@@ -29,7 +29,7 @@ def target_tokenizer(target: Target) -> Any:
 def check_template(target: Target, tokenizer: Any) -> str | None:
     """A warning when the base model's chat template is no longer the one the run recorded
     (not when the recipe chose its own with data.chat_template)."""
-    from .model import load_tokenizer
+    from peftcli.model.load import load_tokenizer
 
     if target.adapter is None or not (target.adapter / "tokenizer_config.json").is_file():
         return None
@@ -47,7 +47,7 @@ def prompt_ids(
     tokenizer: Any, prompt: str, task: str, chat: bool, system: str | None, section: DataSection | None = None
 ) -> list[int]:
     """Token ids of the prompt exactly as training rendered the prompt part of an example."""
-    from .data import Encoder
+    from peftcli.data import Encoder
 
     # The tokenizer carries the template to use (the run saved its own with the adapter).
     section = (section or DataSection(train="--prompt")).model_copy(update={"chat_template": None})
@@ -87,14 +87,14 @@ def load_target_model(target: Target, labels: list[str] | None) -> Any:
     """The base as the run loaded it (quantized if it was), with the adapter on top."""
     import torch
 
-    from .model import load_model
+    from peftcli.model.load import load_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(target.model, device=device, labels=labels)
     if target.model.quantization == "none":
         model.to(device)
     if target.adapter is not None:
-        from .methods import load_adapter
+        from peftcli.methods import load_adapter
 
         model = load_adapter(model, target.adapter)
     return model.eval()
@@ -112,8 +112,8 @@ def run_generate(
     """`{"prompt", "output"}`; for classifiers `{"prompt", "label", "probabilities"}`."""
     import torch
 
-    from .evaluate import generate_answers
-    from .model import quiet_libraries
+    from peftcli.console import quiet_libraries
+    from peftcli.training.evaluate import generate_answers
 
     if system is not None and not chat:
         raise UserError("--system needs --chat (the system message goes into the chat template)")

@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .data import Prepared, collate, train_sampler
-from .errors import Interrupted, UserError
-from .losses import IGNORE, loss_sum, supervised_tokens
+from peftcli.data import Prepared, collate, train_sampler
+from peftcli.errors import Interrupted, UserError
+from peftcli.training.losses import IGNORE, loss_sum, supervised_tokens
 
 if TYPE_CHECKING:
-    from .checkpoint import Checkpointer
-    from .recipe import TrainingSection
-    from .tracking import MetricsLog
+    from peftcli.recipe import TrainingSection
+    from peftcli.training.checkpoint import Checkpointer
+    from peftcli.training.tracking import MetricsLog
 
 
 @dataclass

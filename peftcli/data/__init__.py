@@ -26,12 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import UserError
+from peftcli.errors import UserError
+from peftcli.tasks import TASKS
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from .recipe import DataSection
+    from peftcli.recipe import DataSection
 
 IGNORE = -100
 EXTENSIONS = {  # matched case-insensitively (train.JSONL, DATA.CSV)
@@ -50,11 +51,6 @@ FORMAT_COLUMNS = {
     "completion": ("prompt", "completion"),
     "classification": ("text", "label"),
     "text": ("text",),
-}
-TASK_FORMATS = {  # in the order `auto` tries them
-    "causal_lm": ("messages", "sharegpt", "alpaca", "completion", "text"),
-    "seq2seq_lm": ("completion", "alpaca"),
-    "seq_cls": ("classification",),
 }
 CHAT_FORMATS = ("messages", "sharegpt")
 MESSAGE_ROLES = ("system", "user", "assistant", "tool")
@@ -343,17 +339,17 @@ def choose_format(row: dict[str, Any], wanted: str, key: str = "data.format", ta
     """The format of rows like `row`: `wanted`, checked against its columns, or detected."""
     columns = set(row)
     if wanted == "auto":
-        for fmt in TASK_FORMATS[task]:
+        for fmt in TASKS[task].formats:
             if set(FORMAT_COLUMNS[fmt]) <= columns:
                 return fmt
-        expected = " or ".join("+".join(FORMAT_COLUMNS[f]) for f in TASK_FORMATS[task])
+        expected = " or ".join("+".join(FORMAT_COLUMNS[f]) for f in TASKS[task].formats)
         raise UserError(
             f"{key}: cannot tell the format from the columns {sorted(columns)}; expected {expected}",
             "rename the columns, or set data.format",
         )
-    if wanted not in TASK_FORMATS[task]:
+    if wanted not in TASKS[task].formats:
         raise UserError(
-            f"{key}: {wanted} does not fit model.task: {task}; use {' or '.join(TASK_FORMATS[task])}"
+            f"{key}: {wanted} does not fit model.task: {task}; use {' or '.join(TASKS[task].formats)}"
         )
     missing = [c for c in FORMAT_COLUMNS[wanted] if c not in columns]
     if missing:
@@ -853,7 +849,7 @@ class TokenArrays(Sequence):
 
 
 def cache_root() -> Path:
-    from .builtin import home
+    from peftcli.home import home
 
     return home() / "cache" / "data"
 
@@ -923,7 +919,7 @@ def prepare(section: DataSection, tokenizer: Any, seed: int, task: str = "causal
 def _build_atomically(folder: Path, build: Any) -> None:
     """Build into a temporary folder beside `folder` and rename it into place, so a cache entry
     is complete or absent; when another process got there first, its entry is kept."""
-    from .builtin import make_dirs
+    from peftcli.home import make_dirs
 
     make_dirs(folder.parent)
     host = socket.gethostname()

@@ -7,40 +7,19 @@ calls; builtins are only materialised into a folder first.
 from __future__ import annotations
 
 import functools
-import logging
 import sys
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import builtin
-from .errors import UserError
-from .quant import prepare_quantized, quantization_config
+from peftcli.errors import UserError
+from peftcli.model import builtin
+from peftcli.model.quant import prepare_quantized, quantization_config
+from peftcli.tasks import TASKS
 
 if TYPE_CHECKING:
     import torch
 
-    from .recipe import ModelSection
-
-AUTO_CLASSES = {
-    "causal_lm": "AutoModelForCausalLM",
-    "seq2seq_lm": "AutoModelForSeq2SeqLM",
-    "seq_cls": "AutoModelForSequenceClassification",
-}
-
-
-def quiet_libraries() -> None:
-    """peftcli reports progress itself; keep library chatter off the terminal."""
-    import transformers
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    transformers.logging.disable_progress_bar()
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", module="bitsandbytes")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*gradient checkpointing.*")
+    from peftcli.recipe import ModelSection
 
 
 def source(section: ModelSection) -> str:
@@ -134,7 +113,7 @@ def meta_model(section: ModelSection) -> Any:
     import transformers
 
     config = load_config(section)
-    cls = getattr(transformers, AUTO_CLASSES[section.task])
+    cls = getattr(transformers, TASKS[section.task].auto_class)
     try:
         with torch.device("meta"):
             return cls.from_config(config, trust_remote_code=section.trust_remote_code)
@@ -157,7 +136,7 @@ def load_model(section: ModelSection, device: Any = None, labels: list[str] | No
 
     path = source(section)
     config = load_config(section, labels)
-    cls = getattr(transformers, AUTO_CLASSES[section.task])
+    cls = getattr(transformers, TASKS[section.task].auto_class)
     quant = quantization_config(section)
     kwargs: dict[str, Any] = {"config": config, "dtype": resolve_dtype(section), **_common_kwargs(section)}
     if section.attn_implementation:

@@ -1,6 +1,6 @@
 """Trainable-parameter shares of every method on a reference architecture, for `peftcli methods`.
 
-Computed on the meta device (no weights) by `python -m peftcli.reference`, which rewrites
+Computed on the meta device (no weights) by `python -m peftcli.methods.reference`, which rewrites
 `method_shares.json`; a test recomputes them, so the shipped numbers cannot go stale.
 """
 
@@ -28,8 +28,8 @@ def compute() -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from .methods import METHODS, apply_method
-    from .recipe import PeftSection
+    from peftcli.methods import METHODS, apply_method
+    from peftcli.recipe import PeftSection
 
     config = LlamaConfig(**{k: v for k, v in REFERENCE.items() if k != "name"})
     shares = {}
@@ -48,7 +48,7 @@ def load() -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from .model import quiet_libraries
+    from peftcli.console import quiet_libraries
 
     quiet_libraries()
     TABLE.write_text(json.dumps(compute(), indent=1) + "\n")

@@ -14,24 +14,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from .errors import UserError, did_you_mean
-from .targets import LinearIndex, resolve_targets
+from peftcli.errors import UserError, did_you_mean
+from peftcli.methods.targets import LinearIndex, resolve_targets
+from peftcli.tasks import TASKS
 
 if TYPE_CHECKING:
     import torch
     import torch.nn as nn
 
-    from .recipe import PeftSection
+    from peftcli.recipe import PeftSection
 
 Kind = Literal["targets", "prompt", "adaption"]
-ALL_TASKS = frozenset({"causal_lm", "seq2seq_lm", "seq_cls"})
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
     summary: str
-    config_class: str  # a class of `peft` (or of peftcli.tuners for peftcli's own methods)
+    config_class: str  # a class of `peft` (or of peftcli.methods.tuners for peftcli's own methods)
     merges: bool  # can the adapter be folded into the base weights?
     kind: Kind = "targets"  # targets: adapts modules; prompt: virtual tokens; adaption: gated prompts
     # The recipe's generic keys (r, alpha, dropout) and the config field each one sets.
@@ -39,7 +39,7 @@ class Method:
     fixed: dict[str, Any] = field(default_factory=dict)  # config values the method implies
     defaults: dict[str, Any] = field(default_factory=dict)  # config defaults peftcli chooses
     default_targets: tuple[str, ...] = ("all-linear",)
-    tasks: frozenset[str] = ALL_TASKS
+    tasks: frozenset[str] = frozenset(TASKS)
     model_types: frozenset[str] | None = None  # None = any architecture
     quantized_base: bool = True  # works on a 4/8-bit base
     conv1d: bool = True  # can adapt GPT-2-style Conv1D layers
@@ -165,8 +165,6 @@ METHODS: dict[str, Method] = {
     ]
 }
 
-TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq2seq_lm": "SEQ_2_SEQ_LM", "seq_cls": "SEQ_CLS"}
-
 
 def canonical_method(name: str) -> str:
     return name.strip().lower().replace("_", "-")
@@ -199,7 +197,7 @@ def check_fit(
             f"peft.method: {method.name} does not support {model_type} models",
             f"it supports {', '.join(sorted(method.model_types))}",
         )
-    from .targets import CONV1D_MODEL_TYPES
+    from peftcli.methods.targets import CONV1D_MODEL_TYPES
 
     if not method.conv1d and model_type in CONV1D_MODEL_TYPES:
         raise UserError(
@@ -248,12 +246,7 @@ def takes_past_key_values(model_type: str, task: str) -> bool:
     import transformers
     from transformers.models.auto import modeling_auto as auto
 
-    tables = {
-        "causal_lm": auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        "seq2seq_lm": auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
-        "seq_cls": auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
-    }
-    names = [tables[task].get(model_type)]
+    names = [getattr(auto, TASKS[task].auto_mapping).get(model_type)]
     if task == "seq_cls":
         names.append(auto.MODEL_MAPPING_NAMES.get(model_type))
     classes = [getattr(transformers, n, None) for n in names if isinstance(n, str)]
@@ -323,7 +316,7 @@ def config_fields(class_name: str) -> set[str]:
 def config_class(name: str) -> type:
     import peft
 
-    from . import tuners
+    from peftcli.methods import tuners  # noqa: F401  registers peftcli's own tuners with PEFT
 
     return getattr(tuners, name, None) or getattr(peft, name)
 
@@ -398,7 +391,7 @@ def apply_method(model: nn.Module, section: PeftSection, task: str, total_steps:
     }
     targets.pop("names")
     try:
-        config = config_class(method.config_class)(task_type=TASK_TYPES[task], **targets, **kwargs)
+        config = config_class(method.config_class)(task_type=TASKS[task].peft_task_type, **targets, **kwargs)
         return get_peft_model(model, config)
     except (TypeError, ValueError) as exc:
         raise UserError(f"peft.method: {method.name}: {str(exc).strip().splitlines()[0]}") from None
@@ -410,7 +403,7 @@ def load_adapter(model: Any, folder: Path | str, adapter_name: str = "default") 
     them like PEFT's own. A PeftModel gets the adapter added under `adapter_name`."""
     from peft import PeftModel
 
-    from . import tuners  # noqa: F401  registers peftcli's own methods with PEFT
+    from peftcli.methods import tuners  # noqa: F401  registers peftcli's own tuners with PEFT
 
     try:
         if isinstance(model, PeftModel):

@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from peftcli.errors import UserError
 
 
 def free_port() -> int:

@@ -21,8 +21,12 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from .errors import UserError
+from peftcli.errors import UserError
+from peftcli.model import builtin
+from peftcli.recipe import ModelSection, Recipe, load_recipe, read_yaml
+from peftcli.tasks import task_of_peft_type
 
 MARKER = ".peftcli-run"
 INCOMPLETE = ".incomplete"
@@ -66,7 +70,7 @@ def is_unfinished(path: Path) -> bool:
 
 
 def has_checkpoints(path: Path) -> bool:
-    from .checkpoint import latest
+    from peftcli.training.checkpoint import latest
 
     return latest(path / "checkpoints") is not None
 
@@ -320,3 +324,107 @@ def writable(path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise _unwritable(path, exc) from None
+
+
+# --------------------------------------------------------------------------- what a run leaves
+
+LABELS_FILE = "labels.json"
+
+
+def save_adapter(peft_model: Any, tokenizer: Any, labels: list[str] | None, folder: Path) -> None:
+    peft_model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    if labels:  # class names, in the order of the classifier's outputs
+        (folder / LABELS_FILE).write_text(json.dumps(labels) + "\n", encoding="utf-8")
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------- opening a run, an adapter or a model
+
+
+def _recorded_default_metrics(path: Path) -> list[str]:
+    """Runs recorded before eval.metrics depended on the task hold the old default,
+    [loss, perplexity], for classifiers too: read it as the task's default."""
+    raw = read_yaml(path)
+    task = (raw.get("model") or {}).get("task")
+    if task == "seq_cls" and (raw.get("eval") or {}).get("metrics") == ["loss", "perplexity"]:
+        return ["eval.metrics=null"]
+    return []
+
+
+def _model_task(path: Path) -> str:
+    """The task a plain model folder was saved for (a merged run keeps its head; an encoder
+    without one, such as builtin:tiny-bert, is for classification)."""
+    from peftcli.checks import ENCODER_ONLY
+
+    config = json.loads((path / "config.json").read_text())
+    if _is_classifier(config) or config.get("model_type") in ENCODER_ONLY:
+        return "seq_cls"
+    return "seq2seq_lm" if config.get("is_encoder_decoder") else "causal_lm"
+
+
+def _is_classifier(config: dict[str, Any]) -> bool:
+    return any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or [])
+
+
+@dataclass
+class Target:
+    model: ModelSection
+    adapter: Path | None
+    recipe: Recipe | None  # set when the target is (inside) a run folder
+    run_dir: Path | None
+
+
+def open_target(path: Path) -> Target:
+    """A run folder, an adapter folder (PEFT save_pretrained), a plain model folder, or a
+    builtin model (`builtin:<name>`, as in a recipe's model.name_or_path)."""
+    spec = str(path)
+    path = path.expanduser()
+    if not path.exists() and spec.startswith(builtin.PREFIX):
+        folder = Path(builtin.resolve(spec, key=""))
+        return Target(ModelSection(name_or_path=spec, task=_model_task(folder)), None, None, None)
+    if not path.exists():
+        raise UserError(f"no such run, adapter or model folder: {path}")
+    if (path / "recipe.yaml").is_file() and (path / "adapter" / "adapter_config.json").is_file():
+        recipe = load_recipe(path / "recipe.yaml", _recorded_default_metrics(path / "recipe.yaml"))
+        return Target(recipe.model, path / "adapter", recipe, path)
+    if (path / "adapter_config.json").is_file():
+        if (path.parent / "recipe.yaml").is_file():
+            return open_target(path.parent)
+        cfg = json.loads((path / "adapter_config.json").read_text())
+        base = cfg.get("base_model_name_or_path")
+        if not base:
+            raise UserError(f"{path}/adapter_config.json names no base model (base_model_name_or_path)")
+        task = task_of_peft_type(cfg.get("task_type"))
+        return Target(ModelSection(name_or_path=base, task=task), path, None, None)
+    if (path / "config.json").is_file():
+        return Target(ModelSection(name_or_path=str(path), task=_model_task(path)), None, None, None)
+    if (path / "recipe.yaml").is_file():
+        raise UserError(f"{path} holds no adapter yet: the run did not finish", "train it again, or --resume")
+    raise UserError(
+        f"{path} is not a run, adapter or model folder",
+        "expected recipe.yaml + adapter/, adapter_config.json, or config.json",
+    )
+
+
+def labels_of(target: Target) -> list[str] | None:
+    """Class names in the order of the classifier's outputs: the run's labels.json, or the
+    id2label of a (merged) classifier folder; None when the target has none."""
+    from peftcli.model.load import source
+    from peftcli.runs import LABELS_FILE
+
+    if target.adapter is not None:
+        path = target.adapter / LABELS_FILE
+        return json.loads(path.read_text()) if path.is_file() else None
+    if target.model.task != "seq_cls":
+        return None
+    config = json.loads((Path(source(target.model)) / "config.json").read_text())
+    id2label = config.get("id2label")
+    if not _is_classifier(config) or not id2label:
+        return None  # a base encoder: its head is new, its classes come from the data
+    return [id2label[k] for k in sorted(id2label, key=int)]

@@ -29,10 +29,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .errors import UserError
+from peftcli.errors import UserError
 
 if TYPE_CHECKING:
-    from .recipe import ModelSection
+    from peftcli.recipe import ModelSection
 
 
 # The classification heads of transformers' *ForSequenceClassification models, by attribute name.
@@ -51,7 +51,7 @@ def quantization_config(section: ModelSection) -> Any:
         ) from None
     from transformers import BitsAndBytesConfig
 
-    from .model import resolve_dtype
+    from peftcli.model.load import resolve_dtype
 
     # A classifier's head is created fresh and trained in full precision (PEFT's
     # modules_to_save); quantizing it would leave an uninitialised 4/8-bit layer.

@@ -1,8 +1,8 @@
 """`peftcli compare`: train several methods on one recipe — same model, data, steps and seed —
 and tabulate what each costs and what it reaches.
 
-Each method trains in its own subprocess (`python -m peftcli.compare RECIPE OVERRIDES_JSON`),
-through the same `peftcli.run.train` as `peftcli train`, into `<DIR>/<method>/`. A process of
+Each method trains in its own subprocess (`python -m peftcli.commands.compare RECIPE OVERRIDES_JSON`),
+through the same `peftcli.training.run.train` as `peftcli train`, into `<DIR>/<method>/`. A process of
 its own is what makes the peak-memory column honest: on CPU it is the process's peak resident
 set (`getrusage` ru_maxrss: Python, libraries, weights, data and training together); on a GPU
 it is `torch.cuda.max_memory_allocated`. The table is written as `compare.csv`, `compare.md`
@@ -21,11 +21,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError, did_you_mean
-from .methods import METHODS, canonical_method
-from .recipe import load_recipe
-from .run import say
-from .run_folder import is_run
+from peftcli.console import human_bytes, say
+from peftcli.errors import UserError, did_you_mean
+from peftcli.methods import METHODS, canonical_method
+from peftcli.recipe import load_recipe
+from peftcli.runs import is_run
 
 RESULT_ENV = "PEFTCLI_COMPARE_RESULT"  # where a worker writes its JSON result
 TASK_METRICS = ("exact_match", "accuracy")
@@ -84,7 +84,7 @@ def compare(
     overwrite: bool = False,
 ) -> tuple[list[dict[str, Any]], Path]:
     """Train every method; returns the table's rows and the folder they were written to."""
-    from .checks import check_recipe
+    from peftcli.checks import check_recipe
 
     if max_steps is not None and max_steps < 1:
         raise UserError(f"--max-steps: {max_steps} must be at least 1")
@@ -125,7 +125,7 @@ def run_method(
     result_path = run_dir.with_name(f".{run_dir.name}.compare.json")
     result_path.parent.mkdir(parents=True, exist_ok=True)
     result_path.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "peftcli.compare", str(recipe_path), json.dumps(overrides)]
+    cmd = [sys.executable, "-m", "peftcli.commands.compare", str(recipe_path), json.dumps(overrides)]
     if overwrite:
         cmd.append("--overwrite")
     env = {**os.environ, RESULT_ENV: str(result_path)}
@@ -145,7 +145,7 @@ def run_method(
 
 
 def method_row(method: str, run_dir: Path, result: dict[str, Any], metrics: list[str]) -> dict[str, Any]:
-    from .tracking import read_metrics
+    from peftcli.training.tracking import read_metrics
 
     evals = json.loads((run_dir / "eval.json").read_text())
     train = evals["train"]
@@ -187,14 +187,6 @@ def _human(value: Any, column: str) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
 
 
 def shown_columns(rows: list[dict[str, Any]]) -> list[str]:
@@ -301,7 +293,7 @@ def worker(argv: list[str]) -> int:
     """One method's run, in its own process; writes its result (or its user error) as JSON."""
     import resource
 
-    from .run import train
+    from peftcli.training.run import train
 
     recipe_path, overrides = Path(argv[0]), json.loads(argv[1])
     result_path = Path(os.environ[RESULT_ENV])

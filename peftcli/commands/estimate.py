@@ -36,7 +36,7 @@ counts are exactly those of a real run. Memory is then planned per process, in b
       + (b + 1)·Σ in(adapted layers)   only with adapter dropout > 0 (dropped input + mask)
 
   plus the output head. A causal LM with a plain linear head fuses the head with the
-  cross-entropy (`peftcli.losses.LinearCrossEntropy`): it keeps the gradient of the head's
+  cross-entropy (`peftcli.training.losses.LinearCrossEntropy`): it keeps the gradient of the head's
   input (h per position, in the activation dtype) and holds one chunk of logits at a time
   (2**24 of them: the activation dtype plus float32). Other language-model heads take 12
   bytes per position per vocabulary entry: the fp32 log-probabilities kept for the loss's
@@ -64,11 +64,11 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import UserError
+from peftcli.errors import UserError
 
 if TYPE_CHECKING:
-    from .recipe import Recipe
-    from .targets import LinearIndex
+    from peftcli.methods.targets import LinearIndex
+    from peftcli.recipe import Recipe
 
 GiB = 2**30
 # CUDA context, cuBLAS/cuDNN workspaces and allocator slack that no tensor accounts for.
@@ -90,7 +90,7 @@ def parse_memory(text: str) -> int:
 
 
 def _local_rows(recipe: Recipe) -> list[Any] | None:
-    from . import data as data_stage
+    from peftcli import data as data_stage
 
     if data_stage.is_hub_dataset(recipe.data.train):
         return None
@@ -109,8 +109,8 @@ def load_config(recipe: Recipe, labels: list[str] | None) -> Any:
     """The model config — from a local folder, the Hugging Face cache, or (online) the hub."""
     from huggingface_hub import constants
 
-    from .checks import model_folder
-    from .model import load_config as config_of
+    from peftcli.checks import model_folder
+    from peftcli.model.load import load_config as config_of
 
     if model_folder(recipe) is None and constants.HF_HUB_OFFLINE:
         name = recipe.model.name_or_path
@@ -126,9 +126,9 @@ def meta_model(recipe: Recipe, config: Any, dtype: Any) -> Any:
     import torch
     import transformers
 
-    from .model import AUTO_CLASSES
+    from peftcli.tasks import TASKS
 
-    cls = getattr(transformers, AUTO_CLASSES[recipe.model.task])
+    cls = getattr(transformers, TASKS[recipe.model.task].auto_class)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": recipe.model.trust_remote_code}
     if recipe.model.attn_implementation:
         kwargs["attn_implementation"] = recipe.model.attn_implementation
@@ -254,7 +254,7 @@ def activations(
 ) -> dict[str, int]:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from .methods import METHODS
+    from peftcli.methods import METHODS
 
     method = METHODS[recipe.peft.method]
     batch, length = recipe.training.batch_size, recipe.data.max_length
@@ -284,7 +284,7 @@ def activations(
 def head_bytes(recipe: Recipe, config: Any, peft_model: Any, tokens: int, act_bytes: int) -> dict[str, int]:
     """The output head's share of the activations: `logits` in all, `saved` of it kept for
     backward (the rest is alive only while the loss is computed)."""
-    from .losses import fusable, fused_rows
+    from peftcli.training.losses import fusable, fused_rows
 
     task = recipe.model.task
     if task == "seq_cls":
@@ -310,12 +310,12 @@ def estimate(recipe: Recipe, gpu_memory: str | None = None, num_processes: int =
         raise UserError(f"--num-processes: {num_processes} must be at least 1")
     import torch
 
-    from .checks import check_model
-    from .data import label_names
-    from .methods import apply_method
-    from .model import quiet_libraries
-    from .targets import LinearIndex
-    from .train import plan
+    from peftcli.checks import check_model
+    from peftcli.console import quiet_libraries
+    from peftcli.data import label_names
+    from peftcli.methods import apply_method
+    from peftcli.methods.targets import LinearIndex
+    from peftcli.training.loop import plan
 
     quiet_libraries()
     rows = _local_rows(recipe)
@@ -411,7 +411,7 @@ def estimate(recipe: Recipe, gpu_memory: str | None = None, num_processes: int =
 
 
 def format_estimate(result: dict[str, Any]) -> str:
-    from .compare import human_bytes
+    from peftcli.console import human_bytes
 
     plan, memory = result["plan"], result["memory"]
     gc = "on" if plan["gradient_checkpointing"] else "off"

@@ -61,7 +61,7 @@ ENV_VARS = (
     "BNB_CUDA_VERSION",
 )
 # The committed lock of a checkout (`make setup` installs exactly it); absent in a wheel install.
-LOCK_FILE = Path(__file__).resolve().parent.parent / "requirements" / "lock.txt"
+LOCK_FILE = Path(__file__).resolve().parent.parent.parent / "requirements" / "lock.txt"
 
 
 def collect() -> dict[str, Any]:
@@ -282,8 +282,9 @@ def _memory() -> dict[str, int | None]:
 def _caches() -> dict[str, Any]:
     from huggingface_hub import constants
 
-    from .builtin import builtin_path, home
-    from .data import cache_root
+    from peftcli.data import cache_root
+    from peftcli.home import home
+    from peftcli.model.builtin import builtin_path
 
     def datasets_cache() -> str:
         import datasets.config

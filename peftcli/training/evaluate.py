@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .data import Reference, Split, collate
-from .losses import example_losses, forward
+from peftcli.data import Reference, Split, collate
+from peftcli.training.losses import example_losses, forward
 
 if TYPE_CHECKING:
-    from .recipe import EvalSection
+    from peftcli.recipe import EvalSection
 
 
 @torch.no_grad()
@@ -117,10 +117,10 @@ def evaluate(
 ) -> dict[str, Any]:
     """The metrics `section.metrics` asks for (null: the task's default), where they apply to the
     task (exact_match also when `with_exact_match`; classification always reports accuracy and
-    F1). The recipe refuses metrics a task does not compute (recipe.TASK_METRICS)."""
-    from .recipe import DEFAULT_METRICS
+    F1). The recipe refuses metrics a task does not compute (tasks.TASKS)."""
+    from peftcli.tasks import TASKS
 
-    wanted = set(section.metrics or DEFAULT_METRICS[task])
+    wanted = set(section.metrics or TASKS[task].default_metrics)
     measured = loss_metrics(model, split, task, accelerator, batch_size, tokenizer.pad_token_id)
     keep = wanted | ({"accuracy", "f1"} if task == "seq_cls" else set())
     metrics: dict[str, Any] = {k: v for k, v in measured.items() if k in keep}

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .data import IGNORE
+from peftcli.training.losses import IGNORE
 
 MARK = ("«", "»")  # around supervised text when stdout is not a terminal
 COLOR = ("\x1b[1;32m", "\x1b[0m")  # on a terminal
@@ -29,9 +29,10 @@ class Report:
 
 
 def run_data(recipe_path: Path, overrides: list[str] | None, preview: int) -> Report:
-    from .data import padding_fraction, prepare
-    from .model import load_tokenizer, quiet_libraries
-    from .recipe import load_recipe
+    from peftcli.console import quiet_libraries
+    from peftcli.data import padding_fraction, prepare
+    from peftcli.model.load import load_tokenizer
+    from peftcli.recipe import load_recipe
 
     recipe = load_recipe(recipe_path, overrides)
     quiet_libraries()

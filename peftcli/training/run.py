@@ -6,24 +6,18 @@ of the recipe.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import run_folder
-from .errors import Interrupted, UserError
-from .recipe import Recipe, TrainingSection, dump_recipe
-
-LABELS_FILE = "labels.json"
-
-
-def say(message: str) -> None:
-    """Progress for humans: stderr, so `--json` stdout stays clean."""
-    print(message, file=sys.stderr, flush=True)
+from peftcli import runs as run_folder
+from peftcli.console import say
+from peftcli.errors import Interrupted, UserError
+from peftcli.recipe import Recipe, dump_recipe
+from peftcli.runs import save_adapter, write_json
+from peftcli.training.accelerator import make_accelerator, trainable_summary
 
 
 def protected_paths(recipe: Recipe) -> list[Path]:
@@ -47,7 +41,7 @@ def check_can_start(recipe: Recipe, overwrite: bool, resume: bool) -> None:
 
 def resume_point(run_dir: Path, fingerprint_: dict[str, Any]) -> Path | None:
     """The newest complete checkpoint, refusing one made under a different recipe or data."""
-    from .checkpoint import differences, latest, read_state
+    from peftcli.training.checkpoint import differences, latest, read_state
 
     checkpoint = latest(run_dir / "checkpoints")
     if checkpoint is None:
@@ -59,31 +53,6 @@ def resume_point(run_dir: Path, fingerprint_: dict[str, Any]) -> Path | None:
             "restore the original recipe and data, or pass --overwrite to start again",
         )
     return checkpoint
-
-
-def make_accelerator(section: TrainingSection, project_dir: Path) -> Any:
-    import torch
-    from accelerate import Accelerator, DataLoaderConfiguration
-
-    precision = section.mixed_precision
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    if precision == "fp16" and not torch.cuda.is_available():
-        raise UserError("training.mixed_precision: fp16 needs a CUDA GPU", "use bf16 or no on CPU")
-    trackers = [t for t in section.report_to if t != "jsonl"]
-    return Accelerator(
-        # Without a GPU, processes started by a launcher talk over gloo.
-        cpu=not torch.cuda.is_available(),
-        mixed_precision=precision,
-        log_with=trackers or None,
-        project_dir=str(project_dir),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
-
-
-def trainable_summary(model: Any) -> dict[str, int]:
-    trainable, total = model.get_nb_trainable_parameters()
-    return {"trainable_params": int(trainable), "total_params": int(total)}
 
 
 @dataclass
@@ -98,7 +67,7 @@ def train(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Trai
     """Train the recipe into its run folder (continuing it from its newest checkpoint with
     `resume`). The main process holds the run's lock from before it looks at the folder until
     it returns."""
-    from .checks import check_recipe
+    from peftcli.checks import check_recipe
 
     # The main process (accelerate launch sets RANK; a plain run is rank 0) claims the run
     # before it looks at the folder, and before anything heavy is imported: a second `train`
@@ -113,7 +82,7 @@ def train(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Trai
         where = plan_folder(recipe, overwrite, resume)
         # Fail fast, before anything heavy is imported or loaded; say what the method ignores.
         notes = [line for line in check_recipe(recipe) if line.endswith(": ignored")]
-        from .model import quiet_libraries
+        from peftcli.console import quiet_libraries
 
         quiet_libraries()
         accelerator = make_accelerator(recipe.training, recipe.output_dir)
@@ -126,13 +95,13 @@ def train(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Trai
 def _train(recipe: Recipe, where: run_folder.Plan, accelerator: Any, notes: list[str]) -> Trained:
     from accelerate.utils import set_seed
 
-    from . import data as data_stage
-    from .checkpoint import Checkpointer, fingerprint, read_state
-    from .evaluate import evaluate
-    from .methods import apply_method, penalty, step_hook
-    from .model import load_model, load_tokenizer
-    from .tracking import MetricsLog, keep_metrics_until
-    from .train import Control, fit, plan
+    from peftcli import data as data_stage
+    from peftcli.methods import apply_method, penalty, step_hook
+    from peftcli.model.load import load_model, load_tokenizer
+    from peftcli.training.checkpoint import Checkpointer, fingerprint, read_state
+    from peftcli.training.evaluate import evaluate
+    from peftcli.training.loop import Control, fit, plan
+    from peftcli.training.tracking import MetricsLog, keep_metrics_until
 
     run_dir, work_dir = where.run_dir, where.work_dir
     main = accelerator.is_main_process
@@ -243,7 +212,7 @@ def _train(recipe: Recipe, where: run_folder.Plan, accelerator: Any, notes: list
             )
         if main:
             write_json(run_dir / "eval.json", {**eval_metrics, **result})
-            from .tracking import plot_losses
+            from peftcli.training.tracking import plot_losses
 
             plot_losses(
                 run_dir / "metrics.jsonl", run_dir / "loss.png", title=f"{recipe.name} ({recipe.peft.method})"
@@ -269,16 +238,3 @@ def _empty(folder: Path) -> None:
     """Return a folder that was empty before the run to being empty."""
     for child in folder.iterdir() if folder.is_dir() else []:
         shutil.rmtree(child) if child.is_dir() else child.unlink()
-
-
-def save_adapter(peft_model: Any, tokenizer: Any, labels: list[str] | None, folder: Path) -> None:
-    peft_model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    if labels:  # class names, in the order of the classifier's outputs
-        (folder / LABELS_FILE).write_text(json.dumps(labels) + "\n", encoding="utf-8")
-
-
-def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError, did_you_mean
-from .evaluate_cmd import Target, labels_of, open_target
-from .methods import METHODS
+from peftcli.errors import UserError, did_you_mean
+from peftcli.methods import METHODS
+from peftcli.runs import Target, labels_of, open_target
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # PEFT's add_weighted_adapter combinations. `cat` stacks the adapters (rank = sum of ranks), so
@@ -105,7 +105,7 @@ def open_sources(paths: list[Path]) -> list[Source]:
 
 
 def _base_key(source: Source) -> tuple[Any, ...]:
-    from .model import source as model_source
+    from peftcli.model.load import source as model_source
 
     m = source.target.model
     return (model_source(m), m.revision, m.task, m.quantization)
@@ -158,7 +158,7 @@ def check_combination(
 
 
 def check_out(out: Path, sources: list[Source], overwrite: bool) -> None:
-    from .model import source as model_source
+    from peftcli.model.load import source as model_source
 
     resolved = out.expanduser().resolve()
     protected = [s.adapter.resolve() for s in sources] + [
@@ -201,7 +201,7 @@ def dequantize_into(float_model: Any, quantized: Any) -> list[str]:
 
 
 def load_adapter_model(base: Any, sources: list[Source], names: list[str]) -> Any:
-    from .methods import load_adapter
+    from peftcli.methods import load_adapter
 
     model = base
     for source, name in zip(sources, names, strict=True):
@@ -214,7 +214,7 @@ def save_dtype(choice: str, target: Target) -> Any:
     """`auto`: the base checkpoint's own dtype (float32 when its config names none)."""
     import torch
 
-    from .model import load_config
+    from peftcli.model.load import load_config
 
     if choice not in DTYPES:
         raise UserError(
@@ -244,8 +244,8 @@ def merge(
     """Merge and write OUT; returns the report (also written to OUT/merge_report.json)."""
     import torch
 
-    from .model import load_model, load_tokenizer, quiet_libraries
-    from .run import say
+    from peftcli.console import quiet_libraries, say
+    from peftcli.model.load import load_model, load_tokenizer
 
     sources = open_sources(paths)
     weights = check_combination(sources, weights, combination, density)
@@ -322,10 +322,11 @@ def compare_losses(
 ) -> dict[str, Any]:
     """Eval loss of the adapter on its quantized base vs the merged model, on the run's eval
     split: what dequantizing and merging changed."""
-    from .evaluate import loss_metrics
-    from .evaluate_cmd import eval_split
-    from .recipe import TrainingSection
-    from .run import make_accelerator, say
+    from peftcli.commands.eval import eval_split
+    from peftcli.console import say
+    from peftcli.recipe import TrainingSection
+    from peftcli.training.accelerator import make_accelerator
+    from peftcli.training.evaluate import loss_metrics
 
     if source.target.recipe is None:
         note = "skipped: the target is an adapter folder without a run, so there is no eval split"
@@ -390,9 +391,9 @@ def write_folder(out: Path, model: Any, tokenizer: Any, report: dict[str, Any], 
 
 
 def _auto_class(task: str) -> str:
-    from .model import AUTO_CLASSES
+    from peftcli.tasks import TASKS
 
-    return AUTO_CLASSES[task]
+    return TASKS[task].auto_class
 
 
 def parse_weights(text: str | None) -> list[float] | None:

@@ -6,6 +6,6 @@ or load a PEFT model imports it (never `peftcli/__init__.py`). After `import pef
 PEFT's own.
 """
 
-from .bottleneck import BottleneckConfig, BottleneckLayer, BottleneckModel
+from peftcli.methods.tuners.bottleneck import BottleneckConfig, BottleneckLayer, BottleneckModel
 
 __all__ = ["BottleneckConfig", "BottleneckLayer", "BottleneckModel"]

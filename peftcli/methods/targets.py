@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import UserError, did_you_mean
+from peftcli.errors import UserError, did_you_mean
 
 if TYPE_CHECKING:
     import torch.nn as nn

@@ -38,7 +38,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
             if number < len(lines):
-                from .errors import UserError
+                from peftcli.errors import UserError
 
                 raise UserError(f"{path}: line {number} is not JSON", "repair or delete the line") from None
     return rows

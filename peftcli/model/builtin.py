@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError, did_you_mean
+from peftcli.errors import UserError, did_you_mean
+from peftcli.home import home, make_dirs
 
 PREFIX = "builtin:"
 VERSION = 2  # bump when a builtin model changes: caches keep the old ones apart
@@ -28,32 +29,6 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-
-
-def home() -> Path:
-    """peftcli's cache folder (builtin models, prepared data); one that cannot be is refused."""
-    if os.environ.get("PEFTCLI_HOME"):
-        path, name = Path(os.environ["PEFTCLI_HOME"]).expanduser(), "PEFTCLI_HOME"
-    else:
-        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        path, name = Path(cache) / "peftcli", "the cache folder"
-    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
-    if not existing.is_dir():
-        raise UserError(f"{name} {path}: {existing} is a file, not a folder", HOME_HINT)
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{name} {path} is not writable", HOME_HINT)
-    return path
-
-
-HOME_HINT = "set PEFTCLI_HOME to a folder you can write to"
-
-
-def make_dirs(path: Path) -> None:
-    """mkdir -p under peftcli's cache folder, as a one-line error when the system refuses."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create {path}: {exc.strerror or exc}", HOME_HINT) from None
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -270,7 +245,7 @@ def materialise(name: str) -> Path:
         return target
     import torch
 
-    from .model import quiet_libraries
+    from peftcli.console import quiet_libraries
 
     quiet_libraries()
     make_dirs(target.parent)

@@ -1,0 +1,35 @@
+"""peftcli's cache folder (`$PEFTCLI_HOME`, default `~/.cache/peftcli`): builtin models and
+prepared data live under it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from peftcli.errors import UserError
+
+
+def home() -> Path:
+    """peftcli's cache folder (builtin models, prepared data); one that cannot be is refused."""
+    if os.environ.get("PEFTCLI_HOME"):
+        path, name = Path(os.environ["PEFTCLI_HOME"]).expanduser(), "PEFTCLI_HOME"
+    else:
+        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        path, name = Path(cache) / "peftcli", "the cache folder"
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{name} {path}: {existing} is a file, not a folder", HOME_HINT)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{name} {path} is not writable", HOME_HINT)
+    return path
+
+
+HOME_HINT = "set PEFTCLI_HOME to a folder you can write to"
+
+
+def make_dirs(path: Path) -> None:
+    """mkdir -p under peftcli's cache folder, as a one-line error when the system refuses."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {path}: {exc.strerror or exc}", HOME_HINT) from None

@@ -1,0 +1,63 @@
+"""What peftcli knows about each `model.task`, in one table: the transformers class that loads
+it, PEFT's task type, the data formats it trains on, what evaluation computes for it.
+
+Imports nothing heavy: the recipe schema, `validate` and the data checks read it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+Task = Literal["causal_lm", "seq2seq_lm", "seq_cls"]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    auto_class: str  # transformers' AutoModelFor* class
+    auto_mapping: str  # transformers.models.auto.modeling_auto: model type -> task class name
+    peft_task_type: str  # PEFT's TaskType
+    formats: tuple[str, ...]  # data formats, in the order `data.format: auto` tries them
+    metrics: tuple[str, ...]  # what evaluation computes
+    default_metrics: tuple[str, ...]  # what it reports when eval.metrics is null
+
+
+TASKS: dict[str, TaskSpec] = {
+    t.name: t
+    for t in [
+        TaskSpec(
+            "causal_lm",
+            "AutoModelForCausalLM",
+            "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+            "CAUSAL_LM",
+            ("messages", "sharegpt", "alpaca", "completion", "text"),
+            ("loss", "perplexity", "exact_match"),
+            ("loss", "perplexity"),
+        ),
+        TaskSpec(
+            "seq2seq_lm",
+            "AutoModelForSeq2SeqLM",
+            "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+            "SEQ_2_SEQ_LM",
+            ("completion", "alpaca"),
+            ("loss", "perplexity", "exact_match"),
+            ("loss", "perplexity"),
+        ),
+        TaskSpec(
+            "seq_cls",
+            "AutoModelForSequenceClassification",
+            "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+            "SEQ_CLS",
+            ("classification",),
+            ("loss", "accuracy", "f1"),
+            ("loss", "accuracy", "f1"),
+        ),
+    ]
+}
+assert tuple(TASKS) == get_args(Task)
+
+
+def task_of_peft_type(task_type: str | None) -> str:
+    """The task of a saved adapter, from its adapter_config.json `task_type` (default causal LM)."""
+    return next((t.name for t in TASKS.values() if t.peft_task_type == task_type), "causal_lm")
