@@ -4,7 +4,7 @@ CONFIG names the trainer and the shared work (model folder, data files, LoRA and
 settings); RESULT receives what the run measured. The three trainers:
 
 - `peftcli`: `peftcli train RECIPE --overwrite`, in this process (the CLI's own `main`), on a
-  recipe written from CONFIG. `peftcli.data.prepare` and `peftcli.model.load.load_model` are wrapped
+  recipe written from CONFIG. `peftcli.data.cache.prepare` and `peftcli.model.load.load_model` are wrapped
   with timers; nothing else is touched.
 - `trl`: TRL's `SFTTrainer` with `peft_config=LoraConfig(...)` on the prompt/completion JSON
   lines (TRL's prompt-completion format: completion-only loss), `packing=True` for packing.
@@ -385,7 +385,7 @@ def peftcli_recipe(cfg: dict[str, Any]) -> dict[str, Any]:
 def run_peftcli(cfg: dict[str, Any]) -> dict[str, Any]:
     import yaml
 
-    import peftcli.data
+    import peftcli.data.cache
     import peftcli.model.load
     from peftcli.cli import main
 
@@ -404,7 +404,7 @@ def run_peftcli(cfg: dict[str, Any]) -> dict[str, Any]:
 
         setattr(module, name, wrapper)
 
-    timed(peftcli.data, "prepare")
+    timed(peftcli.data.cache, "prepare")
     timed(peftcli.model.load, "load_model")
     sys.argv = ["peftcli", "train", str(recipe), "--overwrite"]
     try:

@@ -12,18 +12,8 @@ from typing import Any
 
 from peftcli.errors import UserError
 from peftcli.recipe import Recipe
+from peftcli.tasks import ENCODER_ONLY
 
-ENCODER_ONLY = {
-    "bert",
-    "roberta",
-    "deberta",
-    "deberta-v2",
-    "distilbert",
-    "electra",
-    "albert",
-    "xlm-roberta",
-    "modernbert",
-}
 # Architectures whose position embeddings are a learned table: a longer input fails with an
 # index error mid-training. model_type → (config key of the table size, slots kept for padding).
 LEARNED_POSITIONS = {
@@ -70,7 +60,8 @@ def read_config(folder: Path, name: str) -> dict[str, Any]:
 def check_model(recipe: Recipe, config: dict[str, Any] | None) -> list[str]:
     """The task and method fit the architecture; returns what was found, and notes."""
     if config is None:
-        from peftcli.methods import METHODS, check_fit
+        from peftcli.methods import METHODS
+        from peftcli.methods.apply import check_fit
 
         notes = check_fit(
             METHODS[recipe.peft.method],
@@ -97,7 +88,8 @@ def check_model(recipe: Recipe, config: dict[str, Any] | None) -> list[str]:
             f"({'encoder-decoder' if encoder_decoder else 'encoder-only'})",
             f"use {'seq2seq_lm' if encoder_decoder else 'seq_cls'}",
         )
-    from peftcli.methods import METHODS, check_fit
+    from peftcli.methods import METHODS
+    from peftcli.methods.apply import check_fit
 
     notes = check_fit(
         METHODS[recipe.peft.method],
@@ -143,7 +135,8 @@ def check_positions(recipe: Recipe, config: dict[str, Any]) -> None:
 
 def check_targets(recipe: Recipe, folder: Path | None) -> str | None:
     """Target modules from the checkpoint's weight names; None when they cannot be read."""
-    from peftcli.methods import METHODS, config_kwargs
+    from peftcli.methods import METHODS
+    from peftcli.methods.apply import config_kwargs
     from peftcli.methods.targets import LinearIndex, resolve_targets
 
     method = METHODS[recipe.peft.method]
@@ -160,14 +153,14 @@ def check_targets(recipe: Recipe, folder: Path | None) -> str | None:
 
 def check_data(recipe: Recipe, folder: Path | None) -> list[str]:
     """Every row is read (streaming) and checked against its format; says which format."""
-    from peftcli import data as data_stage
+    from peftcli.data import formats, sources
 
     task, section = recipe.model.task, recipe.data
-    if data_stage.is_hub_dataset(section.train):
+    if sources.is_hub_dataset(section.train):
         return [f"data: hub dataset {section.train} (read when training starts)"]
-    found = data_stage.scan(section.train, section.format, task)
+    found = formats.scan(section.train, section.format, task)
     how = (
-        f" (detected from the columns {', '.join(data_stage.FORMAT_COLUMNS[found.format])})"
+        f" (detected from the columns {', '.join(formats.FORMAT_COLUMNS[found.format])})"
         if section.format == "auto"
         else ""
     )
@@ -176,8 +169,8 @@ def check_data(recipe: Recipe, folder: Path | None) -> list[str]:
         check_labels(recipe, found.labels)
         shown = ", ".join(found.labels[:10]) + (", ..." if len(found.labels) > 10 else "")
         lines.append(f"labels: {len(found.labels)} classes ({shown})")
-    if isinstance(section.eval, str) and not data_stage.is_hub_dataset(section.eval):
-        held_out = data_stage.scan(section.eval, found.format, task, "data.eval")
+    if isinstance(section.eval, str) and not sources.is_hub_dataset(section.eval):
+        held_out = formats.scan(section.eval, found.format, task, "data.eval")
         unknown = [x for x in held_out.labels or [] if x not in (found.labels or [])]
         if unknown:
             raise UserError(
@@ -190,9 +183,9 @@ def check_data(recipe: Recipe, folder: Path | None) -> list[str]:
             "eval.metrics: exact_match needs prompts with reference answers, and data.format text has none",
             "use a completion, alpaca or chat format, or drop exact_match",
         )
-    if found.format in data_stage.CHAT_FORMATS:
+    if found.format in formats.CHAT_FORMATS:
         if section.chat_template is not None:
-            data_stage.chat_template(section)  # the file exists
+            formats.chat_template(section)  # the file exists
         elif folder is not None and not has_chat_template(folder):
             raise UserError(
                 f"data.format: {found.format} needs a chat template, and {recipe.model.name_or_path} has none",

@@ -3,15 +3,14 @@
 
 from __future__ import annotations
 
-import json
 import os
-import shlex
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from peftcli.console import emit
 from peftcli.errors import Interrupted, UserError
 
 app = typer.Typer(
@@ -38,11 +37,6 @@ def _main(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for every error.")] = False,
 ) -> None:
     _state["debug"] = debug or os.environ.get("PEFTCLI_DEBUG", "") not in ("", "0")
-
-
-def _print_json(obj: object) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
-    sys.stdout.flush()
 
 
 @app.command()
@@ -72,25 +66,9 @@ def train(
     ] = None,
 ) -> None:
     """Train a recipe; the run folder gets adapter/, metrics.jsonl, eval.json, loss.png."""
-    from peftcli.recipe import load_recipe
-    from peftcli.training.run import check_can_start
-    from peftcli.training.run import train as run_train
+    from peftcli.commands.train import run_train
 
-    r = load_recipe(recipe, overrides)
-    flags = [f for f, on in (("--resume", resume), ("--overwrite", overwrite)) if on]
-    again = shlex.join(["peftcli", "train", str(recipe), *(overrides or []), "--resume"])
-    if num_processes is not None or launch_config is not None:
-        from peftcli.checks import check_recipe
-        from peftcli.commands.launch import launch
-
-        check_can_start(r, overwrite, resume)  # refuse before starting processes
-        check_recipe(r)
-        raise typer.Exit(launch(recipe, overrides or [], num_processes, launch_config, flags))
-    try:
-        run_train(r, overwrite=overwrite, resume=resume)
-    except Interrupted as exc:
-        exc.command = again
-        raise
+    raise typer.Exit(run_train(recipe, overrides, resume, overwrite, num_processes, launch_config))
 
 
 @app.command()
@@ -110,7 +88,7 @@ def schema() -> None:
     """Print the recipe's JSON Schema."""
     from peftcli.recipe import Recipe
 
-    _print_json(Recipe.model_json_schema())
+    emit(Recipe.model_json_schema(), json_out=True)
 
 
 @app.command()
@@ -134,20 +112,23 @@ def methods(json_out: JsonOpt = False) -> None:
                 "share": ref.get("share"),
             }
         )
-    if json_out:
-        _print_json({"reference": table["reference"], "methods": rows})
-        return
+    emit({"reference": table["reference"], "methods": rows}, json_out, _format_methods)
+
+
+def _format_methods(table: dict) -> str:
+    rows = table["methods"]
     width = max(len(r["method"]) for r in rows)
-    typer.echo(f"{'method':<{width}}  merges  {'trainable':>9}  what it is")
+    lines = [f"{'method':<{width}}  merges  {'trainable':>9}  what it is"]
     for r in rows:
         share = f"{100 * r['share']:.3f}%" if r["share"] is not None else "-"
-        typer.echo(
+        lines.append(
             f"{r['method']:<{width}}  {'yes' if r['mergeable'] else 'no':<6}  {share:>9}  {r['summary']}"
         )
-    typer.echo(
+    lines.append(
         f"\ntrainable: share of {table['reference']}'s parameters with the recipe defaults "
         "(r=8, all linear layers, 16 virtual tokens)"
     )
+    return "\n".join(lines)
 
 
 @app.command("eval")
@@ -164,15 +145,9 @@ def eval_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Loss, perplexity and exact match (where the data has reference answers)."""
-    from peftcli.commands.eval import run_eval
+    from peftcli.commands.eval import format_result, run_eval
 
-    result = run_eval(target, data, compare_base)
-    if json_out:
-        _print_json(result)
-    else:
-        from peftcli.commands.eval import format_result
-
-        typer.echo(format_result(result))
+    emit(run_eval(target, data, compare_base), json_out, format_result)
 
 
 @app.command()
@@ -241,10 +216,7 @@ def generate(
     from peftcli.commands.generate import format_result, run_generate
 
     result = run_generate(target, prompt, max_new_tokens, temperature, seed, chat, system)
-    if json_out:
-        _print_json(result)
-    else:
-        typer.echo(format_result(result))
+    emit(result, json_out, format_result)
 
 
 @app.command("data")
@@ -258,10 +230,7 @@ def data_cmd(
     from peftcli.commands.data import format_report, run_data
 
     report = run_data(recipe, overrides, preview)
-    if json_out:
-        _print_json(report.as_json())
-    else:
-        typer.echo(format_report(report, color=sys.stdout.isatty()))
+    emit(report.as_json(), json_out, lambda _: format_report(report, color=sys.stdout.isatty()))
 
 
 @app.command()
@@ -282,11 +251,7 @@ def estimate(
     from peftcli.commands.estimate import format_estimate
     from peftcli.recipe import load_recipe
 
-    result = run_estimate(load_recipe(recipe, overrides), gpu_memory, num_processes)
-    if json_out:
-        _print_json(result)
-    else:
-        typer.echo(format_estimate(result))
+    emit(run_estimate(load_recipe(recipe, overrides), gpu_memory, num_processes), json_out, format_estimate)
 
 
 @app.command()
@@ -322,11 +287,8 @@ def compare(
     rows, out = run_compare(
         recipe, overrides or [], parse_methods(methods_opt), max_steps, output_dir, overwrite
     )
-    if json_out:
-        _print_json({"rows": rows})
-    else:
-        typer.echo(format_table(rows))
-        typer.echo(f"\nwrote {out}/compare.csv, compare.md, compare.png")
+    written = f"\n\nwrote {out}/compare.csv, compare.md, compare.png"
+    emit({"rows": rows}, json_out, lambda result: format_table(result["rows"]) + written)
     if any(str(r.get("error") or "").startswith("crashed") for r in rows):
         raise typer.Exit(1)
 
@@ -336,11 +298,7 @@ def env_cmd(json_out: JsonOpt = False) -> None:
     """Versions, devices, backends and cache folders: what a bug report needs."""
     from peftcli.commands.env import collect, format_env
 
-    info = collect()
-    if json_out:
-        _print_json(info)
-    else:
-        typer.echo(format_env(info))
+    emit(collect(), json_out, format_env)
 
 
 # Typer vendors click; find its exception base without naming a private module.

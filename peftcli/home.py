@@ -33,3 +33,17 @@ def make_dirs(path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create {path}: {exc.strerror or exc}", HOME_HINT) from None
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process of this machine with this pid exists (temporary files and locks left by
+    a killed process are recognised by their dead owner, not by age)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, owned by someone else
+    except (OSError, ValueError, OverflowError):
+        return False
+    return True

@@ -183,14 +183,16 @@ class Recipe(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Recipe:
-        if self.peft.method == "qlora":
-            if self.model.quantization == "8bit":
+        if implied := METHODS[self.peft.method].implies_quantization:
+            have = self.model.quantization
+            if have not in ("none", implied):
                 raise ValueError(
-                    "peft.method: qlora trains on a 4-bit base but model.quantization is 8bit; "
-                    "set model.quantization: 4bit, or use peft.method: lora with 8bit"
+                    f"peft.method: {self.peft.method} trains on a {implied.removesuffix('bit')}-bit base but "
+                    f"model.quantization is {have}; set model.quantization: {implied}, "
+                    f"or use peft.method: lora with {have}"
                 )
-            if self.model.quantization == "none":
-                self.model.quantization = "4bit"
+            if have == "none":
+                self.model.quantization = implied
         if self.data.train_on == "all" and self.model.task != "causal_lm":
             raise ValueError(
                 f"data.train_on: all applies to causal_lm; {self.model.task} always trains on its targets"

@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from peftcli.errors import UserError
+from peftcli.home import process_alive
 from peftcli.model import builtin
 from peftcli.recipe import ModelSection, Recipe, load_recipe, read_yaml
-from peftcli.tasks import task_of_peft_type
+from peftcli.tasks import ENCODER_ONLY, task_of_peft_type
 
 MARKER = ".peftcli-run"
 INCOMPLETE = ".incomplete"
@@ -182,6 +183,29 @@ def discard_partial(plan_: Plan) -> None:
         shutil.rmtree(plan_.work_dir)
 
 
+def open_run(plan_: Plan, recipe_yaml: str, start: Path | None) -> None:
+    """Make (or reopen) the run folder for training: the marker, `.incomplete`, the resolved
+    recipe, and a metrics.jsonl holding only the steps up to the checkpoint it resumes from."""
+    from peftcli.training.checkpoint import read_state
+    from peftcli.training.tracking import keep_metrics_until
+
+    if not plan_.continuing:
+        discard_partial(plan_)
+        writable(plan_.work_dir.parent)
+        create(plan_.work_dir)
+    (plan_.work_dir / "recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
+    keep_metrics_until(plan_.work_dir / "metrics.jsonl", read_state(start)["step"] if start else 0)
+
+
+def forget(plan_: Plan) -> None:
+    """Leave the folder as the run found it: removed if the run made it, else empty again."""
+    if plan_.creates:
+        shutil.rmtree(plan_.work_dir, ignore_errors=True)
+        return
+    for child in plan_.work_dir.iterdir() if plan_.work_dir.is_dir() else []:
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
 def finish(plan_: Plan) -> None:
     """Training ended: the run is complete; an --overwrite run replaces the old one now."""
     (plan_.work_dir / INCOMPLETE).unlink(missing_ok=True)
@@ -211,13 +235,7 @@ def _alive(holder: dict) -> bool:
     if holder.get("host") != socket.gethostname():
         return True  # cannot tell from here: assume it runs
     pid = int(holder.get("pid", -1))
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except (OSError, ValueError, OverflowError):
+    if not process_alive(pid):
         return False
     ticks = _start_ticks(pid)
     return ticks is None or holder.get("start") in (None, ticks)
@@ -360,8 +378,6 @@ def _recorded_default_metrics(path: Path) -> list[str]:
 def _model_task(path: Path) -> str:
     """The task a plain model folder was saved for (a merged run keeps its head; an encoder
     without one, such as builtin:tiny-bert, is for classification)."""
-    from peftcli.checks import ENCODER_ONLY
-
     config = json.loads((path / "config.json").read_text())
     if _is_classifier(config) or config.get("model_type") in ENCODER_ONLY:
         return "seq_cls"

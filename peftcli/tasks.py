@@ -11,6 +11,10 @@ from typing import Literal, get_args
 
 Task = Literal["causal_lm", "seq2seq_lm", "seq_cls"]
 
+# The label of a token (or, for classification, an example) that carries no loss, in every task:
+# Hugging Face's convention, which PyTorch's cross-entropy ignores.
+IGNORE = -100
+
 
 @dataclass(frozen=True)
 class TaskSpec:
@@ -61,3 +65,17 @@ assert tuple(TASKS) == get_args(Task)
 def task_of_peft_type(task_type: str | None) -> str:
     """The task of a saved adapter, from its adapter_config.json `task_type` (default causal LM)."""
     return next((t.name for t in TASKS.values() if t.peft_task_type == task_type), "causal_lm")
+
+
+# Model types without a decoder: they classify (seq_cls), never generate (causal_lm).
+ENCODER_ONLY = {
+    "bert",
+    "roberta",
+    "deberta",
+    "deberta-v2",
+    "distilbert",
+    "electra",
+    "albert",
+    "xlm-roberta",
+    "modernbert",
+}

@@ -24,7 +24,7 @@ M = 8
 # Run in a fresh process: only PEFT, transformers and the registration import.
 RELOAD = """
 import sys, torch
-import peftcli.tuners
+import peftcli.methods.tuners
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 base_path, adapter, ids_path, out = sys.argv[1:]

@@ -346,7 +346,7 @@ def test_cache_hit_skips_preparation_and_every_input_change_misses(
     assert not prepare(no_eval, llama_tok, seed=0).from_cache
     with monkeypatch.context() as m:
         m.setattr(Encoder, "examples", no_tokenising)
-        m.setattr(data_stage, "scan", no_tokenising)
+        m.setattr(data_stage.cache, "scan", no_tokenising)
         again = prepare(section, llama_tok, seed=0)
         copy = tmp_path / "elsewhere" / "same.jsonl"
         copy.parent.mkdir()

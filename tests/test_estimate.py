@@ -17,7 +17,7 @@ import torch
 
 from peftcli import data as data_stage
 from peftcli.commands.estimate import estimate, parse_memory, quantized_bytes
-from peftcli.methods import apply_method
+from peftcli.methods.apply import apply_method
 from peftcli.model.load import load_model
 from peftcli.recipe import load_recipe
 from peftcli.training.accelerator import trainable_summary
@@ -181,7 +181,7 @@ MEASURE = """
 import json, re, sys
 import peftcli.training.loop
 from peftcli.recipe import load_recipe
-from peftcli.run import train
+from peftcli.training.run import train
 
 def status(key):
     return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read())[1]) * 1024

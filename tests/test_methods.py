@@ -57,7 +57,7 @@ def refusal(model_name: str, method: str) -> str | None:
     """peftcli's refusal of the pair, from the same rule `validate` and `train` apply (None when
     it trains). Some refusals follow the installed libraries (prefix tuning needs a model that
     takes `past_key_values`), so a new release moves a pair between the two expectations."""
-    from peftcli.methods import check_fit
+    from peftcli.methods.apply import check_fit
     from peftcli.model import builtin
     from peftcli.recipe import PeftSection
 
@@ -259,7 +259,7 @@ def test_trainable_parameters_match_the_methods_formula(method):
     from transformers import AutoModelForCausalLM
 
     import peftcli.methods.tuners  # noqa: F401  registers peftcli's own tuners with PEFT
-    from peftcli.methods import apply_method
+    from peftcli.methods.apply import apply_method
     from peftcli.model import builtin
     from peftcli.recipe import PeftSection
 
@@ -309,7 +309,7 @@ def test_prompt_learning_options_pass_through():
     from transformers import AutoModelForCausalLM
 
     import peftcli.methods.tuners  # noqa: F401  registers peftcli's own tuners with PEFT
-    from peftcli.methods import apply_method
+    from peftcli.methods.apply import apply_method
     from peftcli.model import builtin
     from peftcli.recipe import PeftSection
 
@@ -341,7 +341,7 @@ def test_prefix_tuning_rule_agrees_with_what_peft_does(model_name):
     or ignores them."""
     from peft import PrefixTuningConfig, get_peft_model
 
-    from peftcli.methods import takes_past_key_values
+    from peftcli.methods.apply import takes_past_key_values
     from peftcli.model import builtin
     from peftcli.tasks import TASKS
 

@@ -216,9 +216,13 @@ def test_concurrent_runs_and_interrupts_resume_to_the_uninterrupted_adapter(
     for line in a.stderr:
         if line.startswith("step 1/"):
             break
-    for flags in ([], ["--overwrite"], ["--resume"]):
-        other = run_cli("train", str(recipe), *COMMON, *flags, cwd=tmp_path)
-        assert f"pid {a.pid}" in one_error_line(other), flags
+    a.send_signal(signal.SIGSTOP)  # holds its lock, alive, while the others try
+    try:
+        for flags in ([], ["--overwrite"], ["--resume"]):
+            other = run_cli("train", str(recipe), *COMMON, *flags, cwd=tmp_path)
+            assert f"pid {a.pid}" in one_error_line(other), flags
+    finally:
+        a.send_signal(signal.SIGCONT)
     said = interrupt_at(a, first, STEPS)
     assert a.returncode == 130, said[-3000:]
     last = said.strip().splitlines()[-1]
@@ -231,7 +235,7 @@ def test_concurrent_runs_and_interrupts_resume_to_the_uninterrupted_adapter(
         f.write('{"step": 99, "lo')
     # The resumed run is interrupted again, by SIGTERM this time (exit 143), then finishes.
     stopped = int(last.split("interrupted at step ")[1].split(";")[0])
-    second = rng.randrange(stopped + 1, STEPS - 2)
+    second = rng.randrange(stopped + 1, max(stopped + 2, STEPS - 2))
     note = f"interrupted at steps {stopped} and {second}"
     b = start(recipe, *COMMON, "--resume", cwd=tmp_path)
     said = interrupt_at(b, second, STEPS, signal.SIGTERM)

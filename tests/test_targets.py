@@ -100,7 +100,7 @@ def test_bad_targets_name_what_exists(llama, targets, layers, expected):
 def test_peft_adapts_exactly_the_resolved_modules(llama):
     import copy
 
-    from peftcli.methods import apply_method
+    from peftcli.methods.apply import apply_method
     from peftcli.recipe import PeftSection
 
     section = PeftSection(method="lora", target_modules="mlp", layers=[1, 2])

@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
-import io
-import logging
 import os
 import platform
 import re
 import subprocess
 import sys
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from peftcli.console import silenced
 
 NOT_INSTALLED = "not installed"
 # Always listed: what peftcli is built on.
@@ -65,7 +64,7 @@ LOCK_FILE = Path(__file__).resolve().parent.parent.parent / "requirements" / "lo
 
 
 def collect() -> dict[str, Any]:
-    with _silenced():
+    with silenced():
         return {
             "peftcli": _guard(_peftcli),
             "python": _guard(_python),
@@ -100,41 +99,8 @@ def _guard(probe: Callable[[], Any]) -> Any:
         return _error(exc)
 
 
-@contextlib.contextmanager
-def _silenced() -> Iterator[None]:
-    """Swallow what libraries print while probed: warnings, logging, and C-level writes to fd 1/2."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved: list[tuple[int, int]] = []
-    with contextlib.suppress(OSError):  # no real descriptors (an embedding host): the rest still applies
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        for fd in (1, 2):
-            saved.append((fd, os.dup(fd)))
-            os.dup2(devnull, fd)
-        os.close(devnull)
-    disabled = logging.root.manager.disable
-    logging.disable(logging.CRITICAL)
-    try:
-        with (
-            warnings.catch_warnings(),
-            contextlib.redirect_stdout(io.StringIO()),
-            contextlib.redirect_stderr(io.StringIO()),
-        ):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logging.disable(disabled)
-        with contextlib.suppress(Exception):  # C stdio buffers, so they are not written after the restore
-            import ctypes
-
-            ctypes.CDLL(None).fflush(None)
-        for fd, copy in saved:
-            os.dup2(copy, fd)
-            os.close(copy)
-
-
 def _peftcli() -> dict[str, Any]:
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parent.parent.parent
     info: dict[str, Any] = {"version": package_version("peftcli"), "location": str(root / "peftcli")}
     if (root / ".git").exists():
         with contextlib.suppress(Exception):
@@ -358,29 +324,32 @@ def _gib(n: Any) -> str:
     return f"{n / 2**30:.1f} GiB" if isinstance(n, int) else str(n)
 
 
+def _row(key: str, value: Any, indent: int = 0) -> str:
+    return f"{' ' * indent}{key:<{18 - indent}}{value}"
+
+
 def format_env(info: dict[str, Any]) -> str:
-    lines: list[str] = []
+    lines = [*_about(info), "packages", *_packages(info), "devices", *_devices(info)]
+    lines += ["caches", *_caches_rows(info["caches"])]
+    if info["environment"]:
+        lines.append("environment")
+        lines.extend(f"  {k}={v}" for k, v in info["environment"].items())
+    return "\n".join(lines + _lock_rows(info["lock"]))
 
-    def row(key: str, value: Any, indent: int = 0) -> None:
-        lines.append(f"{' ' * indent}{key:<{18 - indent}}{value}")
 
-    me = info["peftcli"]
+def _about(info: dict[str, Any]) -> list[str]:
+    me, py = info["peftcli"], info["python"]
     if isinstance(me, dict):
-        row(
-            "peftcli",
-            me["version"] + (f" (git {me['git']})" if me.get("git") else "") + f"  {me['location']}",
-        )
-    else:
-        row("peftcli", me)
-    py = info["python"]
-    row(
-        "python",
-        f"{py['version']} ({py['implementation']})  {py['executable']}" if isinstance(py, dict) else py,
-    )
-    row("platform", info["platform"])
+        me = me["version"] + (f" (git {me['git']})" if me.get("git") else "") + f"  {me['location']}"
+    if isinstance(py, dict):
+        py = f"{py['version']} ({py['implementation']})  {py['executable']}"
+    return [_row("peftcli", me), _row("python", py), _row("platform", info["platform"])]
 
-    lines.append("packages")
+
+def _packages(info: dict[str, Any]) -> list[str]:
+    """Every package with its version; torch with its build, bitsandbytes with its backend."""
     torch_info, bnb = info["torch"], info["bitsandbytes"]
+    lines = []
     for name, version in info["packages"].items():
         if name in OPTIONAL and version == NOT_INSTALLED:
             continue
@@ -395,78 +364,77 @@ def format_env(info: dict[str, Any]) -> str:
                 detail += f", AVX512-BF16 4-bit kernels {_yes(bnb['cpu_avx512bf16_kernels'])}"
         elif name == "bitsandbytes" and bnb != version:
             detail = f"  {bnb}"
-        row(name, f"{version}{detail}", 2)
+        lines.append(_row(name, f"{version}{detail}", 2))
+    return lines
 
-    lines.append("devices")
-    devices = info["cuda_devices"]
+
+def _devices(info: dict[str, Any]) -> list[str]:
+    devices, torch_info = info["cuda_devices"], info["torch"]
+    lines = []
     if isinstance(devices, list) and devices:
         for d in devices:
             bf16 = {True: "bf16", False: "no bf16"}.get(d["bf16"], d["bf16"])
-            row(
-                f"cuda:{d['index']}",
-                f"{d['name']}, {_gib(d['memory_bytes'])}, compute {d['capability']}, {bf16}",
-                2,
-            )
+            gpu = f"{d['name']}, {_gib(d['memory_bytes'])}, compute {d['capability']}, {bf16}"
+            lines.append(_row(f"cuda:{d['index']}", gpu, 2))
     elif isinstance(torch_info, dict):
-        row("cuda", f"none (torch.cuda.is_available() is {torch_info['cuda_available']})", 2)
+        lines.append(_row("cuda", f"none (torch.cuda.is_available() is {torch_info['cuda_available']})", 2))
     else:
-        row("cuda", devices or "none", 2)
+        lines.append(_row("cuda", devices or "none", 2))
     if isinstance(torch_info, dict) and torch_info["mps_available"] is True:
-        row("mps", "available", 2)
-    cpu = info["cpu"]
-    if isinstance(cpu, dict):
-        cores = f"{cpu['cores']} cores" + (
-            f" ({cpu['usable_cores']} usable)" if cpu["usable_cores"] != cpu["cores"] else ""
-        )
-        available = f" ({_gib(cpu['ram_available_bytes'])} available)" if cpu["ram_available_bytes"] else ""
-        row("cpu", f"{cpu['model']}, {cores}, RAM {_gib(cpu['ram_bytes'])}{available}", 2)
-        features = cpu["features"]
-        if isinstance(features, dict):
-            features = " ".join(("+" if on else "-") + name for name, on in features.items())
-        if isinstance(torch_info, dict):
-            features += f"  (torch kernels: {torch_info['cpu_capability']})"
-        row("cpu features", features, 2)
-    else:
-        row("cpu", cpu, 2)
+        lines.append(_row("mps", "available", 2))
+    lines += _cpu_rows(info["cpu"], torch_info)
     if isinstance(torch_info, dict):
-        row("torch threads", f"{torch_info['threads']} intra-op, {torch_info['interop_threads']} inter-op", 2)
+        threads = f"{torch_info['threads']} intra-op, {torch_info['interop_threads']} inter-op"
+        lines.append(_row("torch threads", threads, 2))
+    return lines
 
-    lines.append("caches")
-    caches = info["caches"]
-    if isinstance(caches, dict):
-        for key, label in (
-            ("peftcli_home", "peftcli home"),
-            ("builtin_models", "builtin models"),
-            ("data_cache", "data cache"),
-            ("hf_home", "HF home"),
-            ("hf_hub_cache", "hub cache"),
-            ("hf_datasets_cache", "datasets cache"),
-        ):
-            path = caches[key]
-            missing = "" if path.startswith("error:") or Path(path).exists() else "  (not created yet)"
-            row(label, f"{path}{missing}", 2)
-        row("hub offline", _yes(caches["hf_hub_offline"]), 2)
-    else:
-        row("caches", caches, 2)
 
-    if info["environment"]:
-        lines.append("environment")
-        lines.extend(f"  {k}={v}" for k, v in info["environment"].items())
+def _cpu_rows(cpu: Any, torch_info: Any) -> list[str]:
+    if not isinstance(cpu, dict):
+        return [_row("cpu", cpu, 2)]
+    cores = f"{cpu['cores']} cores" + (
+        f" ({cpu['usable_cores']} usable)" if cpu["usable_cores"] != cpu["cores"] else ""
+    )
+    available = f" ({_gib(cpu['ram_available_bytes'])} available)" if cpu["ram_available_bytes"] else ""
+    features = cpu["features"]
+    if isinstance(features, dict):
+        features = " ".join(("+" if on else "-") + name for name, on in features.items())
+    if isinstance(torch_info, dict):
+        features += f"  (torch kernels: {torch_info['cpu_capability']})"
+    return [
+        _row("cpu", f"{cpu['model']}, {cores}, RAM {_gib(cpu['ram_bytes'])}{available}", 2),
+        _row("cpu features", features, 2),
+    ]
 
-    lock = info["lock"]
-    if isinstance(lock, dict):
-        where = os.path.relpath(lock["file"]) if lock["file"].startswith(os.getcwd()) else lock["file"]
-        if not lock["differs"]:
-            row("lock", f"matches {where} ({lock['packages']} packages)")
-        else:
-            shown = [f"{name} {what}" for name, what in lock["differs"].items()]
-            more = f", and {len(shown) - 8} more (--json lists all)" if len(shown) > 8 else ""
-            row(
-                "lock",
-                f"{len(shown)} difference{'s' if len(shown) > 1 else ''} from {where}: "
-                + ", ".join(shown[:8])
-                + more,
-            )
-    elif lock is not None:
-        row("lock", lock)
-    return "\n".join(lines)
+
+CACHE_LABELS = {
+    "peftcli_home": "peftcli home",
+    "builtin_models": "builtin models",
+    "data_cache": "data cache",
+    "hf_home": "HF home",
+    "hf_hub_cache": "hub cache",
+    "hf_datasets_cache": "datasets cache",
+}
+
+
+def _caches_rows(caches: Any) -> list[str]:
+    if not isinstance(caches, dict):
+        return [_row("caches", caches, 2)]
+    lines = []
+    for key, label in CACHE_LABELS.items():
+        path = caches[key]
+        missing = "" if path.startswith("error:") or Path(path).exists() else "  (not created yet)"
+        lines.append(_row(label, f"{path}{missing}", 2))
+    return lines + [_row("hub offline", _yes(caches["hf_hub_offline"]), 2)]
+
+
+def _lock_rows(lock: Any) -> list[str]:
+    if not isinstance(lock, dict):
+        return [] if lock is None else [_row("lock", lock)]
+    where = os.path.relpath(lock["file"]) if lock["file"].startswith(os.getcwd()) else lock["file"]
+    if not lock["differs"]:
+        return [_row("lock", f"matches {where} ({lock['packages']} packages)")]
+    shown = [f"{name} {what}" for name, what in lock["differs"].items()]
+    more = f", and {len(shown) - 8} more (--json lists all)" if len(shown) > 8 else ""
+    plural = "s" if len(shown) > 1 else ""
+    return [_row("lock", f"{len(shown)} difference{plural} from {where}: " + ", ".join(shown[:8]) + more)]

@@ -51,9 +51,9 @@ counts are exactly those of a real run. Memory is then planned per process, in b
 
 Measured on CPU (tests/test_estimate.py), a Llama of width 512 with 8 layers and a 32k
 vocabulary, batch 8 × 256 tokens: within 10% of the peak memory training adds (691 vs 766 MiB;
-183 vs 191 MiB with gradient checkpointing). Against the
-bytes autograd actually saves (counted with `saved_tensors_hooks`), the layer formula is
-within 1% for LoRA on tiny-llama, tiny-gpt2 and tiny-bert and 8% on tiny-t5.
+183 vs 191 MiB with gradient checkpointing). Against the bytes autograd actually saves (counted
+with `saved_tensors_hooks`), the layer formula is within 1% for LoRA on tiny-llama, tiny-gpt2
+and tiny-bert and 8% on tiny-t5.
 """
 
 from __future__ import annotations
@@ -64,37 +64,27 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from peftcli.console import human_bytes, parse_memory, quiet_libraries
 from peftcli.errors import UserError
 
 if TYPE_CHECKING:
     from peftcli.methods.targets import LinearIndex
     from peftcli.recipe import Recipe
 
-GiB = 2**30
-# CUDA context, cuBLAS/cuDNN workspaces and allocator slack that no tensor accounts for.
-GPU_RESERVE_BYTES = 1 * GiB
-_UNITS = {"": GiB, "b": 1, "k": 2**10, "m": 2**20, "g": GiB, "t": 2**40}
+# CUDA context, cuBLAS/cuDNN workspaces and allocator slack that no tensor accounts for: 1 GiB.
+GPU_RESERVE_BYTES = 2**30
 _LAYER_PREFIX = re.compile(r"^(.*?\.\d+)\.")
-
-
-def parse_memory(text: str) -> int:
-    """'24GB', '80GiB', '40g', '16000MB' → bytes. GPU memory is quoted in binary units (a "24 GB"
-    card has 24 GiB), so GB and GiB both mean 2**30; a bare number is GiB."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([bkmgt]?)(?:i?b)?\s*", text.lower())
-    if not match:
-        raise UserError(f"--gpu-memory: cannot read `{text}`", "write it like 24GB, 80GiB or 16000MB")
-    return int(float(match[1]) * _UNITS[match[2]])
 
 
 # --------------------------------------------------------------------------- the model, on meta
 
 
 def _local_rows(recipe: Recipe) -> list[Any] | None:
-    from peftcli import data as data_stage
+    from peftcli.data import sources
 
-    if data_stage.is_hub_dataset(recipe.data.train):
+    if sources.is_hub_dataset(recipe.data.train):
         return None
-    return data_stage.read_rows(recipe.data.train)
+    return sources.read_rows(recipe.data.train)
 
 
 def _train_examples(recipe: Recipe, rows: list[Any]) -> int:
@@ -245,12 +235,7 @@ def layer_bytes(index: LinearIndex, names: list[str], shape: LayerShape) -> int:
 
 
 def activations(
-    recipe: Recipe,
-    config: Any,
-    peft_model: Any,
-    index: LinearIndex,
-    act_bytes: int,
-    on_gpu: bool,
+    recipe: Recipe, config: Any, peft_model: Any, index: LinearIndex, act_bytes: int, on_gpu: bool
 ) -> dict[str, int]:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -311,9 +296,8 @@ def estimate(recipe: Recipe, gpu_memory: str | None = None, num_processes: int =
     import torch
 
     from peftcli.checks import check_model
-    from peftcli.console import quiet_libraries
     from peftcli.data import label_names
-    from peftcli.methods import apply_method
+    from peftcli.methods.apply import apply_method
     from peftcli.methods.targets import LinearIndex
     from peftcli.training.loop import plan
 
@@ -326,55 +310,26 @@ def estimate(recipe: Recipe, gpu_memory: str | None = None, num_processes: int =
 
     # The plan's device: a GPU when one is named (assumed bf16-capable) or present.
     on_gpu = gpu_bytes is not None or torch.cuda.is_available()
-    dtype_name = recipe.model.dtype if recipe.model.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
-    dtype = getattr(torch, dtype_name)
-    precision = recipe.training.mixed_precision
-    if precision == "auto":
-        precision = "bf16" if on_gpu else "no"
-    act_bytes = 2 if precision in ("bf16", "fp16") else dtype.itemsize
-
+    plan = run_plan(recipe, on_gpu, num_processes)
+    dtype = getattr(torch, plan["dtype"])
+    act_bytes = 2 if plan["mixed_precision"] in ("bf16", "fp16") else dtype.itemsize
     base = meta_model(recipe, config, dtype)
     index = LinearIndex.from_model(base)
     quantization = recipe.model.quantization
     quantized = quantized_weights(base, quantization)
     base_ids = {id(p) for p in base.parameters()}
     peft_model = apply_method(base, recipe.peft, recipe.model.task, total_steps=steps)
-
-    total = adapter = head = 0
-    weights_bytes = adapter_bytes = 0
-    for name, p in peft_model.named_parameters():
-        total += p.numel()
-        if p.requires_grad:
-            adapter_bytes += p.numel() * p.element_size()
-            if "modules_to_save." in name:
-                head += p.numel()
-            else:
-                adapter += p.numel()
-        elif id(p) in quantized:
-            weights_bytes += quantized_bytes(*quantized[id(p)], quantization)
-        elif quantization != "none" and id(p) in base_ids and p.dtype in (torch.float16, torch.bfloat16):
-            weights_bytes += p.numel() * 4  # prepare_model_for_kbit_training upcasts them
-        else:
-            weights_bytes += p.numel() * p.element_size()
-    weights_bytes += sum(b.numel() * b.element_size() for b in peft_model.buffers())
-    trainable = adapter + head
+    params, memory = count_parameters(peft_model, base_ids, quantized, quantization)
 
     act = activations(recipe, base.config, peft_model, index, act_bytes, on_gpu)
-    gradients = adapter_bytes * (2 if num_processes > 1 else 1)
-    memory = {
-        "weights_bytes": weights_bytes,
-        "adapter_bytes": adapter_bytes,
-        "optimizer_bytes": 2 * adapter_bytes,
-        "gradients_bytes": gradients,
-        "activations_bytes": act["layers"] + act["logits"],
-    }
+    memory.update(
+        optimizer_bytes=2 * memory["adapter_bytes"],
+        gradients_bytes=memory["adapter_bytes"] * (2 if num_processes > 1 else 1),
+        activations_bytes=act["layers"] + act["logits"],
+    )
     memory["total_bytes"] = sum(memory.values())
     result: dict[str, Any] = {
-        "total_params": total,
-        "adapter_params": adapter,
-        "trainable_params": trainable,
-        "trainable_share": trainable / total,
-        "head_params": head,
+        **params,
         "memory": memory,
         "activations": {
             "layers_bytes": act["layers"],
@@ -383,20 +338,7 @@ def estimate(recipe: Recipe, gpu_memory: str | None = None, num_processes: int =
             "tokens": act["tokens"],
         },
         "fits": None,
-        "plan": {
-            "method": recipe.peft.method,
-            "model": recipe.model.name_or_path,
-            "task": recipe.model.task,
-            "device": "gpu" if on_gpu else "cpu",
-            "dtype": dtype_name,
-            "mixed_precision": precision,
-            "quantization": quantization,
-            "batch_size": recipe.training.batch_size,
-            "max_length": recipe.data.max_length,
-            "gradient_checkpointing": recipe.training.gradient_checkpointing,
-            "num_processes": num_processes,
-            "all_processes_bytes": memory["total_bytes"] * num_processes,
-        },
+        "plan": {**plan, "all_processes_bytes": memory["total_bytes"] * num_processes},
         "notes": notes,
     }
     if gpu_bytes is not None:
@@ -410,22 +352,67 @@ def estimate(recipe: Recipe, gpu_memory: str | None = None, num_processes: int =
     return result
 
 
-def format_estimate(result: dict[str, Any]) -> str:
-    from peftcli.console import human_bytes
+def run_plan(recipe: Recipe, on_gpu: bool, num_processes: int) -> dict[str, Any]:
+    """How the estimated run trains: device, dtype, mixed precision, batch shape, processes."""
+    dtype = recipe.model.dtype if recipe.model.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+    precision = recipe.training.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if on_gpu else "no"
+    return {
+        "method": recipe.peft.method,
+        "model": recipe.model.name_or_path,
+        "task": recipe.model.task,
+        "device": "gpu" if on_gpu else "cpu",
+        "dtype": dtype,
+        "mixed_precision": precision,
+        "quantization": recipe.model.quantization,
+        "batch_size": recipe.training.batch_size,
+        "max_length": recipe.data.max_length,
+        "gradient_checkpointing": recipe.training.gradient_checkpointing,
+        "num_processes": num_processes,
+    }
 
+
+def count_parameters(
+    peft_model: Any, base_ids: set[int], quantized: dict[int, tuple[int, int]], quantization: str
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """The parameter counts, and the bytes of the frozen weights (with buffers) and trainable ones."""
+    import torch
+
+    total = trainable = head = weights_bytes = adapter_bytes = 0
+    for name, p in peft_model.named_parameters():
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+            head += p.numel() if "modules_to_save." in name else 0  # a trained head (a seq_cls classifier)
+            adapter_bytes += p.numel() * p.element_size()
+        elif id(p) in quantized:
+            weights_bytes += quantized_bytes(*quantized[id(p)], quantization)
+        elif quantization != "none" and id(p) in base_ids and p.dtype in (torch.float16, torch.bfloat16):
+            weights_bytes += p.numel() * 4  # prepare_model_for_kbit_training upcasts them
+        else:
+            weights_bytes += p.numel() * p.element_size()
+    weights_bytes += sum(b.numel() * b.element_size() for b in peft_model.buffers())
+    params = {
+        "total_params": total,
+        "adapter_params": trainable - head,
+        "trainable_params": trainable,
+        "trainable_share": trainable / total,
+        "head_params": head,
+    }
+    return params, {"weights_bytes": weights_bytes, "adapter_bytes": adapter_bytes}
+
+
+def format_estimate(result: dict[str, Any]) -> str:
     plan, memory = result["plan"], result["memory"]
     gc = "on" if plan["gradient_checkpointing"] else "off"
     quant = f", {plan['quantization']} base" if plan["quantization"] != "none" else ""
+    head = f": adapter {result['adapter_params']:,} + head {result['head_params']:,}"
     lines = [
         f"{plan['method']} on {plan['model']} ({plan['task']}): {plan['dtype']}{quant}, "
         f"mixed precision {plan['mixed_precision']}, on {plan['device']}",
         f"parameters: {result['total_params']:,} total, {result['trainable_params']:,} trainable "
-        f"({100 * result['trainable_share']:.3f}%)"
-        + (
-            f": adapter {result['adapter_params']:,} + head {result['head_params']:,}"
-            if result["head_params"]
-            else ""
-        ),
+        f"({100 * result['trainable_share']:.3f}%)" + (head if result["head_params"] else ""),
         f"memory per process (batch {plan['batch_size']} × {plan['max_length']} tokens, "
         f"gradient checkpointing {gc}):",
     ]
@@ -439,14 +426,14 @@ def format_estimate(result: dict[str, Any]) -> str:
     if result["fits"] is not None:
         need = memory["total_bytes"] + result["reserve_bytes"]
         verdict = "fits" if result["fits"] else "does not fit"
+        margin = (
+            f"{human_bytes(result['margin_bytes'])} to spare"
+            if result["fits"]
+            else f"{human_bytes(-result['margin_bytes'])} short (try {', '.join(savings(plan))})"
+        )
         lines.append(
             f"{verdict} in {human_bytes(result['gpu_memory_bytes'])}: needs {human_bytes(need)} "
-            f"with {human_bytes(result['reserve_bytes'])} for the CUDA context; "
-            + (
-                f"{human_bytes(result['margin_bytes'])} to spare"
-                if result["fits"]
-                else f"{human_bytes(-result['margin_bytes'])} short (try {', '.join(savings(plan))})"
-            )
+            f"with {human_bytes(result['reserve_bytes'])} for the CUDA context; {margin}"
         )
     lines += [f"note: {n}" for n in result["notes"]]
     return "\n".join(lines)

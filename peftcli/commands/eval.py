@@ -8,28 +8,11 @@ from typing import Any
 
 from peftcli.errors import UserError
 from peftcli.recipe import (
-    DataSection,
     EvalSection,
     TrainingSection,
 )
-from peftcli.runs import Target, labels_of, open_target
-
-
-def eval_split(target: Target, tokenizer: Any, data: Path | None, labels: list[str] | None) -> Any:
-    from peftcli import data as data_stage
-
-    task = target.model.task
-    if data is not None:
-        section = target.recipe.data if target.recipe else DataSection(train=str(data))
-        return data_stage.prepare_file(str(data), section, tokenizer, task, labels)
-    if target.recipe is None:
-        raise UserError("this target has no recipe to take eval data from", "pass --data FILE")
-    prepared = data_stage.prepare(target.recipe.data, tokenizer, target.recipe.training.seed, task)
-    if prepared.eval is None:
-        raise UserError(
-            f"the run's recipe has no eval split (data.eval: {target.recipe.data.eval})", "pass --data FILE"
-        )
-    return prepared.eval
+from peftcli.runs import labels_of, open_target
+from peftcli.training.evaluate import eval_split
 
 
 def run_eval(path: Path, data: Path | None = None, compare_base: bool = False) -> dict[str, Any]:
@@ -77,7 +60,7 @@ def run_eval(path: Path, data: Path | None = None, compare_base: bool = False) -
     if compare_base:
         results["base"] = measure(model, "the base model")
     if target.adapter is not None:
-        from peftcli.methods import load_adapter
+        from peftcli.methods.load import load_adapter
 
         model = load_adapter(accelerator.unwrap_model(model), target.adapter)
         model.eval()

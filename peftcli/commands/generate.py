@@ -94,7 +94,7 @@ def load_target_model(target: Target, labels: list[str] | None) -> Any:
     if target.model.quantization == "none":
         model.to(device)
     if target.adapter is not None:
-        from peftcli.methods import load_adapter
+        from peftcli.methods.load import load_adapter
 
         model = load_adapter(model, target.adapter)
     return model.eval()

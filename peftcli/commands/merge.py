@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from peftcli.errors import UserError, did_you_mean
-from peftcli.methods import METHODS
+from peftcli.methods import METHODS, method_of
 from peftcli.runs import Target, labels_of, open_target
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -39,23 +39,7 @@ COMBINATIONS = (
     "magnitude_prune_svd",
 )
 NEEDS_DENSITY = {c for c in COMBINATIONS if c.startswith(("ties", "dare", "magnitude"))}
-COMBINES = ("lora", "qlora")  # methods add_weighted_adapter combines
 REPORT_FILE = "merge_report.json"
-# peft_type (adapter_config.json) -> peftcli method, for adapter folders without a recipe
-PEFT_TYPES = {
-    "LORA": "lora",
-    "ADALORA": "adalora",
-    "IA3": "ia3",
-    "LOHA": "loha",
-    "LOKR": "lokr",
-    "VERA": "vera",
-    "OFT": "oft",
-    "BOTTLENECK": "adapter",
-    "PROMPT_TUNING": "prompt-tuning",
-    "P_TUNING": "p-tuning",
-    "PREFIX_TUNING": "prefix-tuning",
-    "ADAPTION_PROMPT": "llama-adapter",
-}
 
 
 @dataclass
@@ -77,13 +61,12 @@ def adapter_method(target: Target) -> str:
     assert target.adapter is not None
     config = json.loads((target.adapter / "adapter_config.json").read_text())
     peft_type = str(config.get("peft_type"))
-    if peft_type == "LORA" and config.get("use_dora"):
-        return "dora"
-    if peft_type not in PEFT_TYPES:
+    method = method_of(peft_type, config)
+    if method is None:
         raise UserError(
             f"{target.adapter}/adapter_config.json: peft_type {peft_type} is not a peftcli method"
         )
-    return PEFT_TYPES[peft_type]
+    return method.name
 
 
 def open_sources(paths: list[Path]) -> list[Source]:
@@ -129,10 +112,11 @@ def check_combination(
             f"--weights has {len(weights)} values for {len(sources)} adapters", "give one weight per adapter"
         )
     for s in sources:
-        if s.method not in COMBINES:
+        if not METHODS[s.method].combines:
+            combines = [m.name for m in METHODS.values() if m.combines]
             raise UserError(
                 f"{s.path}: {s.method} adapters cannot be combined with --weights",
-                f"weighted combinations work for {' and '.join(COMBINES)} adapters",
+                f"weighted combinations work for {' and '.join(combines)} adapters",
             )
     first = sources[0]
     for s in sources[1:]:
@@ -201,7 +185,7 @@ def dequantize_into(float_model: Any, quantized: Any) -> list[str]:
 
 
 def load_adapter_model(base: Any, sources: list[Source], names: list[str]) -> Any:
-    from peftcli.methods import load_adapter
+    from peftcli.methods.load import load_adapter
 
     model = base
     for source, name in zip(sources, names, strict=True):
@@ -242,10 +226,8 @@ def merge(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Merge and write OUT; returns the report (also written to OUT/merge_report.json)."""
-    import torch
-
     from peftcli.console import quiet_libraries, say
-    from peftcli.model.load import load_model, load_tokenizer
+    from peftcli.model.load import load_tokenizer
 
     sources = open_sources(paths)
     weights = check_combination(sources, weights, combination, density)
@@ -255,22 +237,64 @@ def merge(
     section = first.target.model
     dtype_out = save_dtype(dtype, first.target)
     labels = labels_of(first.target)
-    quantized = section.quantization != "none"
     for s in sources:
         if s.target.recipe is None:  # adapter_config.json does not record a quantized base
             say(
                 f"peftcli: note: {s.path} is not inside a run, so the base is taken as stored; "
                 "merge an adapter trained on a 4/8-bit base from its run folder"
             )
+    base, quantized_model = load_bases(section, labels)
+    merged = merged_model(base, sources, weights, combination, density).to(dtype_out).eval()
 
-    # The merge happens in float32 on the CPU, whatever the base's dtype or quantization.
+    tokenizer_section = (
+        section.model_copy(update={"name_or_path": str(first.adapter)})
+        if (first.adapter / "tokenizer_config.json").is_file()
+        else section
+    )
+    tokenizer = load_tokenizer(tokenizer_section)
+    report: dict[str, Any] = {
+        "sources": [str(s.path) for s in sources],
+        "method": first.method,
+        "base": section.name_or_path,
+        "task": section.task,
+        "dtype": str(dtype_out).removeprefix("torch."),
+        "dequantized": section.quantization if quantized_model is not None else None,
+    }
+    if weights is not None:
+        report.update(combination=combination, weights=weights, density=density)
+    if quantized_model is not None and weights is None:
+        report["eval"] = compare_losses(first, quantized_model, merged, tokenizer, labels)
+    elif quantized_model is not None:  # no single adapter to compare the combination with
+        report["eval"] = {"note": "skipped: several adapters were combined"}
+    write_folder(out, merged, tokenizer, report, overwrite)
+    say(f"peftcli: wrote {out} ({report['dtype']}); load it with {_auto_class(section.task)}.from_pretrained")
+    return report
+
+
+def load_bases(section: Any, labels: Any) -> tuple[Any, Any]:
+    """The base in float32 on the CPU, where the merge happens whatever the base's dtype or
+    quantization; for a quantized base also the quantized model, whose layers are dequantized
+    into the float32 copy (None otherwise)."""
+    import torch
+
+    from peftcli.console import say
+    from peftcli.model.load import load_model
+
     base = load_model(section.model_copy(update={"quantization": "none", "dtype": "float32"}), labels=labels)
-    quantized_model = None
-    if quantized:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        quantized_model = load_model(section, device=device, labels=labels)
-        count = len(dequantize_into(base, quantized_model))
-        say(f"peftcli: dequantized {count} {section.quantization} layers into a float32 copy of the base")
+    if section.quantization == "none":
+        return base, None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    quantized_model = load_model(section, device=device, labels=labels)
+    count = len(dequantize_into(base, quantized_model))
+    say(f"peftcli: dequantized {count} {section.quantization} layers into a float32 copy of the base")
+    return base, quantized_model
+
+
+def merged_model(
+    base: Any, sources: list[Source], weights: list[float] | None, combination: str, density: float | None
+) -> Any:
+    """The adapters loaded on `base`, combined into one when weighted, folded into its weights."""
+    import torch
 
     names = ["default"] if weights is None else [f"adapter{i}" for i in range(len(sources))]
     model = load_adapter_model(base, sources, names)
@@ -289,32 +313,7 @@ def merge(
         model.set_adapter("combined")
         names = ["combined"]
     with torch.no_grad():
-        merged = model.merge_and_unload(safe_merge=True, adapter_names=names)
-    merged = merged.to(dtype_out).eval()
-
-    tokenizer_section = (
-        section.model_copy(update={"name_or_path": str(first.adapter)})
-        if (first.adapter / "tokenizer_config.json").is_file()
-        else section
-    )
-    tokenizer = load_tokenizer(tokenizer_section)
-    report: dict[str, Any] = {
-        "sources": [str(s.path) for s in sources],
-        "method": first.method,
-        "base": section.name_or_path,
-        "task": section.task,
-        "dtype": str(dtype_out).removeprefix("torch."),
-        "dequantized": section.quantization if quantized else None,
-    }
-    if weights is not None:
-        report.update(combination=combination, weights=weights, density=density)
-    if quantized_model is not None and weights is None:
-        report["eval"] = compare_losses(first, quantized_model, merged, tokenizer, labels)
-    elif quantized_model is not None:  # no single adapter to compare the combination with
-        report["eval"] = {"note": "skipped: several adapters were combined"}
-    write_folder(out, merged, tokenizer, report, overwrite)
-    say(f"peftcli: wrote {out} ({report['dtype']}); load it with {_auto_class(section.task)}.from_pretrained")
-    return report
+        return model.merge_and_unload(safe_merge=True, adapter_names=names)
 
 
 def compare_losses(
@@ -322,11 +321,10 @@ def compare_losses(
 ) -> dict[str, Any]:
     """Eval loss of the adapter on its quantized base vs the merged model, on the run's eval
     split: what dequantizing and merging changed."""
-    from peftcli.commands.eval import eval_split
     from peftcli.console import say
     from peftcli.recipe import TrainingSection
     from peftcli.training.accelerator import make_accelerator
-    from peftcli.training.evaluate import loss_metrics
+    from peftcli.training.evaluate import eval_split, loss_metrics
 
     if source.target.recipe is None:
         note = "skipped: the target is an adapter folder without a run, so there is no eval split"

@@ -28,7 +28,8 @@ def compute() -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from peftcli.methods import METHODS, apply_method
+    from peftcli.methods import METHODS
+    from peftcli.methods.apply import apply_method
     from peftcli.recipe import PeftSection
 
     config = LlamaConfig(**{k: v for k, v in REFERENCE.items() if k != "name"})

@@ -137,8 +137,9 @@ def load_model(section: ModelSection, device: Any = None, labels: list[str] | No
     path = source(section)
     config = load_config(section, labels)
     cls = getattr(transformers, TASKS[section.task].auto_class)
-    quant = quantization_config(section)
-    kwargs: dict[str, Any] = {"config": config, "dtype": resolve_dtype(section), **_common_kwargs(section)}
+    dtype = resolve_dtype(section)
+    quant = quantization_config(section, dtype)
+    kwargs: dict[str, Any] = {"config": config, "dtype": dtype, **_common_kwargs(section)}
     if section.attn_implementation:
         kwargs["attn_implementation"] = section.attn_implementation
     if quant is not None:

@@ -39,7 +39,9 @@ if TYPE_CHECKING:
 CLASSIFIER_HEADS = ("classifier", "score", "classification_head")
 
 
-def quantization_config(section: ModelSection) -> Any:
+def quantization_config(section: ModelSection, dtype: Any) -> Any:
+    """The BitsAndBytesConfig for `model.quantization` (None for none); 4-bit computes and stores in
+    `dtype`, the weights' dtype."""
     if section.quantization == "none":
         return None
     try:
@@ -51,8 +53,6 @@ def quantization_config(section: ModelSection) -> Any:
         ) from None
     from transformers import BitsAndBytesConfig
 
-    from peftcli.model.load import resolve_dtype
-
     # A classifier's head is created fresh and trained in full precision (PEFT's
     # modules_to_save); quantizing it would leave an uninitialised 4/8-bit layer.
     skip = {"llm_int8_skip_modules": list(CLASSIFIER_HEADS)} if section.task == "seq_cls" else {}
@@ -63,8 +63,8 @@ def quantization_config(section: ModelSection) -> Any:
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=resolve_dtype(section),
-        bnb_4bit_quant_storage=resolve_dtype(section),
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=dtype,
     )
 
 

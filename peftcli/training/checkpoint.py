@@ -128,8 +128,13 @@ def _load_rng(path: Path) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def _adalora_allocator(peft_model: Any) -> Any:
-    return getattr(getattr(peft_model, "base_model", None), "rankallocator", None)
+def _method_state(peft_model: Any) -> Any:
+    """The state the model's method keeps outside its weights (AdaLoRA's importance scores)."""
+    from peftcli.methods.table import method_of
+
+    config = peft_model.active_peft_config
+    method = method_of(config.peft_type, config.to_dict())
+    return method.state if method is not None else None
 
 
 def save(
@@ -155,10 +160,8 @@ def save(
         peft_model.save_pretrained(tmp / "adapter")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        if (alloc := _adalora_allocator(peft_model)) is not None:
-            torch.save(
-                {k: getattr(alloc, k) for k in ("ipt", "exp_avg_ipt", "exp_avg_unc")}, tmp / "adalora.pt"
-            )
+        if (extra := _method_state(peft_model)) and (tensors := extra.save(peft_model)) is not None:
+            torch.save(tensors, tmp / extra.file)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = {"step": step, "progress": progress, "fingerprint": fingerprint_}
@@ -189,10 +192,9 @@ def load(
         torch.load(checkpoint / "optimizer.pt", map_location=accelerator.device, weights_only=True)
     )
     scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
-    if (alloc := _adalora_allocator(peft_model)) is not None and (checkpoint / "adalora.pt").is_file():
-        saved = torch.load(checkpoint / "adalora.pt", map_location=accelerator.device, weights_only=True)
-        for key, value in saved.items():
-            setattr(alloc, key, value)
+    if (extra := _method_state(peft_model)) and (checkpoint / extra.file).is_file():
+        saved = torch.load(checkpoint / extra.file, map_location=accelerator.device, weights_only=True)
+        extra.load(peft_model, saved)
     _load_rng(checkpoint / f"rng-{accelerator.process_index}")
     return read_state(checkpoint)["progress"]
 

@@ -14,11 +14,13 @@ from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from peftcli.data import Prepared, collate, train_sampler
+from peftcli.data.batching import collate, train_sampler
+from peftcli.data.splits import Prepared
 from peftcli.errors import Interrupted, UserError
 from peftcli.training.losses import IGNORE, loss_sum, supervised_tokens
 
@@ -87,6 +89,13 @@ class Shard:
     batch_size: int
     process: int
     processes: int
+
+    @classmethod
+    def of(cls, examples: int, batch_size: int, accelerator: Any) -> Shard | None:
+        """The shard of this process, or None on one process (nothing is repeated there)."""
+        if accelerator.num_processes == 1:
+            return None
+        return cls(examples, batch_size, accelerator.process_index, accelerator.num_processes)
 
     def mask_repeats(self, batch: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
         first = (index * self.processes + self.process) * self.batch_size
@@ -179,34 +188,14 @@ def fit(
     `penalty(peft_model)` is a loss term added once per optimizer step; `checkpoints` saves
     resumable state every `save_every` steps and resumes from the newest one; `control` counts
     the steps taken and stops the loop, checkpointed, after Ctrl-C or SIGTERM."""
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
     from transformers import get_scheduler
 
     if section.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
-    sampler = train_sampler(data, section.batch_size, section.seed)  # data.group_by_length
-    loader = DataLoader(
-        data.train.examples,
-        batch_size=section.batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
-        collate_fn=partial(collate, pad_id=pad_id),
-        # Its own generator: iterating the data never draws from the global RNG, which
-        # dropout uses, so a resumed run draws the same dropout masks.
-        generator=torch.Generator().manual_seed(section.seed),
-    )
+        enable_gradient_checkpointing(model)
     optimizer = make_optimizer(model, section)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, make_loader(data, section, pad_id))
     p = plan(len(data.train.examples), section, accelerator.num_processes)
     assert p.steps_per_epoch == math.ceil(len(loader) / section.grad_accum), "plan and loader disagree"
-    shard = None
-    if accelerator.num_processes > 1:
-        shard = Shard(
-            len(data.train.examples), section.batch_size, accelerator.process_index, accelerator.num_processes
-        )
     peft_model = accelerator.unwrap_model(model)
     scheduler = get_scheduler(
         section.scheduler, optimizer, num_warmup_steps=p.warmup_steps, num_training_steps=p.total_steps
@@ -215,42 +204,21 @@ def fit(
     saved = checkpoints.resume(peft_model, optimizer, scheduler) if checkpoints else None
     done = saved["step"] if saved else 0
     window = Window(accelerator, saved)
+    shard = Shard.of(len(data.train.examples), section.batch_size, accelerator)
+    groups = micro_batch_groups(loader, section.grad_accum, p.steps_per_epoch, done, shard)
+    progress = Progress(p.total_steps, done, accelerator.is_main_process)
+    control = control or Control()
+
+    def state(step: int) -> tuple:  # what a checkpoint of this step holds
+        return step, peft_model, optimizer, scheduler, {"step": step, **window.state()}
 
     model.train()
-    # A live bar on a terminal; in logs (CI, SLURM, pipes) one line per logged step instead.
-    interactive = sys.stderr.isatty()
-    bar = tqdm(
-        total=p.total_steps,
-        initial=done,
-        desc="train",
-        unit="step",
-        file=sys.stderr,
-        dynamic_ncols=True,
-        disable=not (accelerator.is_main_process and interactive),
-    )
-    groups = micro_batch_groups(loader, section.grad_accum, p.steps_per_epoch, done, shard)
-    control = control or Control()
     started = time.perf_counter()
     last: dict[str, Any] = {}
     for step in range(done + 1, p.total_steps + 1):
         group = next(groups)
-        # Loss normalisation: every token loss is divided by the number of supervised tokens
-        # in the whole global batch (all micro-batches, all processes), so gradient
-        # accumulation and multi-process runs make the same update as one big batch.
-        local_sup = sum(supervised_tokens(b, task) for b in group)
-        global_sup = accelerator.reduce(local_sup.to(accelerator.device), "sum").clamp(min=1)
-        step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-        for i, batch in enumerate(group):
-            sync = i == len(group) - 1
-            with nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
-                summed = loss_sum(model, batch, task)
-                # DDP averages gradients over processes; multiply back to get a plain sum.
-                loss = summed * accelerator.num_processes / global_sup
-                if penalty is not None and sync:
-                    loss = loss + penalty(peft_model)
-                accelerator.backward(loss)
-            step_loss += summed.detach().double()
-        window.add(step_loss, local_sup, sum(int(b["num_tokens"]) for b in group))
+        step_loss, supervised = backward(model, group, task, accelerator, penalty, peft_model)
+        window.add(step_loss, supervised, sum(int(b["num_tokens"]) for b in group))
         grad_norm = (
             accelerator.clip_grad_norm_(params, section.max_grad_norm) if section.max_grad_norm else None
         )
@@ -261,57 +229,35 @@ def fit(
         if on_step is not None:
             on_step(peft_model, step)
         optimizer.zero_grad(set_to_none=True)
-        bar.update(1)
+        progress.update()
 
+        epoch = round(step / p.steps_per_epoch, 4)
         if step % section.log_every == 0 or step == p.total_steps:
             loss, tokens, seconds = window.close()
             if not math.isfinite(loss):
                 diverged(step, f"the loss is {loss}", checkpoints)
-            last = {
-                "step": step,
-                "epoch": round(step / p.steps_per_epoch, 4),
-                "loss": loss,
-                "lr": scheduler.get_last_lr()[0],
-                "tokens": window.total_tokens,
-                "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
-            }
+            last = {"step": step, "epoch": epoch, "loss": loss, "lr": scheduler.get_last_lr()[0]}
+            last.update(tokens=window.total_tokens, tokens_per_s=round(tokens / max(seconds, 1e-9), 1))
             if grad_norm is not None:
                 last["grad_norm"] = float(grad_norm)
             log.log(last)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{last['lr']:.2e}", tok_s=f"{last['tokens_per_s']:.0f}")
-            if accelerator.is_main_process and not interactive:
-                print(
-                    f"step {step}/{p.total_steps}  loss {loss:.4f}  lr {last['lr']:.2e}  "
-                    f"{last['tokens_per_s']:.0f} tok/s",
-                    file=sys.stderr,
-                    flush=True,
-                )
+            progress.show(last)
         if (
             evaluate is not None
             and section.eval_every
             and step % section.eval_every == 0
             and step != p.total_steps
         ):
-            log.log(
-                {
-                    "step": step,
-                    "epoch": round(step / p.steps_per_epoch, 4),
-                    **{f"eval_{k}": v for k, v in evaluate(model).items() if isinstance(v, float)},
-                }
-            )
+            metrics = {f"eval_{k}": v for k, v in evaluate(model).items() if isinstance(v, float)}
+            log.log({"step": step, "epoch": epoch, **metrics})
         saved_now = checkpoints is not None and checkpoints.due(step, p.total_steps)
         if saved_now:
-            checkpoints.save(step, peft_model, optimizer, scheduler, {"step": step, **window.state()})
+            checkpoints.save(*state(step))
         control.step = step
         if step < p.total_steps and (signal_number := control.stop_requested(accelerator)):
-            bar.close()
-            saved = None
-            if checkpoints is not None and checkpoints.every:
-                if not saved_now:
-                    checkpoints.save(step, peft_model, optimizer, scheduler, {"step": step, **window.state()})
-                saved = checkpoints.last_good()
-            raise Interrupted(step, signal_number, saved)
-    bar.close()
+            progress.close()
+            raise Interrupted(step, signal_number, save_on_stop(checkpoints, state(step), saved_now))
+    progress.close()
     return {
         "steps": p.total_steps,
         "epochs": round(p.total_steps / p.steps_per_epoch, 4),
@@ -321,6 +267,101 @@ def fit(
         "final_loss": last.get("loss"),
         "resumed_from": done,
     }
+
+
+def enable_gradient_checkpointing(model: Any) -> None:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+
+
+def save_on_stop(checkpoints: Checkpointer | None, state: tuple, saved: bool) -> Path | None:
+    """When checkpoints are on, the step the run stopped at is checkpointed (once); returns the
+    checkpoint to resume from."""
+    if checkpoints is None or not checkpoints.every:
+        return None
+    if not saved:
+        checkpoints.save(*state)
+    return checkpoints.last_good()
+
+
+def make_loader(data: Prepared, section: TrainingSection, pad_id: int) -> Any:
+    from torch.utils.data import DataLoader
+
+    sampler = train_sampler(data, section.batch_size, section.seed)  # data.group_by_length
+    return DataLoader(
+        data.train.examples,
+        batch_size=section.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        collate_fn=partial(collate, pad_id=pad_id),
+        # Its own generator: iterating the data never draws from the global RNG, which
+        # dropout uses, so a resumed run draws the same dropout masks.
+        generator=torch.Generator().manual_seed(section.seed),
+    )
+
+
+def backward(
+    model: Any,
+    group: list[dict[str, torch.Tensor]],
+    task: str,
+    accelerator: Any,
+    penalty: Callable[[Any], torch.Tensor] | None,
+    peft_model: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward over one optimizer step's micro-batches; returns the summed loss
+    and this process's supervised tokens.
+
+    Loss normalisation: every token loss is divided by the number of supervised tokens in the
+    whole global batch (all micro-batches, all processes), so gradient accumulation and
+    multi-process runs make the same update as one big batch."""
+    local_sup = sum(supervised_tokens(b, task) for b in group)
+    global_sup = accelerator.reduce(local_sup.to(accelerator.device), "sum").clamp(min=1)
+    step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    for i, batch in enumerate(group):
+        sync = i == len(group) - 1
+        with nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
+            summed = loss_sum(model, batch, task)
+            # DDP averages gradients over processes; multiply back to get a plain sum.
+            loss = summed * accelerator.num_processes / global_sup
+            if penalty is not None and sync:
+                loss = loss + penalty(peft_model)
+            accelerator.backward(loss)
+        step_loss += summed.detach().double()
+    return step_loss, local_sup
+
+
+class Progress:
+    """A live bar on a terminal; in logs (CI, SLURM, pipes) one line per logged step instead.
+    Only the main process shows anything."""
+
+    def __init__(self, total: int, done: int, main: bool):
+        from tqdm.auto import tqdm
+
+        self.total, self.main = total, main
+        self.interactive = sys.stderr.isatty()
+        self.bar = tqdm(
+            total=total,
+            initial=done,
+            desc="train",
+            unit="step",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            disable=not (main and self.interactive),
+        )
+
+    def update(self) -> None:
+        self.bar.update(1)
+
+    def show(self, row: dict[str, Any]) -> None:
+        loss, lr, speed = row["loss"], row["lr"], row["tokens_per_s"]
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}")
+        if self.main and not self.interactive:
+            line = f"step {row['step']}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  {speed:.0f} tok/s"
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 class Control:

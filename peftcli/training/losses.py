@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from peftcli.data import IGNORE  # the label that carries no loss, defined where labels are made
+from peftcli.tasks import IGNORE
 
 
 def at_least_float32(logits: torch.Tensor) -> torch.Tensor:

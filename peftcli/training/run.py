@@ -7,7 +7,6 @@ of the recipe.
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from peftcli.errors import Interrupted, UserError
 from peftcli.recipe import Recipe, dump_recipe
 from peftcli.runs import save_adapter, write_json
 from peftcli.training.accelerator import make_accelerator, trainable_summary
+from peftcli.training.tracking import MetricsLog
 
 
 def protected_paths(recipe: Recipe) -> list[Path]:
@@ -92,132 +92,183 @@ def train(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Trai
             lock.release()
 
 
+@dataclass
+class Stages:
+    """What the stages built for one run: tokenizer, data, the wrapped model, where it resumes."""
+
+    tokenizer: Any
+    data: Any  # data.Prepared
+    model: Any  # the PeftModel
+    counts: dict[str, int]
+    fingerprint: dict[str, Any]
+    start: Path | None  # the checkpoint a resumed run continues from
+
+
 def _train(recipe: Recipe, where: run_folder.Plan, accelerator: Any, notes: list[str]) -> Trained:
+    accelerator.project_configuration.set_directories(str(where.work_dir))
+    stages = load_stages(recipe, where, accelerator)
+    # The run folder is made (or reopened) only now that everything it needs has loaded: a
+    # recipe, data or model that fails leaves nothing behind.
+    if accelerator.is_main_process:
+        run_folder.open_run(where, dump_recipe(recipe), stages.start)
+        report_start(recipe, where, stages, notes)
+    accelerator.wait_for_everyone()
+    log = MetricsLog(where.work_dir / "metrics.jsonl", accelerator, recipe.training.report_to)
+    summary = run_loop(recipe, where, stages, log, accelerator)
+    metrics = finish(recipe, where, stages, summary, log, accelerator)
+    accelerator.wait_for_everyone()
+    # The DDP wrapper (with gloo work it holds) goes before the process group it talks over;
+    # left to interpreter exit, gloo's threads can abort the process after a finished run.
+    accelerator.free_memory()
+    accelerator.end_training()  # closes trackers and the process group
+    return Trained(where.run_dir, stages.model, stages.tokenizer, metrics)
+
+
+def load_stages(recipe: Recipe, where: run_folder.Plan, accelerator: Any) -> Stages:
+    """recipe → model (tokenizer) → data → model weights → method, each with its own section."""
     from accelerate.utils import set_seed
 
-    from peftcli import data as data_stage
-    from peftcli.methods import apply_method, penalty, step_hook
+    from peftcli.data.cache import prepare
+    from peftcli.methods.apply import apply_method
     from peftcli.model.load import load_model, load_tokenizer
-    from peftcli.training.checkpoint import Checkpointer, fingerprint, read_state
-    from peftcli.training.evaluate import evaluate
-    from peftcli.training.loop import Control, fit, plan
-    from peftcli.training.tracking import MetricsLog, keep_metrics_until
+    from peftcli.training.checkpoint import fingerprint
+    from peftcli.training.loop import plan
 
-    run_dir, work_dir = where.run_dir, where.work_dir
-    main = accelerator.is_main_process
-    accelerator.project_configuration.set_directories(str(work_dir))
     print_ = fingerprint(recipe.model_dump(mode="json"), accelerator.num_processes)
-    start = resume_point(work_dir, print_) if where.continuing else None
+    start = resume_point(where.work_dir, print_) if where.continuing else None
     set_seed(recipe.training.seed)
-
     task = recipe.model.task
     tokenizer = load_tokenizer(recipe.model)
     with accelerator.main_process_first():  # one process prepares; the others read its cache
-        data = data_stage.prepare(recipe.data, tokenizer, recipe.training.seed, task)
+        data = prepare(recipe.data, tokenizer, recipe.training.seed, task)
     steps = plan(len(data.train.examples), recipe.training, accelerator.num_processes).total_steps
     model = load_model(recipe.model, device=accelerator.device, labels=data.labels)
     model = apply_method(model, recipe.peft, task, total_steps=steps)
-    counts = trainable_summary(model)
-    # The run folder is made (or reopened) only now that everything it needs has loaded: a
-    # recipe, data or model that fails leaves nothing behind.
-    if main:
-        if not where.continuing:
-            run_folder.discard_partial(where)
-            run_folder.writable(work_dir.parent)
-            run_folder.create(work_dir)
-        (work_dir / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
-        step = read_state(start)["step"] if start else 0
-        keep_metrics_until(work_dir / "metrics.jsonl", step)
-        if where.continuing:
-            say(
-                f"peftcli: resuming {run_dir} from {start.name}"
-                if start
-                else f"peftcli: {run_dir} has no complete checkpoint; starting it again from step 0"
-            )
-        for note in notes:
-            say(f"peftcli: note: {note}")
-        s = data.stats
+    return Stages(tokenizer, data, model, trainable_summary(model), print_, start)
+
+
+def report_start(recipe: Recipe, where: run_folder.Plan, stages: Stages, notes: list[str]) -> None:
+    if where.continuing:
         say(
-            f"peftcli: {recipe.peft.method} on {recipe.model.name_or_path}: "
-            f"{counts['trainable_params']:,} trainable of {counts['total_params']:,} parameters "
-            f"({100 * counts['trainable_params'] / counts['total_params']:.2f}%)"
+            f"peftcli: resuming {where.run_dir} from {stages.start.name}"
+            if stages.start
+            else f"peftcli: {where.run_dir} has no complete checkpoint; starting it again from step 0"
         )
-        say(
-            f"peftcli: data {data.format}: {len(data.train.examples)} train / "
-            f"{len(data.eval.examples) if data.eval else 0} eval examples, {s['supervised_tokens']:,} of "
-            f"{s['tokens']:,} train tokens supervised, {s['truncated']} truncated, {s['dropped']} dropped"
-        )
-    accelerator.wait_for_everyone()
+    for note in notes:
+        say(f"peftcli: note: {note}")
+    counts, data, s = stages.counts, stages.data, stages.data.stats
+    say(
+        f"peftcli: {recipe.peft.method} on {recipe.model.name_or_path}: "
+        f"{counts['trainable_params']:,} trainable of {counts['total_params']:,} parameters "
+        f"({100 * counts['trainable_params'] / counts['total_params']:.2f}%)"
+    )
+    say(
+        f"peftcli: data {data.format}: {len(data.train.examples)} train / "
+        f"{len(data.eval.examples) if data.eval else 0} eval examples, {s['supervised_tokens']:,} of "
+        f"{s['tokens']:,} train tokens supervised, {s['truncated']} truncated, {s['dropped']} dropped"
+    )
 
-    log = MetricsLog(work_dir / "metrics.jsonl", accelerator, recipe.training.report_to)
-    batch = recipe.training.batch_size
-    pad_id = tokenizer.pad_token_id
 
-    def run_eval(m: Any, final: bool = False) -> dict[str, Any]:
-        metrics = ["loss", "perplexity"] if not final else None
-        section = recipe.eval if final else recipe.eval.model_copy(update={"metrics": metrics})
-        return evaluate(m, tokenizer, data.eval, section, task, accelerator, batch)
+def evaluator(recipe: Recipe, stages: Stages, accelerator: Any, final: bool = False) -> Any:
+    """The evaluation the loop runs every `eval_every` steps (loss, perplexity) or at the end
+    (the recipe's metrics); None without eval data."""
+    from peftcli.training.evaluate import evaluate
 
+    if stages.data.eval is None:
+        return None
+    section = recipe.eval if final else recipe.eval.model_copy(update={"metrics": ["loss", "perplexity"]})
+    batch, task = recipe.training.batch_size, recipe.model.task
+    return lambda model: evaluate(
+        model, stages.tokenizer, stages.data.eval, section, task, accelerator, batch
+    )
+
+
+def run_loop(
+    recipe: Recipe, where: run_folder.Plan, stages: Stages, log: MetricsLog, accelerator: Any
+) -> dict[str, Any]:
+    """The training loop, stopped cleanly by Ctrl-C/SIGTERM; a run that fails before its first
+    step leaves the folder as it was found."""
+    from peftcli.methods.apply import penalty, step_hook
+    from peftcli.training.checkpoint import Checkpointer
+    from peftcli.training.loop import Control, fit
+
+    section = recipe.training
+    checkpoints = Checkpointer(
+        where.work_dir / "checkpoints",
+        section.save_every,
+        section.keep_checkpoints,
+        stages.fingerprint,
+        accelerator,
+        stages.start,
+    )
     control = Control()
     try:
         with control:
-            summary = fit(
-                model,
-                data,
-                recipe.training,
+            return fit(
+                stages.model,
+                stages.data,
+                section,
                 accelerator,
-                pad_id,
-                task,
+                stages.tokenizer.pad_token_id,
+                recipe.model.task,
                 log,
-                evaluate=run_eval if data.eval else None,
+                evaluate=evaluator(recipe, stages, accelerator),
                 on_step=step_hook(recipe.peft),
                 penalty=penalty(recipe.peft),
-                checkpoints=Checkpointer(
-                    work_dir / "checkpoints",
-                    recipe.training.save_every,
-                    recipe.training.keep_checkpoints,
-                    print_,
-                    accelerator,
-                    start,
-                ),
+                checkpoints=checkpoints,
                 control=control,
             )
     except Interrupted:
         raise
     except BaseException:
-        # Nothing was trained: leave the folder as it was found.
-        if main and control.step == 0 and not where.continuing:
-            shutil.rmtree(work_dir, ignore_errors=True) if where.creates else _empty(work_dir)
+        if accelerator.is_main_process and control.step == 0 and not where.continuing:
+            run_folder.forget(where)  # nothing was trained
         raise
 
-    # Training is done: the adapter, tokenizer and run files are written before anything else
-    # (evaluation, plots), so no later failure costs the trained adapter.
-    result = {"train": {**summary, **counts}}
+
+def finish(
+    recipe: Recipe,
+    where: run_folder.Plan,
+    stages: Stages,
+    summary: dict[str, Any],
+    log: MetricsLog,
+    accelerator: Any,
+) -> dict[str, Any]:
+    """Training is done: the adapter, tokenizer and run files are written before anything else
+    (evaluation, plots), so no later failure costs the trained adapter. Returns the metrics."""
+    from peftcli.training.tracking import plot_losses
+
+    main, run_dir = accelerator.is_main_process, where.run_dir
+    result = {"train": {**summary, **stages.counts}}
     if main:
-        save_adapter(accelerator.unwrap_model(model), tokenizer, data.labels, work_dir / "adapter")
-        write_json(work_dir / "eval.json", result)
+        save_adapter(
+            accelerator.unwrap_model(stages.model),
+            stages.tokenizer,
+            stages.data.labels,
+            where.work_dir / "adapter",
+        )
+        write_json(where.work_dir / "eval.json", result)
         run_folder.finish(where)
-        log.path = run_dir / "metrics.jsonl"
+        log.path = run_dir / "metrics.jsonl"  # an --overwrite run's folder was just renamed
         say(f"peftcli: saved {run_dir}/adapter (load with PeftModel.from_pretrained)")
     accelerator.wait_for_everyone()
     try:
-        eval_metrics = run_eval(model, final=True) if data.eval else {}
-        if eval_metrics:
-            log.log(
-                {
-                    "step": summary["steps"],
-                    "epoch": summary["epochs"],
-                    **{f"eval_{k}": v for k, v in eval_metrics.items() if isinstance(v, float)},
-                }
-            )
+        final = evaluator(recipe, stages, accelerator, final=True)
+        metrics = final(stages.model) if final else {}
+        floats = {k: v for k, v in metrics.items() if isinstance(v, float)}
+        if floats:
+            row = {
+                "step": summary["steps"],
+                "epoch": summary["epochs"],
+                **{f"eval_{k}": v for k, v in floats.items()},
+            }
+            log.log(row)
         if main:
-            write_json(run_dir / "eval.json", {**eval_metrics, **result})
-            from peftcli.training.tracking import plot_losses
-
+            write_json(run_dir / "eval.json", {**metrics, **result})
             plot_losses(
                 run_dir / "metrics.jsonl", run_dir / "loss.png", title=f"{recipe.name} ({recipe.peft.method})"
             )
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items() if isinstance(v, float))
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in floats.items())
             say(f"peftcli: {summary['steps']} steps in {summary['seconds']:.1f}s; eval: {shown or 'none'}")
     except BaseException:
         if main:
@@ -226,15 +277,4 @@ def _train(recipe: Recipe, where: run_folder.Plan, accelerator: Any, notes: list
                 f"came after it (evaluate it again with `peftcli eval {run_dir}`)"
             )
         raise
-    accelerator.wait_for_everyone()
-    # The DDP wrapper (with gloo work it holds) goes before the process group it talks over;
-    # left to interpreter exit, gloo's threads can abort the process after a finished run.
-    accelerator.free_memory()
-    accelerator.end_training()  # closes trackers and the process group
-    return Trained(run_dir, model, tokenizer, eval_metrics)
-
-
-def _empty(folder: Path) -> None:
-    """Return a folder that was empty before the run to being empty."""
-    for child in folder.iterdir() if folder.is_dir() else []:
-        shutil.rmtree(child) if child.is_dir() else child.unlink()
+    return metrics

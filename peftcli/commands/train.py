@@ -1,5 +1,6 @@
-"""`peftcli train --num-processes N | --launch-config FILE`: the same run, started by
-Accelerate's launcher (`accelerate launch -m peftcli.cli train ...` is equivalent).
+"""`peftcli train`: one run in this process, or — with `--num-processes N | --launch-config FILE` —
+the same run started by Accelerate's launcher (`accelerate launch -m peftcli.cli train ...` is
+equivalent).
 
 Without a launch config, N processes on one machine are started through
 `torch.distributed.run` (Accelerate's `--multi_gpu` launcher); on a machine without GPUs
@@ -9,12 +10,45 @@ peftcli's Accelerator then runs them on the CPU over gloo.
 from __future__ import annotations
 
 import os
+import shlex
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
-from peftcli.errors import UserError
+from peftcli.errors import Interrupted, UserError
+
+
+def run_train(
+    recipe_path: Path,
+    overrides: list[str] | None,
+    resume: bool = False,
+    overwrite: bool = False,
+    num_processes: int | None = None,
+    launch_config: Path | None = None,
+) -> int:
+    """Train the recipe; returns the exit status. An interrupted run leaves `Interrupted` carrying
+    the command that resumes it."""
+    from peftcli.recipe import load_recipe
+    from peftcli.training.run import check_can_start, train
+
+    recipe = load_recipe(recipe_path, overrides)
+    flags = [f for f, on in (("--resume", resume), ("--overwrite", overwrite)) if on]
+    if num_processes is not None or launch_config is not None:
+        from peftcli.checks import check_recipe
+
+        check_can_start(recipe, overwrite, resume)  # refuse before starting processes
+        check_recipe(recipe)
+        return launch(recipe_path, overrides or [], num_processes, launch_config, flags)
+    try:
+        train(recipe, overwrite=overwrite, resume=resume)
+    except Interrupted as exc:
+        exc.command = shlex.join(["peftcli", "train", str(recipe_path), *(overrides or []), "--resume"])
+        raise
+    return 0
+
+
+# --------------------------------------------------------------------------- the launcher
 
 
 def free_port() -> int:

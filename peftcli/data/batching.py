@@ -1,0 +1,121 @@
+"""Batching: examples → padded tensors (`collate`), and the training order that groups
+examples of similar length (`LengthGroupedSampler`), with the padding either order leaves."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from peftcli.tasks import IGNORE
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from peftcli.data.splits import Prepared
+
+
+def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """Pad to the longest example in the batch (right padding); labels are padded on their
+    own, so decoder targets (seq2seq) may differ in length from the inputs."""
+    import torch
+
+    longest = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), longest), dtype=torch.long)
+    for row, e in enumerate(examples):
+        ids[row, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
+        mask[row, : len(e["input_ids"])] = 1
+    # Tokens per row, so rows that carry no example (see train.Shard) can be left out of counts.
+    row_tokens = mask.sum(dim=1)
+    batch = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "row_tokens": row_tokens,
+        "num_tokens": row_tokens.sum(),
+    }
+    if "position_ids" in examples[0]:
+        # Packed rows: the mask comes from the position ids (see `pack`); the padding tail
+        # counts up from 0 too, making it a segment of its own that nothing attends across.
+        positions = torch.arange(longest).repeat(len(examples), 1)
+        for row, e in enumerate(examples):
+            positions[row, : len(e["position_ids"])] = torch.tensor(e["position_ids"])
+            positions[row, len(e["position_ids"]) :] -= len(e["position_ids"])
+        batch["position_ids"] = positions
+        del batch["attention_mask"]
+    if isinstance(examples[0]["labels"], int):  # classification
+        batch["labels"] = torch.tensor([e["labels"] for e in examples])
+        return batch
+    target = max(len(e["labels"]) for e in examples)
+    labels = torch.full((len(examples), target), IGNORE, dtype=torch.long)
+    for row, e in enumerate(examples):
+        labels[row, : len(e["labels"])] = torch.tensor(e["labels"])
+    batch["labels"] = labels
+    return batch
+
+
+class LengthGroupedSampler:
+    """Example order that puts examples of similar length in the same batch, so padding to
+    the longest wastes little: a seeded shuffle, sorted by length within mega-batches of
+    `mega × batch_size`, cut into batches whose order is shuffled again (the batch holding the
+    longest example first, so a too-large batch fails at step 1). A new order every epoch."""
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, seed: int, mega: int = 50):
+        self.lengths, self.batch_size, self.seed, self.mega = lengths, batch_size, seed, mega
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order().tolist())
+
+    def order(self) -> np.ndarray:
+        import numpy as np
+
+        rng = np.random.default_rng(self.seed + self.epoch)
+        n, size = len(self.lengths), self.batch_size
+        shuffled = rng.permutation(n)
+        batches = []
+        for start in range(0, n, self.mega * size):
+            chunk = shuffled[start : start + self.mega * size]
+            chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+            batches += [chunk[i : i + size] for i in range(0, len(chunk), size)]
+        # Only the last batch can be short; it stays last so the loader's batches align with ours.
+        full, short = [b for b in batches if len(b) == size], [b for b in batches if len(b) < size]
+        full = [full[i] for i in rng.permutation(len(full))]
+        if full:
+            longest = max(range(len(full)), key=lambda i: self.lengths[full[i]].max())
+            full.insert(0, full.pop(longest))
+        return np.concatenate(full + short) if batches else np.zeros(0, dtype=np.int64)
+
+
+def train_sampler(data: Prepared, batch_size: int, seed: int) -> LengthGroupedSampler | None:
+    """The training DataLoader's sampler: length-grouped with `data.group_by_length`, else None
+    (a plain shuffle, which Accelerate seeds)."""
+    if not data.group_by_length:
+        return None
+    return LengthGroupedSampler(data.train.lengths(), batch_size, seed)
+
+
+def padding_fraction(lengths: np.ndarray, batch_size: int, seed: int, grouped: bool) -> float:
+    """Share of the padded batch positions that are padding, for one epoch in the order training
+    uses: the length-grouped order, or the seeded shuffle Accelerate draws (torch.randperm)."""
+    import numpy as np
+
+    n = len(lengths)
+    if n == 0:
+        return 0.0
+    if grouped:
+        order = LengthGroupedSampler(lengths, batch_size, seed).order()
+    else:
+        import torch
+
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
+    ordered = np.asarray(lengths)[order]
+    starts = np.arange(0, n, batch_size)
+    sizes = np.diff(np.append(starts, n))
+    padded = int((np.maximum.reduceat(ordered, starts) * sizes).sum())
+    return 1.0 - int(ordered.sum()) / padded

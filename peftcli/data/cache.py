@@ -1,0 +1,236 @@
+"""The on-disk cache of prepared data, and `prepare`, which fills and reads it.
+
+Preparation streams: rows are read one at a time, tokenised in batches and appended to flat
+token files under `$PEFTCLI_HOME/cache/data/<key>/`, which training memory-maps. The key hashes
+everything that changes the result (data bytes, tokenizer, format, settings), so a second run
+with the same inputs skips preparation, and memory does not grow with the size of the data."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from peftcli.data.encode import BATCH_ROWS, Encoder, batches, new_stats
+from peftcli.data.formats import CHAT_FORMATS, FORMAT_COLUMNS, chat_template, choose_format, scan
+from peftcli.data.packing import pack_split
+from peftcli.data.sources import Row, Source
+from peftcli.data.splits import Prepared, Reference, Split, TokenArrays, Writer
+from peftcli.errors import UserError
+
+if TYPE_CHECKING:
+    from peftcli.recipe import DataSection
+
+
+CACHE_VERSION = 2  # bump when encoding changes, so old caches are not reused (2: labels by value)
+
+
+def _say(message: str) -> None:
+    """Progress on stderr, from the main process only (every process prepares the data)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"peftcli: {message}", file=sys.stderr, flush=True)
+
+
+def cache_root() -> Path:
+    from peftcli.home import home
+
+    return home() / "cache" / "data"
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Changes with anything about the tokenizer that changes token ids: its vocabulary, merges,
+    normalisation and post-processing, special tokens and chat template."""
+    digest = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        digest.update(backend.to_str().encode())
+    else:
+        digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    digest.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    digest.update(json.dumps(tokenizer.chat_template, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def prepare(section: DataSection, tokenizer: Any, seed: int, task: str = "causal_lm") -> Prepared:
+    """Training (and held-out) examples for a data section, from the cache when the same inputs
+    were prepared before. A `data.chat_template` is set on the tokenizer, so it is saved with
+    the adapter and generation uses it too."""
+    if section.chat_template is not None:
+        tokenizer.chat_template = chat_template(section, tokenizer)
+    train = Source(section.train, "data.train")
+    fmt = choose_format(train.first()[1], section.format, "data.format", task)
+    if section.format == "auto":
+        _say(f"data: format {fmt} (detected from the columns {', '.join(FORMAT_COLUMNS[fmt])})")
+    held_out = Source(section.eval, "data.eval") if isinstance(section.eval, str) else None
+    if held_out is not None:
+        choose_format(held_out.first()[1], fmt, "data.eval", task)
+    if fmt in CHAT_FORMATS and not tokenizer.chat_template:
+        Encoder(tokenizer, fmt, section, task)  # raises the missing-template error
+    fraction = None if held_out is not None or not section.eval else float(section.eval)
+    inputs = {
+        "version": CACHE_VERSION,
+        "train": train.fingerprint(),
+        "eval": held_out.fingerprint() if held_out is not None else fraction,
+        "seed": seed if fraction or section.packing else None,
+        "format": fmt,
+        "task": task,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "max_length": section.max_length,
+        "train_on": section.train_on,
+        "packing": section.packing,
+    }
+    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24]
+    folder = cache_root() / key
+    hit = (folder / "meta.json").is_file()
+    if not hit:
+        started = time.perf_counter()
+        _build_atomically(
+            folder, lambda tmp: _build(tmp, section, tokenizer, fmt, task, seed, train, held_out)
+        )
+    prepared = _load(folder, section)
+    n = f"{prepared.stats['examples']} examples"
+    if section.packing:
+        n += f" in {prepared.stats['sequences']} packed rows"
+    if hit:
+        _say(f"data: loaded {n} from cache ({folder})")
+    else:
+        _say(f"data: prepared {n} in {time.perf_counter() - started:.1f}s (cached in {folder})")
+    prepared.from_cache = hit
+    return prepared
+
+
+def _build_atomically(folder: Path, build: Any) -> None:
+    """Build into a temporary folder beside `folder` and rename it into place, so a cache entry
+    is complete or absent; when another process got there first, its entry is kept."""
+    from peftcli.home import make_dirs, process_alive
+
+    make_dirs(folder.parent)
+    host = socket.gethostname()
+    for stale in folder.parent.glob(f".{folder.name}.tmp-{host}-*"):  # left by a killed run here
+        pid = stale.name.rpartition("-")[2]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{host}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not (folder / "meta.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _build(
+    folder: Path,
+    section: DataSection,
+    tokenizer: Any,
+    fmt: str,
+    task: str,
+    seed: int,
+    train: Source,
+    held_out: Source | None,
+) -> None:
+    """Two streaming passes: check every row (and count them, for the held-out fraction), then
+    tokenise in batches and append to the split files."""
+    found = scan(train, fmt, task)
+    if held_out is not None:
+        scan(held_out, fmt, task, "data.eval")
+    held = _held_out_rows(section, found.rows, seed) if held_out is None else []
+    encoder = Encoder(tokenizer, fmt, section, task, found.labels)
+    stats, eval_stats = new_stats(), new_stats()
+    has_eval = bool(held) or held_out is not None
+    writers = {"train": Writer(folder, "train")}
+    if has_eval:
+        writers["eval"] = Writer(folder, "eval")
+        references = open(folder / "eval.references.jsonl", "w", encoding="utf-8")
+
+    def write(batch: list[Row], name: str) -> None:
+        for (where, row), example in zip(
+            batch, encoder.examples(batch, stats if name == "train" else eval_stats), strict=True
+        ):
+            if example is None:
+                continue
+            writers[name].add(example)
+            if name == "eval" and (ref := encoder.reference(row, where)) is not None:
+                references.write(json.dumps({"prompt_ids": ref.prompt_ids, "answer": ref.answer}) + "\n")
+
+    pending: dict[str, list[Row]] = {"train": [], "eval": []}
+    next_held = 0
+    for i, row in enumerate(train.rows()):
+        name = "train"
+        if next_held < len(held) and held[next_held] == i:
+            name, next_held = "eval", next_held + 1
+        pending[name].append(row)
+        if len(pending[name]) == BATCH_ROWS:
+            write(pending[name], name)
+            pending[name] = []
+    for name, rows in pending.items():
+        if rows:
+            write(rows, name)
+    if held_out is not None:
+        for batch in batches(held_out.rows()):
+            write(batch, "eval")
+    for writer in writers.values():
+        writer.close()
+    if has_eval:
+        references.close()
+    if not writers["train"].count:
+        raise UserError(
+            f"data.train: no example has a supervised token within max_length={section.max_length}"
+        )
+    stats["sequences"] = writers["train"].count
+    if section.packing:
+        stats["sequences"] = pack_split(folder, section.max_length, seed)
+    meta = {
+        "version": CACHE_VERSION,
+        "format": fmt,
+        "task": task,
+        "labels": found.labels,
+        "stats": stats,
+        "eval_stats": eval_stats if has_eval else None,
+    }
+    (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def _held_out_rows(section: DataSection, rows: int, seed: int) -> list[int]:
+    """Which rows of the training data `data.eval` (a fraction) holds out, in order; seeded."""
+    held: list[int] = []
+    if section.eval:
+        n_eval = max(1, round(float(section.eval) * rows))
+        if n_eval >= rows:
+            raise UserError(
+                f"data.eval: holding out {section.eval} of {rows} rows leaves nothing to train on"
+            )
+        held = sorted(random.Random(seed).sample(range(rows), n_eval))
+    return held
+
+
+def _load(folder: Path, section: DataSection) -> Prepared:
+    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    classes = meta["task"] == "seq_cls"
+    train = Split(TokenArrays(folder, "train", classes))
+    held_out = None
+    if meta["eval_stats"] is not None:
+        with open(folder / "eval.references.jsonl", encoding="utf-8") as f:
+            references = [Reference(**json.loads(line)) for line in f]
+        held_out = Split(TokenArrays(folder, "eval", classes), references)
+    return Prepared(
+        meta["format"],
+        train,
+        held_out,
+        meta["stats"],
+        meta["labels"],
+        group_by_length=section.group_by_length,
+        cache_dir=folder,
+    )

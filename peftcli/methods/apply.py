@@ -1,0 +1,229 @@
+"""Putting a method on a model: refusals before weights load (`check_fit`), the recipe's
+config keywords (`config_kwargs`), and `apply_method`, which imports PEFT when it runs.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import importlib.util
+import inspect
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from peftcli.errors import UserError, did_you_mean
+from peftcli.methods.hooks import Context
+from peftcli.methods.table import METHODS, Method
+from peftcli.methods.targets import CONV1D_MODEL_TYPES, LinearIndex, resolve_targets
+from peftcli.tasks import TASKS
+
+if TYPE_CHECKING:
+    import torch.nn as nn
+
+    from peftcli.recipe import PeftSection
+
+
+def check_fit(
+    method: Method,
+    section: PeftSection,
+    task: str,
+    model_type: str | None,
+    quantized: bool,
+    packing: bool = False,
+) -> list[str]:
+    """Refuse a method that cannot work with this model, task or recipe — before weights load.
+
+    Returns notes on recipe keys the method ignores: a recipe tuned for LoRA (r, alpha,
+    target_modules) stays usable for every method, which `compare` relies on."""
+    if packing and method.kind != "targets":
+        raise UserError(
+            f"data.packing does not work with {method.name}: its virtual tokens would be shared "
+            "by every example in a packed row; set data.packing: false"
+        )
+    if task not in method.tasks:
+        raise UserError(
+            f"peft.method: {method.name} does not support model.task: {task}",
+            f"it supports {', '.join(sorted(method.tasks))}",
+        )
+    if method.model_types is not None and model_type is not None and model_type not in method.model_types:
+        raise UserError(
+            f"peft.method: {method.name} does not support {model_type} models",
+            f"it supports {', '.join(sorted(method.model_types))}",
+        )
+    if not method.conv1d and model_type in CONV1D_MODEL_TYPES:
+        raise UserError(
+            f"peft.method: {method.name} cannot adapt the Conv1D layers of {model_type} models",
+            "use lora, dora, ia3, vera or adapter",
+        )
+    if model_type is not None:
+        check_carries(method, model_type, task)
+    if quantized and not method.quantized_base:
+        raise UserError(
+            f"peft.method: {method.name} cannot train on a quantized base; set model.quantization: none"
+        )
+    keys = ["r", "alpha", "dropout"] + (["target_modules", "layers"] if method.kind != "targets" else [])
+    ignored = [
+        k
+        for k in keys
+        if k in section.model_fields_set
+        and k not in method.generic
+        and (k not in ("target_modules", "layers") or getattr(section, k) is not None)
+    ]
+    return [f"peft.{k} does not apply to {method.name}: ignored" for k in ignored]
+
+
+def check_carries(method: Method, model_type: str, task: str) -> None:
+    """Refuse a method the installed libraries cannot put on this architecture."""
+    if method.kv_prefix and not takes_past_key_values(model_type, task):
+        import transformers
+
+        raise UserError(
+            f"peft.method: {method.name} cannot train {model_type} models for {task} with transformers "
+            f"{transformers.__version__}: their forward takes no past_key_values, which carry the prefixes",
+            "use prompt-tuning or p-tuning (virtual tokens at the input) or lora",
+        )
+
+
+@functools.cache
+def takes_past_key_values(model_type: str, task: str) -> bool:
+    """Whether PEFT's prefix tuning can hand its prefixes to the installed transformers' model.
+
+    PEFT passes them as `past_key_values`. For classification it first checks, literally, that
+    the task model's or its backbone's forward names that argument (transformers 5.24 renamed
+    it to `cache`, so BERT fails there); language models get it as a keyword, which a forward
+    takes by name or through transformers' deprecation alias. So the answer is read from the
+    installed classes, never from a table. An architecture transformers does not know (remote
+    code) is given the benefit of the doubt."""
+    import transformers
+    from transformers.models.auto import modeling_auto as auto
+
+    names = [getattr(auto, TASKS[task].auto_mapping).get(model_type)]
+    if task == "seq_cls":
+        names.append(auto.MODEL_MAPPING_NAMES.get(model_type))
+    classes = [getattr(transformers, n, None) for n in names if isinstance(n, str)]
+    if not classes or None in classes:
+        return True
+    return any(_takes(c.forward, "past_key_values", aliases=task != "seq_cls") for c in classes)
+
+
+def _takes(function: Any, name: str, aliases: bool) -> bool:
+    """`function` has a parameter `name`, or (with `aliases`) a decorator of transformers'
+    `deprecate_kwarg` that renames `name` to a parameter it has."""
+    if name in inspect.signature(function).parameters:
+        return True
+    while aliases and function is not None:
+        cells = getattr(function, "__closure__", None) or ()
+        names = getattr(getattr(function, "__code__", None), "co_freevars", ())
+        free = {}
+        for var, cell in zip(names, cells, strict=False):
+            try:
+                free[var] = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+        if free.get("old_name") == name and free.get("new_name"):
+            return True
+        function = getattr(function, "__wrapped__", None)
+    return False
+
+
+# --------------------------------------------------------------------------- configs
+
+
+@functools.cache
+def _class_nodes() -> dict[str, ast.ClassDef]:
+    """Config class definitions of PEFT and of peftcli's own tuners, parsed — not imported
+    (importing PEFT pulls in torch and transformers: seconds `peftcli validate` should not pay)."""
+    paths = sorted((Path(__file__).parent / "tuners").glob("*.py"))
+    spec = importlib.util.find_spec("peft")
+    if spec is not None and spec.origin:
+        root = Path(spec.origin).parent
+        paths += [root / "config.py", *sorted(root.glob("tuners/*/config.py"))]
+    nodes: dict[str, ast.ClassDef] = {}
+    for path in paths:
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.ClassDef):
+                nodes[node.name] = node
+    return nodes
+
+
+def config_fields(class_name: str) -> set[str]:
+    """The keyword arguments a config class accepts."""
+    nodes = _class_nodes()
+    if class_name not in nodes:
+        return set(inspect.signature(config_class(class_name)).parameters)
+    fields: set[str] = set()
+    node = nodes[class_name]
+    for stmt in node.body:
+        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+            fields.add(stmt.target.id)
+    for base in node.bases:
+        if isinstance(base, ast.Name) and base.id in nodes:
+            fields |= config_fields(base.id)
+    return fields
+
+
+def config_class(name: str) -> type:
+    import peft
+
+    from peftcli.methods import tuners  # noqa: F401  registers peftcli's own tuners with PEFT
+
+    return getattr(tuners, name, None) or getattr(peft, name)
+
+
+def config_kwargs(method: Method, section: PeftSection) -> dict[str, Any]:
+    """The config keywords the recipe sets: peftcli's defaults, the generic keys, then options."""
+    valid = config_fields(method.config_class) - {"peft_type", "task_type", "target_modules"}
+    kwargs = dict(method.defaults)
+    for key, name in method.generic.items():
+        # A generic key the user did not set leaves peftcli's method default in place.
+        if key in section.model_fields_set or name not in kwargs:
+            kwargs[name] = getattr(section, key)
+    for key, value in section.options.items():
+        if key not in valid:
+            raise UserError(
+                f"peft.options.{key} is not an option of {method.name} ({method.config_class})"
+                f"{did_you_mean(key, valid)}; valid: {', '.join(sorted(valid))}"
+            )
+        if key in method.fixed and value != method.fixed[key]:
+            raise UserError(f"peft.options.{key}: {method.name} sets it to {method.fixed[key]!r}")
+        kwargs[key] = value
+    kwargs.update(method.fixed)
+    return kwargs
+
+
+def apply_method(model: nn.Module, section: PeftSection, task: str, total_steps: int | None = None) -> Any:
+    """Wrap `model` with the recipe's PEFT method; returns the PeftModel.
+
+    `total_steps` is the run's number of optimizer steps (AdaLoRA schedules its rank budget
+    over it)."""
+    from peft import get_peft_model
+
+    method = METHODS[section.method]
+    check_carries(method, model.config.model_type, task)  # a hub model checked only now
+    index = LinearIndex.from_model(model)
+    targets: dict[str, Any] = {"names": []}
+    if method.kind == "targets":
+        targets = resolve_targets(index, section.target_modules, section.layers, list(method.default_targets))
+    kwargs = config_kwargs(method, section)
+    if method.derive is not None:
+        derived = method.derive(Context(section, model, index, targets, total_steps))
+        kwargs.update({k: v for k, v in derived.items() if k not in section.options})  # options win
+    targets.pop("names")
+    try:
+        config = config_class(method.config_class)(task_type=TASKS[task].peft_task_type, **targets, **kwargs)
+        return get_peft_model(model, config)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"peft.method: {method.name}: {str(exc).strip().splitlines()[0]}") from None
+
+
+# --------------------------------------------------------------------------- training hooks
+
+
+def step_hook(section: PeftSection) -> Any:
+    """Called after every optimizer step, before gradients are cleared (AdaLoRA reads them)."""
+    return METHODS[section.method].step_hook
+
+
+def penalty(section: PeftSection) -> Any:
+    """An extra loss term, added once per optimizer step."""
+    return METHODS[section.method].penalty
