@@ -93,7 +93,7 @@ def main() -> None:
         write_data(small, args.small, seed=1)
         write_data(large, args.rows, seed=2)
         subprocess.run(  # materialise the builtin model before anything is timed
-            [sys.executable, "-c", "from peftcli.builtin import materialise; materialise('tiny-llama')"],
+            [sys.executable, "-c", "from peftcli.model.builtin import materialise; materialise('tiny-llama')"],
             env={**os.environ, "PEFTCLI_HOME": str(tmp / "home-small")},
             check=True,
         )
