@@ -112,26 +112,6 @@ def load_config(recipe: Recipe, labels: list[str] | None) -> Any:
     return config_of(recipe.model, labels)
 
 
-def meta_model(recipe: Recipe, config: Any, dtype: Any) -> Any:
-    import torch
-    import transformers
-
-    from peftcli.tasks import TASKS
-
-    cls = getattr(transformers, TASKS[recipe.model.task].auto_class)
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": recipe.model.trust_remote_code}
-    if recipe.model.attn_implementation:
-        kwargs["attn_implementation"] = recipe.model.attn_implementation
-    try:
-        with torch.device("meta"):
-            return cls.from_config(config, **kwargs)
-    except ValueError as exc:
-        raise UserError(
-            f"model.task: {recipe.model.task} does not fit `{recipe.model.name_or_path}` "
-            f"({type(config).__name__}): {str(exc).splitlines()[0]}"
-        ) from None
-
-
 def quantized_weights(model: Any, quantization: str) -> dict[int, tuple[int, int]]:
     """id(weight) → (numel, output rows) for the weights bitsandbytes would quantize: the
     same selection transformers makes (linear layers, minus the head, tied weights and the
@@ -299,6 +279,7 @@ def estimate(recipe: Recipe, gpu_memory: str | None = None, num_processes: int =
     from peftcli.data import label_names
     from peftcli.methods.apply import apply_method
     from peftcli.methods.targets import LinearIndex
+    from peftcli.model.load import meta_model
     from peftcli.training.loop import plan
 
     quiet_libraries()
@@ -313,7 +294,7 @@ def estimate(recipe: Recipe, gpu_memory: str | None = None, num_processes: int =
     plan = run_plan(recipe, on_gpu, num_processes)
     dtype = getattr(torch, plan["dtype"])
     act_bytes = 2 if plan["mixed_precision"] in ("bf16", "fp16") else dtype.itemsize
-    base = meta_model(recipe, config, dtype)
+    base = meta_model(recipe.model, config, dtype)
     index = LinearIndex.from_model(base)
     quantization = recipe.model.quantization
     quantized = quantized_weights(base, quantization)

@@ -107,16 +107,18 @@ def resolve_dtype(section: ModelSection) -> torch.dtype:
     return getattr(torch, section.dtype)
 
 
-def meta_model(section: ModelSection) -> Any:
-    """The model's module tree on the meta device: no weights read, for checks and estimates."""
+def meta_model(section: ModelSection, config: Any, dtype: Any) -> Any:
+    """The model's module tree on the meta device, from its config: no weights read (estimates)."""
     import torch
     import transformers
 
-    config = load_config(section)
     cls = getattr(transformers, TASKS[section.task].auto_class)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": section.trust_remote_code}
+    if section.attn_implementation:
+        kwargs["attn_implementation"] = section.attn_implementation
     try:
         with torch.device("meta"):
-            return cls.from_config(config, trust_remote_code=section.trust_remote_code)
+            return cls.from_config(config, **kwargs)
     except ValueError as exc:
         raise UserError(
             f"model.task: {section.task} does not fit `{section.name_or_path}` "
