@@ -127,3 +127,16 @@ def one_error_line(proc) -> str:
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, proc.stderr[-3000:]
     return errors[0]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` (`make test-gpu`) skip themselves where no CUDA device is visible."""
+    gpu = [item for item in items if "gpu" in item.keywords]
+    if not gpu:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in gpu:
+            item.add_marker(skip)
