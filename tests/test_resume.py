@@ -131,3 +131,32 @@ def test_non_finite_gradients_stop_the_run_and_name_the_last_checkpoint(tmp_path
     code, _, err = cli("train", str(recipe), capsys=capsys)
     assert code == 2 and "training diverged at step" in err
     assert not (tmp_path / "run" / "adapter").exists(), "no broken adapter is written"
+
+
+def test_adalora_resumes_after_its_ranks_are_pruned(tmp_path, completion_data, capsys):
+    """AdaLoRA prunes ranks during training and PEFT saves the trimmed matrices; a checkpoint
+    keeps the tensors as training holds them (and the rank pattern), so a run resumed after
+    the final allocation ends with the uninterrupted run's adapter, bit for bit."""
+    import shutil
+
+    steps, every = 20, 15  # AdaLoRA's final allocation is at step 20 - 30% = 14
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        peft={"method": "adalora", "r": 8},
+        data={"eval": 0.0},
+        training={"max_steps": steps, "save_every": every, "lr": 0.03},
+    )
+    assert cli("train", str(recipe), capsys=capsys)[0] == 0
+    run, again = tmp_path / "run", tmp_path / "again"
+    # The same run, as if killed after its checkpoint: only what existed at step 15 is kept.
+    again.mkdir()
+    for name in (".peftcli-run", "recipe.yaml", "checkpoints"):
+        copy = shutil.copytree if (run / name).is_dir() else shutil.copy
+        copy(run / name, again / name)
+    (again / ".incomplete").touch()
+    code, _, err = cli("train", str(recipe), f"training.output_dir={again}", "--resume", capsys=capsys)
+    assert code == 0, err
+    assert f"from step-{every}" in err
+    resumed, uninterrupted = weights(again), weights(run)
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)

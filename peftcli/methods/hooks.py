@@ -102,11 +102,19 @@ def _allocator(peft_model: Any) -> Any:
 
 
 def adalora_allocator_state(peft_model: Any) -> dict[str, Any] | None:
+    """The importance scores seen so far, and the rank pattern once ranks are pruned (masks
+    after the final allocation are applied from it)."""
     alloc = _allocator(peft_model)
-    return None if alloc is None else {k: getattr(alloc, k) for k in _ALLOCATOR_STATE}
+    if alloc is None:
+        return None
+    config = peft_model.peft_config[peft_model.active_adapter]
+    return {**{k: getattr(alloc, k) for k in _ALLOCATOR_STATE}, "rank_pattern": config.rank_pattern}
 
 
 def restore_adalora_allocator(peft_model: Any, saved: dict[str, Any]) -> None:
+    saved = dict(saved)
+    if "rank_pattern" in saved:
+        peft_model.peft_config[peft_model.active_adapter].rank_pattern = saved.pop("rank_pattern")
     if (alloc := _allocator(peft_model)) is not None:
         for key, value in saved.items():
             setattr(alloc, key, value)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 STATE = "state.json"
+TRAINABLE = "trainable.safetensors"  # the trainable tensors, exactly as training holds them
 _STEP_RE = re.compile(r"^step-(\d+)$")
 # Recipe keys that may change between a run and its resumption: they do not change the math.
 RESUMABLE_CHANGES = {
@@ -149,6 +150,8 @@ def save(
     keep: int,
 ) -> Path:
     """Write checkpoint `step` (every process calls this; the main process writes the shared parts)."""
+    from safetensors.torch import save_file
+
     target = root / f"step-{step}"
     tmp = root / f".step-{step}.tmp"
     if accelerator.is_main_process:
@@ -157,7 +160,8 @@ def save(
     accelerator.wait_for_everyone()
     _save_rng(tmp / f"rng-{accelerator.process_index}")
     if accelerator.is_main_process:
-        peft_model.save_pretrained(tmp / "adapter")
+        peft_model.save_pretrained(tmp / "adapter")  # loadable with PEFT as it is
+        save_file(trainable_state(peft_model), tmp / TRAINABLE)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         if (extra := _method_state(peft_model)) and (tensors := extra.save(peft_model)) is not None:
@@ -174,6 +178,24 @@ def save(
     return target
 
 
+def trainable_state(peft_model: Any) -> dict[str, torch.Tensor]:
+    """Every trainable tensor as the model holds it. PEFT's save_pretrained may reshape what it
+    saves (AdaLoRA trims pruned ranks), which a fresh model could not load back mid-run."""
+    return {n: p.detach().contiguous() for n, p in peft_model.named_parameters() if p.requires_grad}
+
+
+def restore_trainable(peft_model: Any, saved: dict[str, torch.Tensor]) -> None:
+    expected = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    if set(saved) != expected:
+        raise RuntimeError(
+            f"checkpoint and model differ in trainable tensors: {sorted(set(saved) ^ expected)[:4]}"
+        )
+    with torch.no_grad():
+        params = dict(peft_model.named_parameters())
+        for name, value in saved.items():
+            params[name].copy_(value)
+
+
 def read_state(checkpoint: Path) -> dict[str, Any]:
     return json.loads((checkpoint / STATE).read_text(encoding="utf-8"))
 
@@ -185,8 +207,13 @@ def load(
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    weights = load_file(checkpoint / "adapter" / "adapter_model.safetensors", device=str(accelerator.device))
-    set_peft_model_state_dict(peft_model, weights)
+    if (checkpoint / TRAINABLE).is_file():
+        restore_trainable(peft_model, load_file(checkpoint / TRAINABLE, device=str(accelerator.device)))
+    else:  # a checkpoint of an earlier peftcli
+        weights = load_file(
+            checkpoint / "adapter" / "adapter_model.safetensors", device=str(accelerator.device)
+        )
+        set_peft_model_state_dict(peft_model, weights)
     # weights_only: tensors and plain containers, never arbitrary pickled objects.
     optimizer.load_state_dict(
         torch.load(checkpoint / "optimizer.pt", map_location=accelerator.device, weights_only=True)
