@@ -325,6 +325,8 @@ def main() -> None:
         )
         sys.exit(2)
     except Interrupted as exc:
+        if os.environ.get("PEFTCLI_LAUNCHED"):  # one of `train --num-processes`'s processes:
+            sys.exit(0)  # the launching peftcli reports it, once, with the whole command
         saved = f"; the newest checkpoint is {exc.checkpoint}" if exc.checkpoint else ""
         how = f"`{exc.command}`" if exc.command else "--resume"
         print(f"error: {exc}{saved}; continue with {how}", file=sys.stderr)

@@ -31,8 +31,8 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
 class Interrupted(Exception):
     """Training stopped by Ctrl-C or SIGTERM after finishing a step (checkpointed when it could)."""
 
-    def __init__(self, step: int, signal_number: int, checkpoint: object = None):
-        super().__init__(f"interrupted at step {step}")
+    def __init__(self, step: int | None, signal_number: int, checkpoint: object = None):
+        super().__init__("interrupted" + (f" at step {step}" if step is not None else ""))
         self.step = step
         self.signal_number = signal_number
         self.checkpoint = checkpoint

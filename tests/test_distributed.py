@@ -85,3 +85,48 @@ def test_launch_configs_name_real_accelerate_options(path):
         assert key in options, f"{path.name}: fsdp_config.{key} is not an Accelerate option"
     for key in raw.get("deepspeed_config") or {}:
         assert key in options, f"{path.name}: deepspeed_config.{key} is not an Accelerate option"
+
+
+def test_ctrl_c_stops_every_process_at_a_checkpoint_and_resume_continues(tmp_path, completion_data):
+    """Ctrl-C on `train --num-processes 2`: the training processes finish their step and write a
+    checkpoint, the launching peftcli says once how to continue (with --num-processes), and the
+    resumed run ends with the uninterrupted run's adapter."""
+    import random
+    import signal
+    import subprocess
+
+    from .conftest import PEFTCLI_SCRIPT, run_cli
+    from .test_run_folder import adapter
+
+    steps = 30
+    common = [f"training.max_steps={steps}", "training.save_every=10", "training.log_every=1"]
+    recipe = write_recipe(tmp_path / "r.yaml", data={"eval": 0.0}, training={"batch_size": 4})
+    stop_at = random.randrange(3, 12)
+    proc = subprocess.Popen(
+        [str(PEFTCLI_SCRIPT), "train", str(recipe), *common, "--num-processes", "2"],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if line.startswith(f"step {stop_at}/"):
+            proc.send_signal(signal.SIGINT)
+            break
+    said = "".join(seen) + proc.stderr.read()
+    assert proc.wait(timeout=300) == 130, said[-3000:]
+    errors = [line for line in said.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and said.strip().splitlines()[-1] == errors[0], said[-3000:]
+    assert "--num-processes 2 --resume" in errors[0] and "checkpoints/step-" in errors[0]
+    assert "Traceback" not in said
+
+    done = run_cli("train", str(recipe), *common, "--num-processes", "2", "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    reference = run_cli(
+        "train", str(recipe), *common, "--num-processes", "2", f"training.output_dir={tmp_path / 'reference'}"
+    )
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    mine, theirs = adapter(tmp_path / "run"), adapter(tmp_path / "reference")
+    assert all(torch.equal(mine[k], theirs[k]) for k in theirs), f"stopped at step {stop_at}"

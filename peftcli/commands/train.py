@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -39,7 +40,14 @@ def run_train(
 
         check_can_start(recipe, overwrite, resume)  # refuse before starting processes
         check_recipe(recipe)
-        return launch(recipe_path, overrides or [], num_processes, launch_config, flags)
+        launched = [*(["--num-processes", str(num_processes)] if num_processes is not None else [])]
+        launched += ["--launch-config", str(launch_config)] if launch_config is not None else []
+        again = shlex.join(["peftcli", "train", str(recipe_path), *(overrides or []), *launched, "--resume"])
+        code = launch(recipe_path, overrides or [], num_processes, launch_config, flags)
+        if (stopped := interrupted_run(recipe.output_dir, code)) is not None:
+            stopped.command = again
+            raise stopped
+        return code
     try:
         train(recipe, overwrite=overwrite, resume=resume)
     except Interrupted as exc:
@@ -49,6 +57,8 @@ def run_train(
 
 
 # --------------------------------------------------------------------------- the launcher
+
+FORWARDED = (signal.SIGINT, signal.SIGTERM)
 
 
 def free_port() -> int:
@@ -93,4 +103,64 @@ def launch(
     cmd = launch_command(recipe, overrides, num_processes, config, flags)
     env = {**os.environ, "PEFTCLI_LAUNCHED": "1"}
     print("peftcli: launching " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
-    return subprocess.run(cmd, env=env).returncode
+    # The launcher runs in a session of its own, so a Ctrl-C reaches this process only: it is
+    # passed to the training processes themselves, which finish their step, checkpoint and end;
+    # the launcher sees them end normally (a signal to it would abort them with a traceback).
+    process = subprocess.Popen(cmd, env=env, start_new_session=True)
+    asked: list[int] = []
+
+    def stop(signum: int, frame: object) -> None:
+        if asked and signum == signal.SIGINT:  # a second Ctrl-C: stop at once
+            os.killpg(process.pid, signal.SIGKILL)
+        asked.append(signum)
+        for pid in training_processes(process.pid):
+            os.kill(pid, signum)
+
+    handlers = {sig: signal.signal(sig, stop) for sig in FORWARDED}
+    try:
+        code = process.wait()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    return 128 + asked[0] if asked else code
+
+
+def training_processes(launcher: int) -> list[int]:
+    """The launcher's descendants that run peftcli (Linux /proc; elsewhere the launcher itself)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return [launcher]
+    parents = {}
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    family, grew = {launcher}, True
+    while grew:
+        more = {pid for pid, parent in parents.items() if parent in family} - family
+        family |= more
+        grew = bool(more)
+    found = []
+    for pid in family - {launcher}:
+        try:
+            if b"peftcli.cli" in (proc / str(pid) / "cmdline").read_bytes():
+                found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
+def interrupted_run(run_dir: Path, code: int) -> Interrupted | None:
+    """After a launched run: the interruption to report, or None when it finished or failed."""
+    from peftcli.runs import is_unfinished, partial_of
+    from peftcli.training.checkpoint import latest, read_state
+
+    if code not in (0, 130, 143):
+        return None
+    for folder in (partial_of(run_dir), run_dir):
+        if folder.is_dir() and is_unfinished(folder):
+            checkpoint = latest(folder / "checkpoints")
+            step = read_state(checkpoint)["step"] if checkpoint else None
+            return Interrupted(step, code - 128 if code else signal.SIGTERM, checkpoint)
+    return None

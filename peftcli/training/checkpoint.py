@@ -196,6 +196,13 @@ def restore_trainable(peft_model: Any, saved: dict[str, torch.Tensor]) -> None:
             params[name].copy_(value)
 
 
+def _device(accelerator: Any) -> torch.device:
+    """Where restored tensors go. Processes launched on the CPU get `cpu:0`, which torch.load and
+    safetensors do not accept as a location: plain `cpu` is the same memory."""
+    device = accelerator.device
+    return torch.device("cpu") if device.type == "cpu" else device
+
+
 def read_state(checkpoint: Path) -> dict[str, Any]:
     return json.loads((checkpoint / STATE).read_text(encoding="utf-8"))
 
@@ -208,19 +215,19 @@ def load(
     from safetensors.torch import load_file
 
     if (checkpoint / TRAINABLE).is_file():
-        restore_trainable(peft_model, load_file(checkpoint / TRAINABLE, device=str(accelerator.device)))
+        restore_trainable(peft_model, load_file(checkpoint / TRAINABLE))
     else:  # a checkpoint of an earlier peftcli
         weights = load_file(
-            checkpoint / "adapter" / "adapter_model.safetensors", device=str(accelerator.device)
+            checkpoint / "adapter" / "adapter_model.safetensors", device=str(_device(accelerator))
         )
         set_peft_model_state_dict(peft_model, weights)
     # weights_only: tensors and plain containers, never arbitrary pickled objects.
     optimizer.load_state_dict(
-        torch.load(checkpoint / "optimizer.pt", map_location=accelerator.device, weights_only=True)
+        torch.load(checkpoint / "optimizer.pt", map_location=_device(accelerator), weights_only=True)
     )
     scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
     if (extra := _method_state(peft_model)) and (checkpoint / extra.file).is_file():
-        saved = torch.load(checkpoint / extra.file, map_location=accelerator.device, weights_only=True)
+        saved = torch.load(checkpoint / extra.file, map_location=_device(accelerator), weights_only=True)
         extra.load(peft_model, saved)
     _load_rng(checkpoint / f"rng-{accelerator.process_index}")
     return read_state(checkpoint)["progress"]
