@@ -419,7 +419,8 @@ def test_packed_rows_give_each_example_its_own_logits(llama_tok):
         for row, p in enumerate(packed):
             starts = [i for i, pos in enumerate(p["position_ids"]) if pos == 0] + [len(p["position_ids"])]
             for a, b in zip(starts, starts[1:], strict=False):
-                alone = model(input_ids=torch.tensor([p["input_ids"][a:b]])).logits[0]
+                ids = torch.tensor([p["input_ids"][a:b]], device=logits.device)
+                alone = model(input_ids=ids).logits[0]
                 assert torch.allclose(logits[row, a:b], alone, atol=1e-5)
     # Labels travel with their tokens; every example's answer is still supervised.
     assert sum(sum(t != IGNORE for t in p["labels"]) for p in packed) == sum(

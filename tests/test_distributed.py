@@ -30,12 +30,22 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, co
     one = write_recipe(
         tmp_path / "one.yaml",
         **common,
-        training={"max_steps": 10, "batch_size": 8, "output_dir": str(tmp_path / "one")},
+        training={
+            "max_steps": 10,
+            "batch_size": 8,
+            "mixed_precision": "no",
+            "output_dir": str(tmp_path / "one"),
+        },
     )
     two = write_recipe(
         tmp_path / "two.yaml",
         **common,
-        training={"max_steps": 10, "batch_size": 4, "output_dir": str(tmp_path / "two")},
+        training={
+            "max_steps": 10,
+            "batch_size": 4,
+            "mixed_precision": "no",
+            "output_dir": str(tmp_path / "two"),
+        },
     )
     assert cli("train", str(one), capsys=capsys)[0] == 0
     code, _, err = cli("train", str(two), "--num-processes", "2", capsys=capsys)

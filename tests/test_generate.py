@@ -182,7 +182,8 @@ def test_seq2seq_and_classifier_targets(root, capsys):
     bert = train_run(root, "bert", "builtin:tiny-bert", "classes.jsonl", task="seq_cls", steps=3)
     result = json.loads(generated(capsys, str(bert.run_dir), "-p", "owl", "--json")[0])
     with torch.no_grad():
-        logits = bert.model.eval()(input_ids=torch.tensor([bert.tokenizer("owl")["input_ids"]])).logits[0]
+        ids = torch.tensor([bert.tokenizer("owl")["input_ids"]], device=next(bert.model.parameters()).device)
+        logits = bert.model.eval()(input_ids=ids).logits[0].cpu()
     probs = torch.softmax(logits, -1).tolist()
     assert list(result["probabilities"]) == ["lower", "upper"]
     assert result["probabilities"] == pytest.approx(

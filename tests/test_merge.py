@@ -43,10 +43,12 @@ def one_thread():
 
 
 def probe(model, task: str = "causal_lm") -> torch.Tensor:
+    """The model's logits on a fixed input, on the model's device; returned on the CPU."""
     model.eval()
-    extra = {"decoder_input_ids": PROBE[:, :5]} if task == "seq2seq_lm" else {}
+    ids = PROBE.to(next(model.parameters()).device)
+    extra = {"decoder_input_ids": ids[:, :5]} if task == "seq2seq_lm" else {}
     with torch.no_grad():
-        return model(input_ids=PROBE, **extra).logits.float()
+        return model(input_ids=ids, **extra).logits.float().cpu()
 
 
 @pytest.fixture(scope="module")

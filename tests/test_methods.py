@@ -74,10 +74,12 @@ PROBE = torch.tensor([list(range(40, 60)), list(range(60, 80))])
 
 
 def probe(model, task: str) -> torch.Tensor:
+    """The model's logits on a fixed input, on the model's device; returned on the CPU."""
     model.eval()
+    ids = PROBE.to(next(model.parameters()).device)
     with torch.no_grad():
-        kwargs = {"decoder_input_ids": PROBE[:, :5]} if task == "seq2seq_lm" else {}
-        return model(input_ids=PROBE, **kwargs).logits.float()
+        kwargs = {"decoder_input_ids": ids[:, :5]} if task == "seq2seq_lm" else {}
+        return model(input_ids=ids, **kwargs).logits.float().cpu()
 
 
 @pytest.fixture(scope="module")

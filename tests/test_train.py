@@ -33,7 +33,8 @@ def reload_logits(adapter: Path, tmp_path: Path, quant: str = "") -> torch.Tenso
 def own_logits(model) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
-        return model(input_ids=torch.tensor([list(range(40, 72))])).logits
+        ids = torch.tensor([list(range(40, 72))], device=next(model.parameters()).device)
+        return model(input_ids=ids).logits.cpu()
 
 
 def check_run_folder(run: Path, steps: int) -> list[dict]:
@@ -132,6 +133,7 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, completion_data):
                 data={"eval": 0.1},
                 training={
                     "max_steps": 10,
+                    "mixed_precision": "no",  # float64 throughout, on a GPU too
                     "batch_size": batch,
                     "grad_accum": accum,
                     "output_dir": str(tmp_path / name),
