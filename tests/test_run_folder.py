@@ -174,7 +174,7 @@ def adapter(run: Path) -> dict:
     return load_file(run / "adapter" / "adapter_model.safetensors")
 
 
-STEPS = 24
+STEPS = 40
 COMMON = [f"training.max_steps={STEPS}", "training.save_every=5", "training.log_every=1", "peft.dropout=0.1"]
 
 
@@ -209,7 +209,7 @@ def test_concurrent_runs_and_interrupts_resume_to_the_uninterrupted_adapter(
     recipe = write_recipe(tmp_path / "r.yaml", data={"train": str(completion_data), "eval": 0.0})
     run = tmp_path / "run"
     rng = random.Random()
-    first = rng.randrange(2, STEPS // 2)
+    first = rng.randrange(2, 10)
 
     # A fresh run; while it trains, a second `train` of the same folder is refused, naming it.
     a = start(recipe, *COMMON, cwd=tmp_path)
@@ -235,7 +235,9 @@ def test_concurrent_runs_and_interrupts_resume_to_the_uninterrupted_adapter(
         f.write('{"step": 99, "lo')
     # The resumed run is interrupted again, by SIGTERM this time (exit 143), then finishes.
     stopped = int(last.split("interrupted at step ")[1].split(";")[0])
-    second = rng.randrange(stopped + 1, max(stopped + 2, STEPS - 2))
+    # A few steps after the first stop, far enough from the end that the signal lands in time.
+    second = rng.randrange(stopped + 1, stopped + 6)
+    assert second <= STEPS - 10, f"the first interrupt landed late, at step {stopped}"
     note = f"interrupted at steps {stopped} and {second}"
     b = start(recipe, *COMMON, "--resume", cwd=tmp_path)
     said = interrupt_at(b, second, STEPS, signal.SIGTERM)
