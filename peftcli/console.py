@@ -19,6 +19,12 @@ from peftcli.errors import UserError
 _UNITS = {"": 2**30, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 
+def is_main_process() -> bool:
+    """Whether this process speaks for the run: Accelerate's launcher gives each process its
+    RANK; a plain run is rank 0. Known before any Accelerator exists."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def say(message: str) -> None:
     """Progress for humans: stderr, so `--json` stdout stays clean."""
     print(message, file=sys.stderr, flush=True)

@@ -47,3 +47,12 @@ def process_alive(pid: int) -> bool:
     except (OSError, ValueError, OverflowError):
         return False
     return True
+
+
+def proc_stat(pid: int | str) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (so field 4, the parent pid, is [1]);
+    None where there is no such process or no /proc."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None

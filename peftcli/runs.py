@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from peftcli.errors import UserError
-from peftcli.home import process_alive
+from peftcli.home import proc_stat, process_alive
 from peftcli.model import builtin
 from peftcli.recipe import ModelSection, Recipe, load_recipe, read_yaml
 from peftcli.tasks import ENCODER_ONLY, task_of_peft_type
@@ -224,11 +224,8 @@ def finish(plan_: Plan) -> None:
 
 def _start_ticks(pid: int) -> int | None:
     """The process's start time (Linux clock ticks since boot): tells a pid from its reuse."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat.rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
+    fields = proc_stat(pid)
+    return int(fields[19]) if fields and len(fields) > 19 else None
 
 
 def _alive(holder: dict) -> bool:

@@ -40,9 +40,9 @@ def run_train(
 
         check_can_start(recipe, overwrite, resume)  # refuse before starting processes
         check_recipe(recipe)
-        launched = [*(["--num-processes", str(num_processes)] if num_processes is not None else [])]
-        launched += ["--launch-config", str(launch_config)] if launch_config is not None else []
-        again = shlex.join(["peftcli", "train", str(recipe_path), *(overrides or []), *launched, "--resume"])
+        launched = {"--num-processes": num_processes, "--launch-config": launch_config}
+        how = [x for flag, value in launched.items() if value is not None for x in (flag, str(value))]
+        again = shlex.join(["peftcli", "train", str(recipe_path), *(overrides or []), *how, "--resume"])
         code = launch(recipe_path, overrides or [], num_processes, launch_config, flags)
         if (stopped := interrupted_run(recipe.output_dir, code)) is not None:
             stopped.command = again
@@ -130,12 +130,9 @@ def training_processes(launcher: int) -> list[int]:
     proc = Path("/proc")
     if not proc.is_dir():
         return [launcher]
-    parents = {}
-    for stat in proc.glob("[0-9]*/stat"):
-        try:
-            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
+    from peftcli.home import proc_stat
+
+    parents = {int(p.name): int(fields[1]) for p in proc.glob("[0-9]*") if (fields := proc_stat(p.name))}
     family, grew = {launcher}, True
     while grew:
         more = {pid for pid, parent in parents.items() if parent in family} - family

@@ -13,11 +13,11 @@ import os
 import random
 import shutil
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from peftcli.console import is_main_process, say
 from peftcli.data.encode import BATCH_ROWS, Encoder, batches, new_stats
 from peftcli.data.formats import CHAT_FORMATS, FORMAT_COLUMNS, chat_template, choose_format, scan
 from peftcli.data.packing import pack_split
@@ -34,8 +34,8 @@ CACHE_VERSION = 2  # bump when encoding changes, so old caches are not reused (2
 
 def _say(message: str) -> None:
     """Progress on stderr, from the main process only (every process prepares the data)."""
-    if os.environ.get("RANK", "0") == "0":
-        print(f"peftcli: {message}", file=sys.stderr, flush=True)
+    if is_main_process():
+        say(f"peftcli: {message}")
 
 
 def cache_root() -> Path:

@@ -7,7 +7,6 @@ the recipe. Logging, evaluation and checkpoints are one-line calls into helpers.
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from peftcli.console import is_main_process
 from peftcli.data.batching import collate, train_sampler
 from peftcli.data.splits import Prepared
 from peftcli.errors import Interrupted, UserError
@@ -398,7 +398,7 @@ class Control:
 
         if self.signal is None:
             self.signal, self.at = signum, time.monotonic()
-            if os.environ.get("RANK", "0") == "0":
+            if is_main_process():
                 print(
                     f"\npeftcli: {signal.Signals(signum).name}: stopping after step {self.step + 1} "
                     "(press Ctrl-C again to stop at once)",

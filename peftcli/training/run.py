@@ -6,13 +6,12 @@ of the recipe.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from peftcli import runs as run_folder
-from peftcli.console import say
+from peftcli.console import is_main_process, say
 from peftcli.errors import Interrupted, UserError
 from peftcli.recipe import Recipe, dump_recipe
 from peftcli.runs import save_adapter, write_json
@@ -72,7 +71,7 @@ def train(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Trai
     # The main process (accelerate launch sets RANK; a plain run is rank 0) claims the run
     # before it looks at the folder, and before anything heavy is imported: a second `train`
     # of the same folder is refused at once.
-    main = os.environ.get("RANK", "0") == "0"
+    main = is_main_process()
     # Refused at once: a run another peftcli trains, a folder that can never be a run.
     check_can_start(recipe, overwrite, resume) if main else plan_folder(recipe, overwrite, resume)
     lock = run_folder.RunLock(recipe.output_dir) if main else None
