@@ -1,7 +1,9 @@
-"""The Accelerator a command runs under, and what it reports about a wrapped model."""
+"""The Accelerator a command runs under, what it reports about a wrapped model, and how a run
+was distributed (processes, DDP or FSDP and its sharding, precision, devices)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +21,95 @@ def make_accelerator(section: TrainingSection, project_dir: Path) -> Any:
     if precision == "fp16" and not torch.cuda.is_available():
         raise UserError("training.mixed_precision: fp16 needs a CUDA GPU", "use bf16 or no on CPU")
     trackers = [t for t in section.report_to if t != "jsonl"]
-    return Accelerator(
+    accelerator = Accelerator(
         # Without a GPU, processes started by a launcher talk over gloo.
         cpu=not torch.cuda.is_available(),
         mixed_precision=precision,
         log_with=trackers or None,
         project_dir=str(project_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    if asked_for() == "FSDP" and accelerator.distributed_type.value == "MULTI_CPU":
+        shard_on_cpu(accelerator, precision)
+    check_distribution(accelerator)
+    return accelerator
+
+
+def asked_for() -> str | None:
+    """The sharding the launch config asked for (Accelerate's launcher says so in the
+    environment): FSDP, DEEPSPEED, or None."""
+    for name, kind in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED")):
+        if os.environ.get(name, "false").lower() == "true":
+            return kind
+    return None
+
+
+def shard_on_cpu(accelerator: Any, precision: str) -> None:
+    """FSDP2 on the CPU over gloo. Accelerate 1.x applies an FSDP config only on accelerators:
+    with `cpu=True` it makes the run MULTI_CPU — plain data parallelism, every process holding
+    the whole model — and says nothing (state.py: the FSDP branch lists MULTI_GPU, MULTI_XPU,
+    ..., never MULTI_CPU). torch's `fully_shard` shards on a CPU mesh as on a GPU one, so the
+    state is made FSDP here, with the plugin the launcher's FSDP_* variables describe."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version != 2:
+        raise UserError(
+            f"fsdp_config.fsdp_version: {plugin.fsdp_version} runs on GPUs only, and this machine has none",
+            "use fsdp_version: 2 (configs/fsdp-cpu.yaml), or run on GPUs",
+        )
+    if precision != "no":
+        plugin.set_mixed_precision(precision)
+    state = accelerator.state
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def check_distribution(accelerator: Any) -> None:
+    """A launch config that asks for sharding and does not get it is refused, not run unsharded."""
+    asked, got = asked_for(), accelerator.distributed_type.value
+    if asked is not None and got != asked:
+        hint = {
+            "DEEPSPEED": "DeepSpeed needs CUDA GPUs and `pip install deepspeed`; on CPU use configs/fsdp-cpu.yaml",
+            "FSDP": "check the launch config's fsdp_config",
+        }[asked]
+        raise UserError(f"the launch config asks for {asked}, but Accelerate set up {got}", hint)
+
+
+def distribution(accelerator: Any) -> dict[str, Any]:
+    """How the run is distributed, as recorded in eval.json and printed at start (every process
+    calls this: the devices are gathered)."""
+    from accelerate.utils import gather_object
+
+    kind = accelerator.distributed_type.value
+    how: dict[str, Any] = {"processes": accelerator.num_processes}
+    if kind == "FSDP":
+        plugin = accelerator.state.fsdp_plugin
+        how["type"] = f"FSDP{plugin.fsdp_version}"
+        if plugin.fsdp_version == 2:
+            how["sharding"] = "FULL_SHARD" if plugin.reshard_after_forward else "SHARD_GRAD_OP"
+        else:
+            how["sharding"] = str(plugin.sharding_strategy).rsplit(".", 1)[-1]
+    elif kind in ("MULTI_GPU", "MULTI_CPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_HPU"):
+        how["type"] = "DDP"
+    elif kind == "DEEPSPEED":
+        how["type"] = f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
+    else:
+        how["type"] = "single process"
+    how["mixed_precision"] = accelerator.mixed_precision
+    devices = [str(accelerator.device)]
+    how["devices"] = gather_object(devices) if accelerator.num_processes > 1 else devices
+    return how
+
+
+def describe(how: dict[str, Any]) -> str:
+    sharding = f" {how['sharding']}" if how.get("sharding") else ""
+    processes = how["processes"]
+    return (
+        f"{processes} process{'es' if processes > 1 else ''}, {how['type']}{sharding}, "
+        f"mixed precision {how['mixed_precision']}, devices {', '.join(how['devices'])}"
     )
 
 

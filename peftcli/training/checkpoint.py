@@ -20,8 +20,12 @@ from typing import Any
 
 import torch
 
+from peftcli.training import sharded
+
 STATE = "state.json"
-TRAINABLE = "trainable.safetensors"  # the trainable tensors, exactly as training holds them
+# The trainable tensors, exactly as training holds them: PEFT's save_pretrained may reshape what
+# it saves (AdaLoRA trims pruned ranks), which a fresh model could not load back mid-run.
+TRAINABLE = "trainable.safetensors"
 _STEP_RE = re.compile(r"^step-(\d+)$")
 # Recipe keys that may change between a run and its resumption: they do not change the math.
 RESUMABLE_CHANGES = {
@@ -159,10 +163,17 @@ def save(
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     _save_rng(tmp / f"rng-{accelerator.process_index}")
+    # Under FSDP the adapter is gathered whole (every process takes part) and the optimizer
+    # state is written sharded, one file per process.
+    trainable, adapter = sharded.trainable_state(peft_model), sharded.adapter_state(peft_model)
+    if adapter is not None:
+        optimizer_state = sharded.local_optimizer_state(optimizer)
+        torch.save(optimizer_state, tmp / f"optimizer-{accelerator.process_index}.pt")
     if accelerator.is_main_process:
-        peft_model.save_pretrained(tmp / "adapter")  # loadable with PEFT as it is
-        save_file(trainable_state(peft_model), tmp / TRAINABLE)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        peft_model.save_pretrained(tmp / "adapter", state_dict=adapter)  # loadable with PEFT as it is
+        save_file(trainable, tmp / TRAINABLE)
+        if adapter is None:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         if (extra := _method_state(peft_model)) and (tensors := extra.save(peft_model)) is not None:
             torch.save(tensors, tmp / extra.file)
@@ -178,12 +189,6 @@ def save(
     return target
 
 
-def trainable_state(peft_model: Any) -> dict[str, torch.Tensor]:
-    """Every trainable tensor as the model holds it. PEFT's save_pretrained may reshape what it
-    saves (AdaLoRA trims pruned ranks), which a fresh model could not load back mid-run."""
-    return {n: p.detach().contiguous() for n, p in peft_model.named_parameters() if p.requires_grad}
-
-
 def restore_trainable(peft_model: Any, saved: dict[str, torch.Tensor]) -> None:
     expected = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     if set(saved) != expected:
@@ -193,7 +198,7 @@ def restore_trainable(peft_model: Any, saved: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         params = dict(peft_model.named_parameters())
         for name, value in saved.items():
-            params[name].copy_(value)
+            sharded.copy_into(params[name], value)
 
 
 def _device(accelerator: Any) -> torch.device:
@@ -222,9 +227,14 @@ def load(
         )
         set_peft_model_state_dict(peft_model, weights)
     # weights_only: tensors and plain containers, never arbitrary pickled objects.
-    optimizer.load_state_dict(
-        torch.load(checkpoint / "optimizer.pt", map_location=_device(accelerator), weights_only=True)
-    )
+    shard = checkpoint / f"optimizer-{accelerator.process_index}.pt"
+    if shard.is_file():  # written sharded, by the same number of processes (the fingerprint says so)
+        state = torch.load(shard, map_location=_device(accelerator), weights_only=True)
+        sharded.load_local_optimizer_state(optimizer, state)
+    else:
+        optimizer.load_state_dict(
+            torch.load(checkpoint / "optimizer.pt", map_location=_device(accelerator), weights_only=True)
+        )
     scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
     if (extra := _method_state(peft_model)) and (checkpoint / extra.file).is_file():
         saved = torch.load(checkpoint / extra.file, map_location=_device(accelerator), weights_only=True)
