@@ -242,7 +242,7 @@ def estimate(
         typer.Option("--gpu-memory", help="Say whether the run fits in this much GPU memory, e.g. 24GB."),
     ] = None,
     num_processes: Annotated[
-        int, typer.Option("--num-processes", min=1, help="Data-parallel processes (memory is per process).")
+        int, typer.Option("--num-processes", min=1, help="Processes: memory each holds, DDP and FSDP.")
     ] = 1,
     json_out: JsonOpt = False,
 ) -> None:

@@ -150,6 +150,34 @@ def test_an_8b_config_without_weights_answers_from_the_config(tmp_path, completi
     assert result["fits"] is True
 
 
+def test_fsdp_plan_shards_the_base_and_says_when_sharding_is_what_makes_it_fit(
+    tmp_path, completion_data, capsys
+):
+    """An 8B LoRA in bf16 on 8 GPUs of 16 GB: DDP keeps the 16 GB base on every GPU and does not
+    fit; FSDP2 keeps 1/8 of it (and of the adapter and its optimizer state) and does."""
+    from peftcli.methods.reference import REFERENCE
+
+    folder = tmp_path / "llama-8b"
+    folder.mkdir()
+    config = {k: v for k, v in REFERENCE.items() if k != "name"}
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", **config}))
+    path = write_recipe(
+        tmp_path / "r.yaml",
+        model={"name_or_path": str(folder), "dtype": "bfloat16"},
+        training={"mixed_precision": "bf16"},
+    )
+    result = estimate(load_recipe(path), gpu_memory="16GB", num_processes=8)
+    whole, sharded = result["memory"], result["fsdp"]
+    assert sharded["weights_bytes"] == pytest.approx(whole["weights_bytes"] / 8, rel=1e-3)  # + buffers
+    assert sharded["optimizer_bytes"] == math.ceil(whole["optimizer_bytes"] / 8)
+    # Two units gathered whole at a time: here the embedding and the head, 128256 × 4096 in bf16 each.
+    assert sharded["gathered_bytes"] == 2 * 128256 * 4096 * 2
+    assert result["fits"] is False and sharded["fits"] is True
+    code, out, _ = cli("estimate", str(path), "--num-processes", "8", "--gpu-memory", "16GB", capsys=capsys)
+    assert code == 0 and "sharded with FSDP over 8 processes" in out
+    assert "sharding is what makes it fit: launch with --launch-config configs/fsdp.yaml" in out
+
+
 def test_user_mistakes_exit_2(tmp_path, completion_data, capsys):
     path = write_recipe(tmp_path / "r.yaml")
     code, _, err = cli("estimate", str(path), "--gpu-memory", "lots", capsys=capsys)

@@ -115,7 +115,15 @@ def test_fsdp_lora_shards_the_base_equals_one_process_and_resumes_after_sigkill(
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resuming {run} from step-" in done.stderr
     assert "running on 2 processes, FSDP2 FULL_SHARD, mixed precision no" in done.stderr
-    check_sharded(run)
+    how = check_sharded(run)
+    # `peftcli estimate --num-processes 2` planned what each process held: half the base and the
+    # adapter (FSDP shards trainable parameters too), plus buffers and FSDP's padding (< 1%).
+    from peftcli.commands.estimate import estimate
+    from peftcli.recipe import load_recipe
+
+    plan = estimate(load_recipe(two), num_processes=2)["fsdp"]
+    planned = plan["weights_bytes"] + plan["adapter_bytes"]
+    assert planned == pytest.approx(how["param_bytes_per_process"], rel=0.01), (plan, how)
     # Each step logged once; the same loss at every step up to metrics.jsonl's 6 decimals (float64
     # sums in another order differ by ~1e-15).
     mine, theirs = train_losses(run), train_losses(tmp_path / "one")
@@ -189,3 +197,30 @@ def test_a_launch_config_whose_sharding_is_not_set_up_is_refused(monkeypatch):
     monkeypatch.setenv("FSDP_VERSION", "1")
     with pytest.raises(UserError, match="fsdp_version: 1 runs on GPUs only"):
         shard_on_cpu(ddp, "no")
+
+
+def test_launch_configs_that_cannot_run_here_are_refused_before_any_process_starts(
+    tmp_path, completion_data, capsys
+):
+    """One line, exit 2, nothing launched: DeepSpeed without GPUs or deepspeed, FSDP1 without
+    GPUs, and a 4-bit base whose stored dtype FSDP's mixed precision would cast."""
+    import importlib.util
+
+    import yaml
+
+    recipe = write_recipe(tmp_path / "r.yaml")
+    refused = []
+    if not (torch.cuda.is_available() and importlib.util.find_spec("deepspeed")):
+        refused.append(([str(ROOT / "configs" / "deepspeed-zero2.yaml")], "DeepSpeed needs CUDA GPUs"))
+    if not torch.cuda.is_available():
+        fsdp1 = yaml.safe_load((ROOT / "configs" / "fsdp-cpu.yaml").read_text())
+        fsdp1["fsdp_config"]["fsdp_version"] = 1
+        (tmp_path / "fsdp1.yaml").write_text(yaml.safe_dump(fsdp1))
+        refused.append(([str(tmp_path / "fsdp1.yaml")], "fsdp_version 1 runs on GPUs only"))
+    qlora = ["peft.method=qlora", "model.dtype=float32", "training.mixed_precision=bf16"]
+    refused.append(([FSDP_CPU, *qlora], "with a 4-bit base under FSDP needs model.dtype: bfloat16"))
+    for (config, *overrides), expected in refused:
+        code, _, err = cli("train", str(recipe), *overrides, "--launch-config", config, capsys=capsys)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and expected in lines[0], err
+        assert not (tmp_path / "run").exists()

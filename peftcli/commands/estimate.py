@@ -62,6 +62,7 @@ import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from peftcli.console import human_bytes, parse_memory, quiet_libraries
@@ -322,6 +323,11 @@ def estimate(recipe: Recipe, gpu_memory: str | None = None, num_processes: int =
         "plan": {**plan, "all_processes_bytes": memory["total_bytes"] * num_processes},
         "notes": notes,
     }
+    if num_processes > 1:
+        from peftcli.training.sharded import fsdp_memory, fsdp_units
+
+        stored = partial(stored_bytes, base_ids=base_ids, quantized=quantized, quantization=quantization)
+        result["fsdp"] = fsdp_memory(*fsdp_units(peft_model, stored), memory, num_processes)
     if gpu_bytes is not None:
         needed = memory["total_bytes"] + GPU_RESERVE_BYTES
         result.update(
@@ -330,6 +336,8 @@ def estimate(recipe: Recipe, gpu_memory: str | None = None, num_processes: int =
             reserve_bytes=GPU_RESERVE_BYTES,
             margin_bytes=gpu_bytes - needed,
         )
+        if "fsdp" in result:
+            result["fsdp"]["fits"] = result["fsdp"]["total_bytes"] + GPU_RESERVE_BYTES <= gpu_bytes
     return result
 
 
@@ -358,8 +366,6 @@ def count_parameters(
     peft_model: Any, base_ids: set[int], quantized: dict[int, tuple[int, int]], quantization: str
 ) -> tuple[dict[str, Any], dict[str, int]]:
     """The parameter counts, and the bytes of the frozen weights (with buffers) and trainable ones."""
-    import torch
-
     total = trainable = head = weights_bytes = adapter_bytes = 0
     for name, p in peft_model.named_parameters():
         total += p.numel()
@@ -367,12 +373,8 @@ def count_parameters(
             trainable += p.numel()
             head += p.numel() if "modules_to_save." in name else 0  # a trained head (a seq_cls classifier)
             adapter_bytes += p.numel() * p.element_size()
-        elif id(p) in quantized:
-            weights_bytes += quantized_bytes(*quantized[id(p)], quantization)
-        elif quantization != "none" and id(p) in base_ids and p.dtype in (torch.float16, torch.bfloat16):
-            weights_bytes += p.numel() * 4  # prepare_model_for_kbit_training upcasts them
         else:
-            weights_bytes += p.numel() * p.element_size()
+            weights_bytes += sum(stored_bytes(p, base_ids, quantized, quantization))
     weights_bytes += sum(b.numel() * b.element_size() for b in peft_model.buffers())
     params = {
         "total_params": total,
@@ -382,6 +384,22 @@ def count_parameters(
         "head_params": head,
     }
     return params, {"weights_bytes": weights_bytes, "adapter_bytes": adapter_bytes}
+
+
+def stored_bytes(
+    p: Any, base_ids: set[int], quantized: dict[int, tuple[int, int]], quantization: str
+) -> tuple[int, int]:
+    """A parameter's bytes as a process stores it: (the tensor FSDP shards, what stays beside it
+    whole: a quantized weight's scales and tables)."""
+    import torch
+
+    if id(p) in quantized:
+        numel, rows = quantized[id(p)]
+        data = numel if quantization == "8bit" else math.ceil(numel / 2)
+        return data, quantized_bytes(numel, rows, quantization) - data
+    if quantization != "none" and id(p) in base_ids and p.dtype in (torch.float16, torch.bfloat16):
+        return p.numel() * 4, 0  # prepare_model_for_kbit_training upcasts them
+    return p.numel() * p.element_size(), 0
 
 
 def format_estimate(result: dict[str, Any]) -> str:
@@ -404,6 +422,9 @@ def format_estimate(result: dict[str, Any]) -> str:
             f"  × {plan['num_processes']} processes = {human_bytes(plan['all_processes_bytes'])} "
             "(DDP: every process holds the whole model)"
         )
+        from peftcli.training.sharded import format_fsdp
+
+        lines += format_fsdp(result["fsdp"], plan["num_processes"], plan["quantization"], result["fits"])
     if result["fits"] is not None:
         need = memory["total_bytes"] + result["reserve_bytes"]
         verdict = "fits" if result["fits"] else "does not fit"

@@ -40,6 +40,12 @@ def run_train(
 
         check_can_start(recipe, overwrite, resume)  # refuse before starting processes
         check_recipe(recipe)
+        if launch_config is not None and launch_config.is_file():
+            from peftcli.model.load import resolve_dtype
+            from peftcli.training.accelerator import check_launch_config
+
+            model = recipe.model
+            check_launch_config(launch_config, recipe.training, model.quantization, resolve_dtype(model))
         launched = {"--num-processes": num_processes, "--launch-config": launch_config}
         how = [x for flag, value in launched.items() if value is not None for x in (flag, str(value))]
         again = shlex.join(["peftcli", "train", str(recipe_path), *(overrides or []), *how, "--resume"])

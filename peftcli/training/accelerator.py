@@ -11,15 +11,23 @@ from peftcli.errors import UserError
 from peftcli.recipe import TrainingSection
 
 
-def make_accelerator(section: TrainingSection, project_dir: Path) -> Any:
+def resolve_precision(section: TrainingSection) -> str:
+    """`training.mixed_precision` on this machine (the recipe's, never the launch config's)."""
     import torch
-    from accelerate import Accelerator, DataLoaderConfiguration
 
     precision = section.mixed_precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     if precision == "fp16" and not torch.cuda.is_available():
         raise UserError("training.mixed_precision: fp16 needs a CUDA GPU", "use bf16 or no on CPU")
+    return precision
+
+
+def make_accelerator(section: TrainingSection, project_dir: Path) -> Any:
+    import torch
+    from accelerate import Accelerator, DataLoaderConfiguration
+
+    precision = resolve_precision(section)
     trackers = [t for t in section.report_to if t != "jsonl"]
     accelerator = Accelerator(
         # Without a GPU, processes started by a launcher talk over gloo.
@@ -33,6 +41,46 @@ def make_accelerator(section: TrainingSection, project_dir: Path) -> Any:
         shard_on_cpu(accelerator, precision)
     check_distribution(accelerator)
     return accelerator
+
+
+def check_launch_config(path: Path, section: TrainingSection, quantization: str, dtype: Any) -> None:
+    """Refuse, before any process starts, a launch config that cannot run as it asks here: DeepSpeed
+    without deepspeed or GPUs, FSDP1 without GPUs, a 4-bit base whose stored dtype FSDP would cast."""
+    import importlib.util
+
+    import torch
+    import yaml
+
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise UserError(f"--launch-config {path}: cannot read it: {exc}") from None
+    kind, gpus = str(config.get("distributed_type", "NO")), torch.cuda.is_available()
+    if kind == "DEEPSPEED" and not (gpus and importlib.util.find_spec("deepspeed")):
+        raise UserError(
+            f"--launch-config {path}: DeepSpeed needs CUDA GPUs and the deepspeed package"
+            + ("" if gpus else "; this machine has no GPU"),
+            "on CPU, shard with configs/fsdp-cpu.yaml; on GPUs, pip install deepspeed or use configs/fsdp.yaml",
+        )
+    if kind != "FSDP":
+        return
+    version = int((config.get("fsdp_config") or {}).get("fsdp_version", 1))
+    if version != 2 and not gpus:
+        raise UserError(
+            f"--launch-config {path}: fsdp_version {version} runs on GPUs only, and this machine has none",
+            "set fsdp_config.fsdp_version: 2, as configs/fsdp-cpu.yaml (the CPU twin of configs/fsdp.yaml) does",
+        )
+    precision = resolve_precision(section)
+    mixed = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if quantization == "4bit" and mixed is not None and mixed != dtype:
+        # FSDP casts every stored tensor to the mixed-precision dtype before computing, the 4-bit
+        # weights' storage (bnb_4bit_quant_storage = model.dtype) included: its bytes would be misread.
+        raise UserError(
+            f"training.mixed_precision: {precision} with a 4-bit base under FSDP needs model.dtype: "
+            f"{str(mixed).removeprefix('torch.')} (the 4-bit weights are stored in model.dtype), not "
+            f"{str(dtype).removeprefix('torch.')}",
+            f"set model.dtype to {str(mixed).removeprefix('torch.')}, or training.mixed_precision: no",
+        )
 
 
 def asked_for() -> str | None:

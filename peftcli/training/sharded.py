@@ -11,6 +11,9 @@ file per process, its local slices.
 
 from __future__ import annotations
 
+import math
+import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -100,3 +103,64 @@ def load_local_optimizer_state(optimizer: Any, state: dict[str, Any]) -> None:
                     value, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(), run_check=False
                 )
     optimizer.load_state_dict(state)
+
+
+def fsdp_memory(
+    units: dict[str, int], replicated: int, memory: dict[str, int], processes: int
+) -> dict[str, int]:
+    """Per-process memory of the one-process plan `memory` under FSDP2 full shard over `processes`.
+
+    `units`: the bytes FSDP shards, per FSDP unit (a decoder layer; the rest of the model is the
+    root unit) — the frozen base as stored (a 4-bit weight's packed storage) and the adapter.
+    `replicated`: what every process keeps whole (buffers, bitsandbytes' quantization state).
+    FSDP2 shards every parameter of a unit, trainable ones included, so the adapter, its
+    gradients and AdamW's moments (which follow their parameters) are split N ways too. While a
+    unit computes it is held whole, and the next one is gathered ahead of it: the two largest
+    units' parameters on top. Activations are per process as without sharding."""
+    n = processes
+    adapter = memory["adapter_bytes"]
+    frozen = sum(units.values()) - adapter
+    plan = {
+        "weights_bytes": math.ceil(frozen / n) + replicated,
+        "adapter_bytes": math.ceil(adapter / n),
+        "optimizer_bytes": math.ceil(memory["optimizer_bytes"] / n),
+        "gradients_bytes": math.ceil(adapter / n),
+        "gathered_bytes": sum(sorted(units.values())[-2:]),
+        "activations_bytes": memory["activations_bytes"],
+    }
+    plan["total_bytes"] = sum(plan.values())
+    return plan
+
+
+_LAYER = re.compile(r"^(.*?\.\d+)\.")  # 'model.layers.3.self_attn...' -> 'model.layers.3'
+
+
+def fsdp_units(model: Any, stored: Callable[[Any], tuple[int, int]]) -> tuple[dict[str, int], int]:
+    """What FSDP2 shards, per unit, and what every process keeps whole (buffers, and the part of
+    each frozen parameter `stored(p)` names as kept beside it: a quantized weight's scales and
+    tables). A layer is a unit; outside the layers Accelerate wraps the embedding and the head
+    apart."""
+    units: dict[str, int] = {}
+    replicated = sum(b.numel() * b.element_size() for b in model.buffers())
+    for name, p in model.named_parameters():
+        module = name.removeprefix("base_model.model.").rsplit(".", 1)[0]
+        unit = m[1] if (m := _LAYER.match(module + ".")) else module
+        data, beside = (p.numel() * p.element_size(), 0) if p.requires_grad else stored(p)
+        units[unit] = units.get(unit, 0) + data
+        replicated += beside
+    return units, replicated
+
+
+def format_fsdp(plan: dict[str, Any], n: int, quantization: str, ddp_fits: bool | None) -> list[str]:
+    """The estimate's lines for the sharded plan, and whether sharding is what makes it fit."""
+    from peftcli.console import human_bytes
+
+    lines = [f"memory per process sharded with FSDP over {n} processes (configs/fsdp.yaml):"]
+    for key in ("weights", "adapter", "optimizer", "gradients", "gathered", "activations", "total"):
+        lines.append(f"  {key:<12} {human_bytes(plan[f'{key}_bytes']):>11}")
+    if ddp_fits is False and plan.get("fits"):
+        config = "configs/fsdp-qlora.yaml" if quantization == "4bit" else "configs/fsdp.yaml"
+        lines.append(f"sharding is what makes it fit: launch with --launch-config {config}")
+    elif plan.get("fits") is False:
+        lines.append(f"does not fit sharded over {n} processes either")
+    return lines
