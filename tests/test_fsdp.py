@@ -203,7 +203,8 @@ def test_launch_configs_that_cannot_run_here_are_refused_before_any_process_star
     tmp_path, completion_data, capsys
 ):
     """One line, exit 2, nothing launched: DeepSpeed without GPUs or deepspeed, FSDP1 without
-    GPUs, and a 4-bit base whose stored dtype FSDP's mixed precision would cast."""
+    GPUs, an 8-bit base under FSDP, and a 4-bit base whose stored dtype FSDP's mixed precision
+    would cast."""
     import importlib.util
 
     import yaml
@@ -219,6 +220,7 @@ def test_launch_configs_that_cannot_run_here_are_refused_before_any_process_star
         refused.append(([str(tmp_path / "fsdp1.yaml")], "fsdp_version 1 runs on GPUs only"))
     qlora = ["peft.method=qlora", "model.dtype=float32", "training.mixed_precision=bf16"]
     refused.append(([FSDP_CPU, *qlora], "with a 4-bit base under FSDP needs model.dtype: bfloat16"))
+    refused.append(([FSDP_CPU, "model.quantization=8bit"], "8bit cannot be sharded by FSDP"))
     for (config, *overrides), expected in refused:
         code, _, err = cli("train", str(recipe), *overrides, "--launch-config", config, capsys=capsys)
         lines = err.strip().splitlines()

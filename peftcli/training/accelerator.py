@@ -45,7 +45,8 @@ def make_accelerator(section: TrainingSection, project_dir: Path) -> Any:
 
 def check_launch_config(path: Path, section: TrainingSection, quantization: str, dtype: Any) -> None:
     """Refuse, before any process starts, a launch config that cannot run as it asks here: DeepSpeed
-    without deepspeed or GPUs, FSDP1 without GPUs, a 4-bit base whose stored dtype FSDP would cast."""
+    without deepspeed or GPUs, FSDP1 without GPUs, an 8-bit base under FSDP, a 4-bit base whose
+    stored dtype FSDP would cast."""
     import importlib.util
 
     import torch
@@ -69,6 +70,14 @@ def check_launch_config(path: Path, section: TrainingSection, quantization: str,
         raise UserError(
             f"--launch-config {path}: fsdp_version {version} runs on GPUs only, and this machine has none",
             "set fsdp_config.fsdp_version: 2, as configs/fsdp-cpu.yaml (the CPU twin of configs/fsdp.yaml) does",
+        )
+    if quantization == "8bit":
+        # bitsandbytes' Int8Params keeps its scales (SCB) on the parameter object, which FSDP
+        # replaces with a DTensor; Accelerate's FSDP2 preparation fails moving them to meta.
+        raise UserError(
+            "model.quantization: 8bit cannot be sharded by FSDP (bitsandbytes' 8-bit weights are not "
+            "plain tensors FSDP can split)",
+            "use model.quantization: 4bit (configs/fsdp-qlora.yaml), or DDP",
         )
     precision = resolve_precision(section)
     mixed = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
