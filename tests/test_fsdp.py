@@ -226,3 +226,28 @@ def test_launch_configs_that_cannot_run_here_are_refused_before_any_process_star
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and expected in lines[0], err
         assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_fsdp_qlora_resumes_after_sigkill_to_the_uninterrupted_sharded_run(tmp_path, completion_data):
+    """QLoRA under FSDP2, SIGKILLed after a sharded checkpoint and resumed, against the same
+    sharded run uninterrupted: the same operations in the same order, so the same bits."""
+    _, two = recipes(tmp_path, peft={"method": "qlora", "dropout": 0.1}, model={"dtype": "float32"})
+    run = tmp_path / "two"
+    proc = subprocess.Popen(
+        [str(PEFTCLI_SCRIPT), "train", str(two), "--launch-config", FSDP_CPU],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    kill_everything_after(proc, run / "checkpoints" / f"step-{EVERY}")
+    assert (run / ".incomplete").exists(), "killed before it finished"
+    done = run_cli("train", str(two), "--launch-config", FSDP_CPU, "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    reference = tmp_path / "reference"
+    again = run_cli("train", str(two), f"training.output_dir={reference}", "--launch-config", FSDP_CPU)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert train_losses(run) == train_losses(reference)
+    mine, theirs = adapter(run), adapter(reference)
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
