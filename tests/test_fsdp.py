@@ -221,6 +221,7 @@ def test_launch_configs_that_cannot_run_here_are_refused_before_any_process_star
     qlora = ["peft.method=qlora", "model.dtype=float32", "training.mixed_precision=bf16"]
     refused.append(([FSDP_CPU, *qlora], "with a 4-bit base under FSDP needs model.dtype: bfloat16"))
     refused.append(([FSDP_CPU, "model.quantization=8bit"], "8bit cannot be sharded by FSDP"))
+    refused.append(([FSDP_CPU, "peft.method=prompt-tuning"], "prompt-tuning does not train under FSDP"))
     for (config, *overrides), expected in refused:
         code, _, err = cli("train", str(recipe), *overrides, "--launch-config", config, capsys=capsys)
         lines = err.strip().splitlines()

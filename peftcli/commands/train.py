@@ -44,8 +44,10 @@ def run_train(
             from peftcli.model.load import resolve_dtype
             from peftcli.training.accelerator import check_launch_config
 
-            model = recipe.model
-            check_launch_config(launch_config, recipe.training, model.quantization, resolve_dtype(model))
+            model, method = recipe.model, recipe.peft.method
+            check_launch_config(
+                launch_config, recipe.training, method, model.quantization, resolve_dtype(model)
+            )
         launched = {"--num-processes": num_processes, "--launch-config": launch_config}
         how = [x for flag, value in launched.items() if value is not None for x in (flag, str(value))]
         again = shlex.join(["peftcli", "train", str(recipe_path), *(overrides or []), *how, "--resume"])

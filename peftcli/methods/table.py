@@ -54,6 +54,9 @@ class Method:
     step_hook: Callable[[Any, int], None] | None = None  # (PeftModel, step) after each optimizer step
     penalty: Callable[[Any], torch.Tensor] | None = None  # loss term added once per optimizer step
     state: CheckpointState | None = None
+    # Trains under FSDP (tested on CPU: 2 sharded processes give the 1-process losses). AdaLoRA's
+    # and VeRA's bookkeeping and the prompt methods' encoders mix sharded and whole tensors.
+    shards: bool = True
 
 
 _LORA_KEYS = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
@@ -105,6 +108,7 @@ METHODS: dict[str, Method] = {
             state=CheckpointState(
                 "adalora.pt", hooks.adalora_allocator_state, hooks.restore_adalora_allocator
             ),
+            shards=False,
         ),
         Method(
             "ia3",
@@ -143,6 +147,7 @@ METHODS: dict[str, Method] = {
             peft_type="VERA",
             generic={"r": "r", "dropout": "vera_dropout"},
             defaults={"r": 64},
+            shards=False,
         ),
         Method(
             "oft",
@@ -173,6 +178,7 @@ METHODS: dict[str, Method] = {
             kind="prompt",
             defaults=_PROMPT_DEFAULTS,
             derive=hooks.prompt_tokenizer,
+            shards=False,
         ),
         Method(
             "p-tuning",
@@ -182,6 +188,7 @@ METHODS: dict[str, Method] = {
             peft_type="P_TUNING",
             kind="prompt",
             defaults={**_PROMPT_DEFAULTS, "encoder_hidden_size": 128},
+            shards=False,
         ),
         Method(
             "prefix-tuning",
@@ -192,6 +199,7 @@ METHODS: dict[str, Method] = {
             kind="prompt",
             defaults=_PROMPT_DEFAULTS,
             kv_prefix=True,
+            shards=False,
         ),
         Method(
             "llama-adapter",

@@ -43,10 +43,12 @@ def make_accelerator(section: TrainingSection, project_dir: Path) -> Any:
     return accelerator
 
 
-def check_launch_config(path: Path, section: TrainingSection, quantization: str, dtype: Any) -> None:
+def check_launch_config(
+    path: Path, section: TrainingSection, method: str, quantization: str, dtype: Any
+) -> None:
     """Refuse, before any process starts, a launch config that cannot run as it asks here: DeepSpeed
-    without deepspeed or GPUs, FSDP1 without GPUs, an 8-bit base under FSDP, a 4-bit base whose
-    stored dtype FSDP would cast."""
+    without deepspeed or GPUs, FSDP1 without GPUs, under FSDP a method that does not shard, an
+    8-bit base, or a 4-bit base whose stored dtype FSDP would cast."""
     import importlib.util
 
     import torch
@@ -71,6 +73,11 @@ def check_launch_config(path: Path, section: TrainingSection, quantization: str,
             f"--launch-config {path}: fsdp_version {version} runs on GPUs only, and this machine has none",
             "set fsdp_config.fsdp_version: 2, as configs/fsdp-cpu.yaml (the CPU twin of configs/fsdp.yaml) does",
         )
+    from peftcli.methods.table import METHODS
+
+    if not METHODS[method].shards:
+        able = ", ".join(name for name, m in METHODS.items() if m.shards)
+        raise UserError(f"peft.method: {method} does not train under FSDP", f"use DDP, or one of {able}")
     if quantization == "8bit":
         # bitsandbytes' Int8Params keeps its scales (SCB) on the parameter object, which FSDP
         # replaces with a DTensor; Accelerate's FSDP2 preparation fails moving them to meta.
