@@ -158,6 +158,8 @@ def check_data(recipe: Recipe, folder: Path | None) -> list[str]:
     task, section = recipe.model.task, recipe.data
     if sources.is_hub_dataset(section.train):
         return [f"data: hub dataset {section.train} (read when training starts)"]
+    if recipe.training.objective != "sft":
+        return check_preference_data(recipe)
     found = formats.scan(section.train, section.format, task)
     how = (
         f" (detected from the columns {', '.join(formats.FORMAT_COLUMNS[found.format])})"
@@ -191,6 +193,21 @@ def check_data(recipe: Recipe, folder: Path | None) -> list[str]:
                 f"data.format: {found.format} needs a chat template, and {recipe.model.name_or_path} has none",
                 "set data.chat_template (a Jinja string or a .jinja file), or use the completion format",
             )
+    return lines
+
+
+def check_preference_data(recipe: Recipe) -> list[str]:
+    """Preference rows (pairs, or KTO's labelled answers), every one checked; the starting adapter."""
+    from peftcli.data import preference, sources
+    from peftcli.methods.load import adapter_folder
+
+    section, objective = recipe.data, recipe.training.objective
+    fmt, rows = preference.scan(section.train, section.format, objective)
+    lines = [f"data: {rows} rows of {fmt} (training.objective: {objective})"]
+    if isinstance(section.eval, str) and not sources.is_hub_dataset(section.eval):
+        lines.append(f"eval data: {preference.scan(section.eval, fmt, objective, 'data.eval')[1]} rows")
+    if recipe.peft.init_from is not None:
+        lines.append(f"peft: starts from the adapter in {adapter_folder(recipe.peft.init_from)}")
     return lines
 
 

@@ -17,10 +17,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from peftcli.errors import UserError, did_you_mean
 from peftcli.methods import METHODS, canonical_method
+from peftcli.objectives import OBJECTIVES, DpoLoss, Objective, objective_problem
 from peftcli.tasks import TASKS, Task
 
 MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
-Metric = Literal["loss", "perplexity", "exact_match", "accuracy", "f1"]
+Metric = Literal[
+    "loss",
+    "perplexity",
+    "exact_match",
+    "accuracy",
+    "f1",
+    "preference_accuracy",
+    "reward_accuracy",
+    "reward_margin",
+]
 MAX_SEED = 2**32 - 1  # numpy's limit; training seeds numpy, torch and random with it
 
 
@@ -77,6 +87,12 @@ class PeftSection(_Section):
         default_factory=dict,
         description="Any further keyword of the method's PEFT config class, passed through.",
     )
+    init_from: str | None = Field(
+        None,
+        description="Start from a trained adapter: a run folder or an adapter folder of the same method "
+        "(e.g. an SFT run before DPO). Its settings replace r, alpha, target_modules and options; "
+        "preference objectives use it, frozen, as the reference.",
+    )
 
     @field_validator("method", mode="before")
     @classmethod
@@ -92,8 +108,21 @@ class DataSection(_Section):
     eval: float | str | None = Field(
         0.1, description="Eval data: a path, or the fraction of train held out (0 = none)."
     )
-    format: Literal["auto", "text", "completion", "alpaca", "messages", "sharegpt", "classification"] = Field(
-        "auto", description="How rows become model inputs; auto detects it from the columns."
+    format: Literal[
+        "auto",
+        "text",
+        "completion",
+        "alpaca",
+        "messages",
+        "sharegpt",
+        "classification",
+        "preference",
+        "unpaired",
+    ] = Field(
+        "auto",
+        description="How rows become model inputs; auto detects it from the columns. preference: "
+        "prompt/chosen/rejected (strings, or chosen/rejected conversations with an optional prompt); "
+        "unpaired (KTO): prompt/completion/label, label true for a desirable answer.",
     )
     chat_template: str | None = Field(
         None,
@@ -152,6 +181,35 @@ class TrainingSection(_Section):
     report_to: list[Literal["jsonl", "tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=lambda: ["jsonl"], description="Where metrics go (jsonl is always written)."
     )
+    objective: Objective = Field(
+        "sft",
+        description="sft: the task's loss on the data's answers; dpo | orpo | simpo | kto: preference "
+        "tuning on pairs (unpaired answers for kto), with the `preference` section's settings.",
+    )
+
+
+class PreferenceSection(_Section):
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description="dpo, kto: strength of the pull towards the reference (β); simpo: reward scale (β, "
+        "e.g. 2.0). The implicit reward is β·(log π − log π_ref), or β·mean log π for simpo/orpo.",
+    )
+    loss_type: DpoLoss = Field(
+        "sigmoid",
+        description="dpo's loss: sigmoid (DPO), ipo (squared, per-token log-ratios), hinge (SLiC), "
+        "robust (unbiased under label noise of rate label_smoothing).",
+    )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="dpo sigmoid/robust, simpo: assumed share of pairs whose labels are flipped (ε).",
+    )
+    gamma: float = Field(0.5, ge=0, description="simpo: target reward margin γ.")
+    orpo_lambda: float = Field(0.1, gt=0, description="orpo: weight λ of the odds-ratio term.")
+    desirable_weight: float = Field(1.0, gt=0, description="kto: weight of desirable answers' losses.")
+    undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of undesirable answers' losses.")
 
 
 class EvalSection(_Section):
@@ -179,6 +237,7 @@ class Recipe(_Section):
     peft: PeftSection
     data: DataSection
     training: TrainingSection = Field(default_factory=TrainingSection)
+    preference: PreferenceSection = Field(default_factory=PreferenceSection)
     eval: EvalSection = Field(default_factory=EvalSection)
 
     @model_validator(mode="after")
@@ -199,14 +258,23 @@ class Recipe(_Section):
             )
         if self.data.packing and self.model.task != "causal_lm":
             raise ValueError(f"data.packing works for causal_lm only, not model.task: {self.model.task}")
+        objective = self.training.objective
+        data = self.data
+        if problem := objective_problem(objective, self.model.task, data.packing, data.train_on, data.format):
+            raise ValueError(problem)
         task, fits = self.model.task, TASKS[self.model.task].metrics
+        defaults = TASKS[task].default_metrics
+        what = f"model.task: {task}"
+        if objective != "sft":
+            fits = defaults = OBJECTIVES[objective].metrics
+            what = f"training.objective: {objective}"
         if self.eval.metrics is None:
-            self.eval.metrics = list(TASKS[task].default_metrics)
+            self.eval.metrics = list(defaults)
         unfit = [m for m in self.eval.metrics if m not in fits]
         if unfit:
             raise ValueError(
                 f"eval.metrics: {', '.join(unfit)} {'does' if len(unfit) == 1 else 'do'} not apply to "
-                f"model.task: {task}; it computes {', '.join(fits)}"
+                f"{what}; it computes {', '.join(fits)}"
             )
         return self
 
@@ -331,6 +399,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         value = getattr(recipe.data, key)
         if isinstance(value, str) and not (key == "chat_template" and "{" in value):  # a path
             setattr(recipe.data, key, _resolve_data_path(value, path.parent))
+    if recipe.peft.init_from is not None:
+        recipe.peft.init_from = _resolve_data_path(recipe.peft.init_from, path.parent)
     return recipe
 
 

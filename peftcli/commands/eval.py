@@ -25,6 +25,9 @@ def run_eval(path: Path, data: Path | None = None, compare_base: bool = False) -
     target = open_target(path)
     if compare_base and target.adapter is None:
         raise UserError("--compare-base needs an adapter or a run, not a plain model folder")
+    objective = preference_objective_of(target, data)
+    if objective is not None:
+        return run_preference_eval(target, data, compare_base, objective)
     tokenizer_section = (
         target.model.model_copy(update={"name_or_path": str(target.adapter)})
         if target.adapter and (target.adapter / "tokenizer_config.json").is_file()
@@ -74,22 +77,117 @@ def run_eval(path: Path, data: Path | None = None, compare_base: bool = False) -
     return results if compare_base else next(iter(results.values()))
 
 
+def preference_objective_of(target: Any, data: Path | None) -> str | None:
+    """The preference objective to evaluate with: the run's, or, for --data, the one the file's
+    columns call for (pairs: dpo's metrics against the base); None for SFT evaluation."""
+    from peftcli.data import preference
+
+    trained = target.recipe.training.objective if target.recipe else "sft"
+    if data is None:
+        return None if trained == "sft" else trained
+    found = preference.is_preference_file(str(data))
+    if found is None:
+        if trained != "sft":
+            raise UserError(f"--data {data}: the run was trained with {trained} and this file has no pairs")
+        return None
+    if trained != "sft" and (found == "kto") == (trained == "kto"):
+        return trained
+    return found
+
+
+def run_preference_eval(target: Any, data: Path | None, compare_base: bool, name: str) -> dict[str, Any]:
+    """Preference metrics (accuracy, reward margins, log-probabilities) on pairs: the run's
+    held-out pairs or --data. The reference (DPO, KTO) is the run's starting point — the base,
+    or its peft.init_from adapter; with --compare-base the base is scored against it too."""
+    from contextlib import nullcontext
+
+    from peftcli.console import say
+    from peftcli.data import cache, preference
+    from peftcli.methods.load import adapter_folder, load_adapter
+    from peftcli.model.load import load_model, load_tokenizer
+    from peftcli.objectives import OBJECTIVES
+    from peftcli.recipe import DataSection, PreferenceSection
+    from peftcli.training import preference as objectives
+    from peftcli.training.accelerator import make_accelerator
+
+    if target.adapter is None:
+        raise UserError("preference evaluation needs an adapter or a run: the reference is its base")
+    recipe = target.recipe
+    folder = target.adapter if (target.adapter / "tokenizer_config.json").is_file() else None
+    tokenizer = load_tokenizer(
+        target.model.model_copy(update={"name_or_path": str(folder)}) if folder else target.model
+    )
+    training = recipe.training if recipe else TrainingSection()
+    if data is not None:
+        section = recipe.data if recipe else DataSection(train=str(data))
+        examples = preference.encode_file(str(data), section, tokenizer, name)
+    else:
+        prepared = cache.prepare(recipe.data, tokenizer, training.seed, "causal_lm", name)
+        if prepared.eval is None:
+            raise UserError(
+                f"the run's recipe has no eval split (data.eval: {recipe.data.eval})", "pass --data FILE"
+            )
+        examples = prepared.eval.examples
+    accelerator = make_accelerator(training.model_copy(update={"report_to": ["jsonl"]}), Path("."))
+    model = load_adapter(load_model(target.model, device=accelerator.device), target.adapter)
+    model.eval()
+    objective = objectives.Objective(name, recipe.preference if recipe else PreferenceSection())
+    pad, batch = tokenizer.pad_token_id, training.batch_size
+    if OBJECTIVES[name].reference:
+        start = recipe.peft.init_from if recipe else None
+        saved = target.run_dir / objectives.REFERENCE_FILE if target.run_dir and data is None else None
+        if saved is not None and saved.is_file():
+            from safetensors.torch import load_file
+
+            table = load_file(saved).get("eval")
+        else:
+            table = None
+        if table is None or len(table) != len(examples):
+            if start:
+                load_adapter(model, adapter_folder(start), adapter_name="reference")
+                model.set_adapter("reference")
+            table = objectives.reference_table(
+                objective, model, examples, batch, pad, accelerator, adapter=bool(start)
+            )
+            if start:
+                model.set_adapter("default")
+                model.delete_adapter("reference")
+        objective.reference = {"eval": table}
+    results: dict[str, Any] = {}
+    what = "pairs" if objective.paired else "answers"
+    if compare_base:
+        say(f"peftcli: evaluating the base model on {len(examples)} {what}")
+        with model.disable_adapter():
+            results["base"] = objectives.evaluate(model, examples, objective, accelerator, batch, pad)
+        results["base"]["examples"] = len(examples)
+    say(f"peftcli: evaluating the adapter on {len(examples)} {what}")
+    with nullcontext():
+        results["adapter"] = objectives.evaluate(model, examples, objective, accelerator, batch, pad)
+    results["adapter"]["examples"] = len(examples)
+    if target.run_dir is not None and data is None:
+        eval_file = target.run_dir / "eval.json"
+        previous = json.loads(eval_file.read_text()) if eval_file.is_file() else {}
+        eval_file.write_text(json.dumps({**previous, **results["adapter"]}, indent=2) + "\n")
+    return results if compare_base else results["adapter"]
+
+
 def format_result(result: dict[str, Any]) -> str:
     """A human table; with base and adapter side by side when both are there."""
     columns = result if "base" in result else {"value": result}
     metrics = [k for k, v in next(iter(columns.values())).items() if isinstance(v, float)]
+    w = max([14] + [len(m) + 2 for m in metrics])
     lines = [
-        f"{'metric':<14}"
+        f"{'metric':<{w}}"
         + "".join(f"{name:>12}" for name in columns)
         + ("      change" if "base" in result else "")
     ]
     for m in metrics:
         values = [columns[c].get(m) for c in columns]
-        row = f"{m:<14}" + "".join(f"{v:>12.4f}" if v is not None else f"{'-':>12}" for v in values)
+        row = f"{m:<{w}}" + "".join(f"{v:>12.4f}" if v is not None else f"{'-':>12}" for v in values)
         if "base" in result and None not in values:
             row += f"{values[-1] - values[0]:>+12.4f}"
         lines.append(row)
-    lines.append(f"{'examples':<14}" + "".join(f"{columns[c].get('examples', 0):>12}" for c in columns))
+    lines.append(f"{'examples':<{w}}" + "".join(f"{columns[c].get('examples', 0):>12}" for c in columns))
     samples = {c: columns[c].get("samples") for c in columns if columns[c].get("samples")}
     if samples:
         lines.append("")

@@ -58,24 +58,35 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return digest.hexdigest()
 
 
-def prepare(section: DataSection, tokenizer: Any, seed: int, task: str = "causal_lm") -> Prepared:
+def prepare(
+    section: DataSection, tokenizer: Any, seed: int, task: str = "causal_lm", objective: str = "sft"
+) -> Prepared:
     """Training (and held-out) examples for a data section, from the cache when the same inputs
     were prepared before. A `data.chat_template` is set on the tokenizer, so it is saved with
-    the adapter and generation uses it too."""
+    the adapter and generation uses it too. Preference objectives read pairs (or KTO's unpaired
+    answers), see `data.preference`."""
+    from peftcli.data import preference
+
     if section.chat_template is not None:
         tokenizer.chat_template = chat_template(section, tokenizer)
     train = Source(section.train, "data.train")
-    fmt = choose_format(train.first()[1], section.format, "data.format", task)
-    if section.format == "auto":
-        _say(f"data: format {fmt} (detected from the columns {', '.join(FORMAT_COLUMNS[fmt])})")
     held_out = Source(section.eval, "data.eval") if isinstance(section.eval, str) else None
-    if held_out is not None:
-        choose_format(held_out.first()[1], fmt, "data.eval", task)
+    if objective != "sft":
+        fmt = preference.detect(train.first()[1], section.format, objective)
+        if held_out is not None:
+            preference.detect(held_out.first()[1], fmt, objective, "data.eval")
+    else:
+        fmt = choose_format(train.first()[1], section.format, "data.format", task)
+        if section.format == "auto":
+            _say(f"data: format {fmt} (detected from the columns {', '.join(FORMAT_COLUMNS[fmt])})")
+        if held_out is not None:
+            choose_format(held_out.first()[1], fmt, "data.eval", task)
     if fmt in CHAT_FORMATS and not tokenizer.chat_template:
         Encoder(tokenizer, fmt, section, task)  # raises the missing-template error
     fraction = None if held_out is not None or not section.eval else float(section.eval)
     inputs = {
         "version": CACHE_VERSION,
+        "objective": objective if objective != "sft" else None,
         "train": train.fingerprint(),
         "eval": held_out.fingerprint() if held_out is not None else fraction,
         "seed": seed if fraction or section.packing else None,
@@ -91,8 +102,9 @@ def prepare(section: DataSection, tokenizer: Any, seed: int, task: str = "causal
     hit = (folder / "meta.json").is_file()
     if not hit:
         started = time.perf_counter()
+        build = _build if objective == "sft" else _build_preference
         _build_atomically(
-            folder, lambda tmp: _build(tmp, section, tokenizer, fmt, task, seed, train, held_out)
+            folder, lambda tmp: build(tmp, section, tokenizer, fmt, task, seed, train, held_out)
         )
     prepared = _load(folder, section)
     n = f"{prepared.stats['examples']} examples"
@@ -203,6 +215,82 @@ def _build(
     (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
+def _build_preference(
+    folder: Path,
+    section: DataSection,
+    tokenizer: Any,
+    fmt: str,
+    task: str,
+    seed: int,
+    train: Source,
+    held_out: Source | None,
+) -> None:
+    """Pairs (or unpaired answers) into the split files: a pair is two consecutive sequences,
+    chosen then rejected; KTO's labels go beside them. Every row is checked first."""
+    from peftcli.data import preference
+
+    count = 0
+    for source in (train, held_out):
+        for where, row in source.rows() if source is not None else ():
+            preference.check_row(row, fmt, where)
+            count += source is train
+    if not count:
+        raise UserError(f"data.train: {train.spec} has no rows")
+    held = _held_out_rows(section, count, seed) if held_out is None else []
+    encoder = Encoder(tokenizer, "completion", section, task)
+    stats, eval_stats = new_stats(), new_stats()
+    has_eval = bool(held) or held_out is not None
+    writers = {"train": Writer(folder, "train")}
+    labels: dict[str, list[bool]] = {"train": [], "eval": []}
+    if has_eval:
+        writers["eval"] = Writer(folder, "eval")
+
+    def write(where: str, row: dict[str, Any], name: str) -> None:
+        counts = stats if name == "train" else eval_stats
+        if fmt == "preference":
+            sequences = preference.encode_pair(encoder, row, where, counts)
+            for sequence in sequences or ():
+                writers[name].add(sequence)
+            return
+        encoded = preference.encode_unpaired(encoder, row, where, counts)
+        if encoded is not None:
+            writers[name].add(encoded[0])
+            labels[name].append(encoded[1])
+
+    next_held = 0
+    for i, (where, row) in enumerate(train.rows()):
+        name = "train"
+        if next_held < len(held) and held[next_held] == i:
+            name, next_held = "eval", next_held + 1
+        write(where, row, name)
+    if held_out is not None:
+        for where, row in held_out.rows():
+            write(where, row, "eval")
+    for writer in writers.values():
+        writer.close()
+    if not stats["examples"]:
+        raise UserError(
+            f"data.train: no {'pair' if fmt == 'preference' else 'answer'} keeps an answer token within "
+            f"max_length={section.max_length}"
+        )
+    if fmt == "unpaired":
+        if len(set(labels["train"])) < 2:
+            raise UserError(
+                "data.train: KTO needs both desirable (label: true) and undesirable (label: false) answers"
+            )
+        (folder / "labels.json").write_text(json.dumps(labels), encoding="utf-8")
+    stats["sequences"] = writers["train"].count
+    meta = {
+        "version": CACHE_VERSION,
+        "format": fmt,
+        "task": task,
+        "labels": None,
+        "stats": stats,
+        "eval_stats": eval_stats if has_eval else None,
+    }
+    (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
 def _held_out_rows(section: DataSection, rows: int, seed: int) -> list[int]:
     """Which rows of the training data `data.eval` (a fraction) holds out, in order; seeded."""
     held: list[int] = []
@@ -219,6 +307,8 @@ def _held_out_rows(section: DataSection, rows: int, seed: int) -> list[int]:
 def _load(folder: Path, section: DataSection) -> Prepared:
     meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
     classes = meta["task"] == "seq_cls"
+    if meta["format"] in ("preference", "unpaired"):
+        return _load_preference(folder, section, meta)
     train = Split(TokenArrays(folder, "train", classes))
     held_out = None
     if meta["eval_stats"] is not None:
@@ -231,6 +321,30 @@ def _load(folder: Path, section: DataSection) -> Prepared:
         held_out,
         meta["stats"],
         meta["labels"],
+        group_by_length=section.group_by_length,
+        cache_dir=folder,
+    )
+
+
+def _load_preference(folder: Path, section: DataSection, meta: dict[str, Any]) -> Prepared:
+    from peftcli.data.preference import Pairs, Unpaired
+
+    labels = (
+        json.loads((folder / "labels.json").read_text(encoding="utf-8"))
+        if meta["format"] == "unpaired"
+        else None
+    )
+
+    def split(name: str) -> Split:
+        sequences = TokenArrays(folder, name, False)
+        return Split(Pairs(sequences) if labels is None else Unpaired(sequences, labels[name]))
+
+    return Prepared(
+        meta["format"],
+        split("train"),
+        split("eval") if meta["eval_stats"] is not None else None,
+        meta["stats"],
+        None,
         group_by_length=section.group_by_length,
         cache_dir=folder,
     )

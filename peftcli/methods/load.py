@@ -8,7 +8,9 @@ from typing import Any
 from peftcli.errors import UserError
 
 
-def load_adapter(model: Any, folder: Path | str, adapter_name: str = "default") -> Any:
+def load_adapter(
+    model: Any, folder: Path | str, adapter_name: str = "default", trainable: bool = False
+) -> Any:
     """Put a saved adapter (any method, peftcli's own included) on `model`: the one way peftcli
     loads adapters. peftcli's tuners are registered with PEFT first, so a fresh process loads
     them like PEFT's own. A PeftModel gets the adapter added under `adapter_name`."""
@@ -20,7 +22,42 @@ def load_adapter(model: Any, folder: Path | str, adapter_name: str = "default") 
         if isinstance(model, PeftModel):
             model.load_adapter(str(folder), adapter_name=adapter_name)
             return model
-        return PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name)
+        return PeftModel.from_pretrained(
+            model, str(folder), adapter_name=adapter_name, is_trainable=trainable
+        )
     except Exception as exc:  # safetensors, PEFT and torch raise many types for a broken adapter
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot load the adapter in {folder}: {first}") from None
+
+
+def adapter_folder(path: Path | str, key: str = "peft.init_from") -> Path:
+    """The adapter folder of a run folder (its adapter/) or of an adapter folder itself."""
+    path = Path(path).expanduser()
+    for folder in (path / "adapter", path):
+        if (folder / "adapter_config.json").is_file():
+            return folder
+    if not path.exists():
+        raise UserError(f"{key}: no such run or adapter folder: {path}")
+    raise UserError(
+        f"{key}: {path} holds no adapter (adapter_config.json)", "give a finished run or an adapter folder"
+    )
+
+
+def start_from(model: Any, path: Path | str, method: str) -> Any:
+    """`model` with the adapter in `path` (a run or adapter folder) on it, trainable: training
+    continues from its weights. The adapter must be of `method` (its settings come with it)."""
+    import json
+
+    from peftcli.methods.table import METHODS, method_of
+
+    folder = adapter_folder(path)
+    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    found = method_of(config.get("peft_type", ""), config)
+    wanted = METHODS[method]
+    if found is None or found.peft_type != wanted.peft_type or found.fixed != wanted.fixed:
+        name = found.name if found else config.get("peft_type")
+        raise UserError(
+            f"peft.init_from: {folder} is a {name} adapter, and peft.method is {method}",
+            f"set peft.method: {name}, or start from a {method} adapter",
+        )
+    return load_adapter(model, folder, trainable=True)

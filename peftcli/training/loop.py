@@ -18,15 +18,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from peftcli.console import is_main_process
 from peftcli.data.batching import collate, train_sampler
 from peftcli.data.splits import Prepared
 from peftcli.errors import Interrupted, UserError
+from peftcli.training.control import Control
 from peftcli.training.losses import IGNORE, loss_sum, supervised_tokens
 
 if TYPE_CHECKING:
     from peftcli.recipe import TrainingSection
     from peftcli.training.checkpoint import Checkpointer
+    from peftcli.training.preference import Objective
     from peftcli.training.tracking import MetricsLog
 
 
@@ -99,10 +100,18 @@ class Shard:
 
     def mask_repeats(self, batch: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
         first = (index * self.processes + self.process) * self.batch_size
-        rows = batch["labels"].shape[0]
+        if "pair_mask" in batch:  # preference batches: one mask entry per pair (or KTO answer)
+            rows = batch["pair_mask"].shape[0]
+        else:
+            rows = batch["labels"].shape[0]
         if first + rows <= self.examples:
             return batch
         repeat = torch.arange(first, first + rows, device=batch["labels"].device) >= self.examples
+        if "pair_mask" in batch:
+            sequences = repeat.repeat(batch["row_tokens"].shape[0] // rows)  # chosen rows, then rejected
+            tokens = batch["row_tokens"].masked_fill(sequences, 0)
+            mask = batch["pair_mask"].masked_fill(repeat, 0)
+            return {**batch, "pair_mask": mask, "row_tokens": tokens, "num_tokens": tokens.sum()}
         labels = batch["labels"].clone()
         labels[repeat] = IGNORE
         tokens = batch["row_tokens"].masked_fill(repeat, 0)
@@ -123,7 +132,7 @@ def make_optimizer(model: Any, section: TrainingSection) -> torch.optim.Optimize
 class Window:
     """Metrics accumulated between two log rows, plus run totals; checkpointed for resume."""
 
-    def __init__(self, accelerator: Any, saved: dict[str, Any] | None = None):
+    def __init__(self, accelerator: Any, saved: dict[str, Any] | None = None, extra: tuple[str, ...] = ()):
         self.accelerator = accelerator
         saved = saved or {}
         # Saved sums are global; only the main process carries them forward.
@@ -135,36 +144,55 @@ class Window:
         self.tokens = torch.tensor(saved.get("tokens", 0) if own else 0, device=accelerator.device)
         self.total_tokens = saved.get("total_tokens", 0)
         self.total_supervised = saved.get("total_supervised", 0)
+        # Further sums an objective logs (preference rewards, accuracies), keyed by name.
+        kept = saved.get("extra", {}) if own else {}
+        self.extra = torch.tensor(
+            [kept.get(k, 0.0) for k in extra], dtype=torch.float64, device=accelerator.device
+        )
+        self.extra_names = extra
+        self.closed_extra: dict[str, float] = {}
         self.started = time.perf_counter()
 
-    def add(self, loss_sum: torch.Tensor, supervised: torch.Tensor, tokens: int) -> None:
+    def add(
+        self,
+        loss_sum: torch.Tensor,
+        supervised: torch.Tensor,
+        tokens: int,
+        extra: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         self.loss += loss_sum
         self.supervised += supervised.to(self.accelerator.device)
         self.tokens += tokens
+        if extra:
+            self.extra += torch.stack([extra[k] for k in self.extra_names]).to(self.extra)
 
-    def reduced(self) -> tuple[float, int, int]:
+    def reduced(self) -> tuple[float, int, int, dict[str, float]]:
         r = self.accelerator.reduce
-        return r(self.loss, "sum").item(), int(r(self.supervised, "sum")), int(r(self.tokens, "sum"))
+        extra = r(self.extra, "sum").tolist() if self.extra_names else []
+        sums = dict(zip(self.extra_names, extra, strict=True))
+        return r(self.loss, "sum").item(), int(r(self.supervised, "sum")), int(r(self.tokens, "sum")), sums
 
     def close(self) -> tuple[float, int, float]:
-        """(mean loss per supervised token, tokens, seconds) of the window; starts a new one."""
-        loss, supervised, tokens = self.reduced()
+        """(mean loss per supervised token, tokens, seconds) of the window; starts a new one.
+        The window's further sums are left in `closed_extra`."""
+        loss, supervised, tokens, self.closed_extra = self.reduced()
         seconds = time.perf_counter() - self.started
         self.total_tokens += tokens
         self.total_supervised += supervised
-        for t in (self.loss, self.supervised, self.tokens):
+        for t in (self.loss, self.supervised, self.tokens, self.extra):
             t.zero_()
         self.started = time.perf_counter()
         return loss / max(supervised, 1), tokens, seconds
 
     def state(self) -> dict[str, Any]:
-        loss, supervised, tokens = self.reduced()
+        loss, supervised, tokens, extra = self.reduced()
         return {
             "loss": loss,
             "supervised": supervised,
             "tokens": tokens,
             "total_tokens": self.total_tokens,
             "total_supervised": self.total_supervised,
+            "extra": extra,
         }
 
 
@@ -181,19 +209,23 @@ def fit(
     penalty: Callable[[Any], torch.Tensor] | None = None,
     checkpoints: Checkpointer | None = None,
     control: Control | None = None,
+    objective: Objective | None = None,
 ) -> dict[str, Any]:
     """Train; returns a summary (steps, tokens, seconds, last loss).
 
     `on_step(peft_model, step)` runs after each optimizer step while gradients still exist;
     `penalty(peft_model)` is a loss term added once per optimizer step; `checkpoints` saves
     resumable state every `save_every` steps and resumes from the newest one; `control` counts
-    the steps taken and stops the loop, checkpointed, after Ctrl-C or SIGTERM."""
+    the steps taken and stops the loop, checkpointed, after Ctrl-C or SIGTERM; `objective`, a
+    preference objective (see training.preference), replaces the task's loss."""
     from transformers import get_scheduler
 
     if section.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     optimizer = make_optimizer(model, section)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, make_loader(data, section, pad_id))
+    model, optimizer, loader = accelerator.prepare(
+        model, optimizer, make_loader(data, section, pad_id, preference=objective is not None)
+    )
     p = plan(len(data.train.examples), section, accelerator.num_processes)
     assert p.steps_per_epoch == math.ceil(len(loader) / section.grad_accum), "plan and loader disagree"
     peft_model = accelerator.unwrap_model(model)
@@ -203,7 +235,7 @@ def fit(
     params = [q for q in model.parameters() if q.requires_grad]
     saved = checkpoints.resume(peft_model, optimizer, scheduler) if checkpoints else None
     done = saved["step"] if saved else 0
-    window = Window(accelerator, saved)
+    window = Window(accelerator, saved, objective.sums if objective else ())
     shard = Shard.of(len(data.train.examples), section.batch_size, accelerator)
     groups = micro_batch_groups(loader, section.grad_accum, p.steps_per_epoch, done, shard)
     progress = Progress(p.total_steps, done, accelerator.is_main_process)
@@ -217,8 +249,10 @@ def fit(
     last: dict[str, Any] = {}
     for step in range(done + 1, p.total_steps + 1):
         group = next(groups)
-        step_loss, supervised = backward(model, group, task, accelerator, penalty, peft_model)
-        window.add(step_loss, supervised, sum(int(b["num_tokens"]) for b in group))
+        step_loss, counted, extra = train_step(
+            model, group, task, accelerator, penalty, peft_model, objective
+        )
+        window.add(step_loss, counted, sum(int(b["num_tokens"]) for b in group), extra)
         grad_norm = (
             accelerator.clip_grad_norm_(params, section.max_grad_norm) if section.max_grad_norm else None
         )
@@ -233,13 +267,7 @@ def fit(
 
         epoch = round(step / p.steps_per_epoch, 4)
         if step % section.log_every == 0 or step == p.total_steps:
-            loss, tokens, seconds = window.close()
-            if not math.isfinite(loss):
-                diverged(step, f"the loss is {loss}", checkpoints)
-            last = {"step": step, "epoch": epoch, "loss": loss, "lr": scheduler.get_last_lr()[0]}
-            last.update(tokens=window.total_tokens, tokens_per_s=round(tokens / max(seconds, 1e-9), 1))
-            if grad_norm is not None:
-                last["grad_norm"] = float(grad_norm)
+            last = log_row(step, epoch, window, objective, scheduler, grad_norm, checkpoints)
             log.log(last)
             progress.show(last)
         if (
@@ -263,10 +291,31 @@ def fit(
         "epochs": round(p.total_steps / p.steps_per_epoch, 4),
         "seconds": round(time.perf_counter() - started, 2),
         "tokens": window.total_tokens,
-        "supervised_tokens": window.total_supervised,
+        ("pairs" if objective is not None else "supervised_tokens"): window.total_supervised,
         "final_loss": last.get("loss"),
         "resumed_from": done,
     }
+
+
+def log_row(
+    step: int,
+    epoch: float,
+    window: Window,
+    objective: Objective | None,
+    scheduler: Any,
+    grad_norm: torch.Tensor | None,
+    checkpoints: Checkpointer | None,
+) -> dict[str, Any]:
+    """The metrics.jsonl row of the window that ends at `step` (a diverged loss stops the run)."""
+    loss, tokens, seconds = window.close()
+    measured = objective.metrics(window.closed_extra) if objective is not None else {"loss": loss}
+    if not math.isfinite(measured["loss"]):
+        diverged(step, f"the loss is {measured['loss']}", checkpoints)
+    row = {"step": step, "epoch": epoch, **measured, "lr": scheduler.get_last_lr()[0]}
+    row.update(tokens=window.total_tokens, tokens_per_s=round(tokens / max(seconds, 1e-9), 1))
+    if grad_norm is not None:
+        row["grad_norm"] = float(grad_norm)
+    return row
 
 
 def enable_gradient_checkpointing(model: Any) -> None:
@@ -285,8 +334,10 @@ def save_on_stop(checkpoints: Checkpointer | None, state: tuple, saved: bool) ->
     return checkpoints.last_good()
 
 
-def make_loader(data: Prepared, section: TrainingSection, pad_id: int) -> Any:
+def make_loader(data: Prepared, section: TrainingSection, pad_id: int, preference: bool = False) -> Any:
     from torch.utils.data import DataLoader
+
+    from peftcli.data.preference import collate_pairs
 
     sampler = train_sampler(data, section.batch_size, section.seed)  # data.group_by_length
     return DataLoader(
@@ -294,11 +345,28 @@ def make_loader(data: Prepared, section: TrainingSection, pad_id: int) -> Any:
         batch_size=section.batch_size,
         shuffle=sampler is None,
         sampler=sampler,
-        collate_fn=partial(collate, pad_id=pad_id),
+        collate_fn=partial(collate_pairs if preference else collate, pad_id=pad_id),
         # Its own generator: iterating the data never draws from the global RNG, which
         # dropout uses, so a resumed run draws the same dropout masks.
         generator=torch.Generator().manual_seed(section.seed),
     )
+
+
+def train_step(
+    model: Any,
+    group: list[dict[str, torch.Tensor]],
+    task: str,
+    accelerator: Any,
+    penalty: Callable[[Any], torch.Tensor] | None,
+    peft_model: Any,
+    objective: Objective | None,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]:
+    """One optimizer step's forward and backward passes: (summed loss, what it is a sum over —
+    supervised tokens, or pairs —, the objective's further sums)."""
+    if objective is None:
+        return (*backward(model, group, task, accelerator, penalty, peft_model), None)
+    sums = objective.step(model, group, accelerator, penalty, peft_model)
+    return sums["pair_loss"], sums["pairs"].round().long(), sums
 
 
 def backward(
@@ -362,59 +430,6 @@ class Progress:
 
     def close(self) -> None:
         self.bar.close()
-
-
-class Control:
-    """Ctrl-C and SIGTERM while training: finish the step, checkpoint, stop (see `fit`).
-
-    The first signal asks the loop to stop after the current optimizer step; a second Ctrl-C
-    (a second later or more: a launcher relaying the first one does not count) stops at once.
-    With several processes they agree every step on whether any of them was asked to stop."""
-
-    def __init__(self) -> None:
-        self.step = 0  # optimizer steps finished by this run
-        self.signal: int | None = None
-        self.at = 0.0
-        self.previous: dict[int, Any] = {}
-
-    def __enter__(self) -> Control:
-        import signal
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        import signal
-
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        self.previous = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        import signal
-
-        if self.signal is None:
-            self.signal, self.at = signum, time.monotonic()
-            if is_main_process():
-                print(
-                    f"\npeftcli: {signal.Signals(signum).name}: stopping after step {self.step + 1} "
-                    "(press Ctrl-C again to stop at once)",
-                    file=sys.stderr,
-                    flush=True,
-                )
-        elif signum == signal.SIGINT and time.monotonic() - self.at > 1.0:
-            raise KeyboardInterrupt
-
-    def stop_requested(self, accelerator: Any) -> int:
-        """The signal that asks to stop (0 for none), agreed by every process."""
-        asked = self.signal or 0
-        if accelerator.num_processes > 1:
-            flag = torch.tensor([asked], device=accelerator.device)
-            asked = int(accelerator.gather(flag).max())
-        return asked
 
 
 def diverged(step: int, what: str, checkpoints: Checkpointer | None) -> None:

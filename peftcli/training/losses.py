@@ -6,6 +6,7 @@ set of tokens — a global batch across processes, or a whole eval split.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -143,6 +144,16 @@ def fusable(head: Any) -> bool:
     )
 
 
+def _compact(hidden: Any, supervised: torch.Tensor) -> torch.Tensor | None:
+    """The hidden states at the positions that predict a supervised token, [S, hidden]; None for
+    anything that is not a [batch, positions, hidden] tensor."""
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+        return None
+    # Position t predicts token t+1; prompt-learning methods prepend virtual positions.
+    keep = F.pad(supervised, (hidden.shape[1] - supervised.shape[1] - 1, 1))
+    return hidden[keep]
+
+
 def _causal_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Only the positions that predict a supervised token reach the output head, fused with
     the cross-entropy.
@@ -160,12 +171,7 @@ def _causal_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor
     targets = labels[supervised]
     head = getattr(model, "module", model).get_output_embeddings()  # through DDP/DeepSpeed
 
-    def compact(hidden: Any) -> torch.Tensor | None:
-        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
-            return None
-        # Position t predicts token t+1; prompt-learning methods prepend virtual positions.
-        keep = F.pad(supervised, (hidden.shape[1] - supervised.shape[1] - 1, 1))
-        return hidden[keep]
+    compact = partial(_compact, supervised=supervised)
 
     if head is not None and fusable(head):
         fused: dict[str, Any] = {"calls": 0}
@@ -188,6 +194,27 @@ def _causal_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor
             return fused["loss"]
         head._peftcli_plain_logits = False  # the model post-processes its logits
 
+    logits, targets, _ = supervised_logits(model, batch)
+    return F.cross_entropy(at_least_float32(logits), targets, reduction="sum")
+
+
+def supervised_logits(
+    model: Any, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A causal LM's logits at the positions that predict a supervised token only, [S, vocab],
+    with those tokens [S] and the row each comes from [S].
+
+    The head's input is cut down to those positions (a forward pre-hook), so prompt and padding
+    positions never get logits; a model whose head is not called that way gets full logits,
+    masked here."""
+    labels = batch["labels"][:, 1:]
+    supervised = labels != IGNORE
+    targets = labels[supervised]
+    rows = supervised.nonzero()[:, 0]
+    head = getattr(model, "module", model).get_output_embeddings()  # through DDP/DeepSpeed
+
+    compact = partial(_compact, supervised=supervised)
+
     seen = {"calls": 0, "compacted": False}
 
     def keep_supervised(module: Any, args: tuple) -> tuple | None:
@@ -208,4 +235,4 @@ def _causal_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor
         raise RuntimeError("the output head ran more than once in one forward pass")
     if not seen["compacted"]:  # full logits: keep the supervised positions
         logits = _targets(logits, batch["labels"], "causal_lm")[0][supervised]
-    return F.cross_entropy(at_least_float32(logits.flatten(0, -2)), targets, reduction="sum")
+    return logits.flatten(0, -2), targets, rows

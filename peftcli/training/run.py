@@ -15,7 +15,7 @@ from peftcli.console import is_main_process, say
 from peftcli.errors import Interrupted, UserError
 from peftcli.recipe import Recipe, dump_recipe
 from peftcli.runs import save_adapter, write_json
-from peftcli.training.accelerator import make_accelerator, trainable_summary
+from peftcli.training.accelerator import describe, distribution, make_accelerator, trainable_summary
 from peftcli.training.tracking import MetricsLog
 
 
@@ -101,19 +101,23 @@ class Stages:
     counts: dict[str, int]
     fingerprint: dict[str, Any]
     start: Path | None  # the checkpoint a resumed run continues from
+    objective: Any = None  # training.preference.Objective; None for sft
 
 
 def _train(recipe: Recipe, where: run_folder.Plan, accelerator: Any, notes: list[str]) -> Trained:
     accelerator.project_configuration.set_directories(str(where.work_dir))
     stages = load_stages(recipe, where, accelerator)
+    how = distribution(accelerator)
     # The run folder is made (or reopened) only now that everything it needs has loaded: a
     # recipe, data or model that fails leaves nothing behind.
     if accelerator.is_main_process:
         run_folder.open_run(where, dump_recipe(recipe), stages.start)
         report_start(recipe, where, stages, notes)
+        say(f"peftcli: running on {describe(how)}")
     accelerator.wait_for_everyone()
     log = MetricsLog(where.work_dir / "metrics.jsonl", accelerator, recipe.training.report_to)
     summary = run_loop(recipe, where, stages, log, accelerator)
+    summary["distributed"] = {**how, **held(stages.model, accelerator)}
     metrics = finish(recipe, where, stages, summary, log, accelerator)
     accelerator.wait_for_everyone()
     # The DDP wrapper (with gloo work it holds) goes before the process group it talks over;
@@ -123,12 +127,25 @@ def _train(recipe: Recipe, where: run_folder.Plan, accelerator: Any, notes: list
     return Trained(where.run_dir, stages.model, stages.tokenizer, metrics)
 
 
+def held(model: Any, accelerator: Any) -> dict[str, int]:
+    """What each process held of the trained model's parameters (measured: a sharded base is
+    split across the processes); a run that asked for FSDP and holds the whole model fails."""
+    from peftcli.training.sharded import parameter_bytes
+
+    measured = parameter_bytes(model, accelerator)
+    if accelerator.distributed_type.value == "FSDP" and accelerator.num_processes > 1:
+        if measured["param_bytes_per_process"] >= measured["param_bytes"]:
+            raise RuntimeError(f"FSDP was set up but every process holds the whole model: {measured}")
+    return measured
+
+
 def load_stages(recipe: Recipe, where: run_folder.Plan, accelerator: Any) -> Stages:
     """recipe → model (tokenizer) → data → model weights → method, each with its own section."""
     from accelerate.utils import set_seed
 
     from peftcli.data.cache import prepare
     from peftcli.methods.apply import apply_method
+    from peftcli.methods.load import start_from
     from peftcli.model.load import load_model, load_tokenizer
     from peftcli.training.checkpoint import fingerprint
     from peftcli.training.loop import plan
@@ -139,10 +156,13 @@ def load_stages(recipe: Recipe, where: run_folder.Plan, accelerator: Any) -> Sta
     task = recipe.model.task
     tokenizer = load_tokenizer(recipe.model)
     with accelerator.main_process_first():  # one process prepares; the others read its cache
-        data = prepare(recipe.data, tokenizer, recipe.training.seed, task)
+        data = prepare(recipe.data, tokenizer, recipe.training.seed, task, recipe.training.objective)
     steps = plan(len(data.train.examples), recipe.training, accelerator.num_processes).total_steps
     model = load_model(recipe.model, device=accelerator.device, labels=data.labels)
-    model = apply_method(model, recipe.peft, task, total_steps=steps)
+    if recipe.peft.init_from is not None:
+        model = start_from(model, recipe.peft.init_from, recipe.peft.method)
+    else:
+        model = apply_method(model, recipe.peft, task, total_steps=steps)
     return Stages(tokenizer, data, model, trainable_summary(model), print_, start)
 
 
@@ -161,11 +181,15 @@ def report_start(recipe: Recipe, where: run_folder.Plan, stages: Stages, notes: 
         f"{counts['trainable_params']:,} trainable of {counts['total_params']:,} parameters "
         f"({100 * counts['trainable_params'] / counts['total_params']:.2f}%)"
     )
+    what = {"preference": "pairs", "unpaired": "answers"}.get(data.format, "examples")
     say(
         f"peftcli: data {data.format}: {len(data.train.examples)} train / "
-        f"{len(data.eval.examples) if data.eval else 0} eval examples, {s['supervised_tokens']:,} of "
+        f"{len(data.eval.examples) if data.eval else 0} eval {what}, {s['supervised_tokens']:,} of "
         f"{s['tokens']:,} train tokens supervised, {s['truncated']} truncated, {s['dropped']} dropped"
     )
+    if recipe.training.objective != "sft":
+        start = f" from {recipe.peft.init_from}" if recipe.peft.init_from else ""
+        say(f"peftcli: objective {recipe.training.objective}{start}")
 
 
 def evaluator(recipe: Recipe, stages: Stages, accelerator: Any, final: bool = False) -> Any:
@@ -175,8 +199,19 @@ def evaluator(recipe: Recipe, stages: Stages, accelerator: Any, final: bool = Fa
 
     if stages.data.eval is None:
         return None
-    section = recipe.eval if final else recipe.eval.model_copy(update={"metrics": ["loss", "perplexity"]})
     batch, task = recipe.training.batch_size, recipe.model.task
+    if stages.objective is not None:
+        from peftcli.training import preference
+
+        pad, wanted = stages.tokenizer.pad_token_id, recipe.eval.metrics
+        return lambda model: {
+            k: v
+            for k, v in preference.evaluate(
+                model, stages.data.eval.examples, stages.objective, accelerator, batch, pad
+            ).items()
+            if final is False or k in wanted or k.startswith(("rewards_", "logps_"))
+        } | {"examples": len(stages.data.eval.examples)}
+    section = recipe.eval if final else recipe.eval.model_copy(update={"metrics": ["loss", "perplexity"]})
     return lambda model: evaluate(
         model, stages.tokenizer, stages.data.eval, section, task, accelerator, batch
     )
@@ -201,6 +236,7 @@ def run_loop(
         stages.start,
     )
     control = Control()
+    stages.objective = preference_objective(recipe, where, stages, accelerator)
     try:
         with control:
             return fit(
@@ -216,6 +252,7 @@ def run_loop(
                 penalty=penalty(recipe.peft),
                 checkpoints=checkpoints,
                 control=control,
+                objective=stages.objective,
             )
     except Interrupted:
         raise
@@ -223,6 +260,35 @@ def run_loop(
         if accelerator.is_main_process and control.step == 0 and not where.continuing:
             run_folder.forget(where)  # nothing was trained
         raise
+
+
+def preference_objective(recipe: Recipe, where: run_folder.Plan, stages: Stages, accelerator: Any) -> Any:
+    """The preference objective of a dpo/orpo/simpo/kto run, with its reference computed (or,
+    resuming, read back from the run folder); None for sft."""
+    from peftcli.objectives import OBJECTIVES
+
+    name = recipe.training.objective
+    if name == "sft":
+        return None
+    from peftcli.training import preference
+
+    objective = preference.Objective(name, recipe.preference)
+    if OBJECTIVES[name].reference:
+        if accelerator.is_main_process:
+            say("peftcli: scoring the data with the reference model (once)")
+        objective.reference = preference.load_or_compute_reference(
+            objective,
+            stages.model,
+            stages.data,
+            recipe.training.batch_size,
+            stages.tokenizer.pad_token_id,
+            accelerator,
+            adapter=recipe.peft.init_from is not None,
+            saved=where.work_dir / preference.REFERENCE_FILE,
+            must_exist=stages.start is not None and recipe.peft.init_from is not None,
+        )
+        accelerator.wait_for_everyone()
+    return objective
 
 
 def finish(
@@ -235,16 +301,19 @@ def finish(
 ) -> dict[str, Any]:
     """Training is done: the adapter, tokenizer and run files are written before anything else
     (evaluation, plots), so no later failure costs the trained adapter. Returns the metrics."""
+    from peftcli.training.sharded import adapter_state
     from peftcli.training.tracking import plot_losses
 
     main, run_dir = accelerator.is_main_process, where.run_dir
     result = {"train": {**summary, **stages.counts}}
+    gathered = adapter_state(stages.model)  # every process: a sharded adapter is gathered whole
     if main:
         save_adapter(
             accelerator.unwrap_model(stages.model),
             stages.tokenizer,
             stages.data.labels,
             where.work_dir / "adapter",
+            gathered,
         )
         write_json(where.work_dir / "eval.json", result)
         run_folder.finish(where)

@@ -1,0 +1,82 @@
+"""What peftcli knows about each `training.objective`, in one table: the data formats it trains
+on, whether it compares the policy with a reference model, what evaluation computes for it.
+
+`sft` is supervised fine-tuning (the task's own loss). The others tune on preferences:
+- dpo: Direct Preference Optimization (Rafailov et al., 2023), with the loss variants of
+  `preference.loss_type` — sigmoid (DPO; with label_smoothing, conservative DPO), ipo (Azar et
+  al., 2023, length-normalised as TRL does), hinge (SLiC), robust (Chowdhury et al., 2024);
+- orpo: odds-ratio preference optimization (Hong et al., 2024), an SFT loss on the chosen
+  answer plus λ times the log-sigmoid of the log odds ratio; no reference;
+- simpo: SimPO (Meng et al., 2024), length-normalised log-likelihood margin minus γ; no reference;
+- kto: Kahneman-Tversky Optimization (Ethayarajh et al., 2024) on unpaired answers labelled
+  desirable or not, against a reference and a batch estimate of the KL term.
+
+Imports nothing heavy: the recipe schema, `validate` and the data checks read it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+Objective = Literal["sft", "dpo", "orpo", "simpo", "kto"]
+DpoLoss = Literal["sigmoid", "ipo", "hinge", "robust"]
+
+# What evaluation computes on preference data. `preference_accuracy`: share of pairs whose chosen
+# answer the model finds likelier than the rejected one (summed log-probabilities: the answer it
+# would rather produce), with or without a reference, so a base, an SFT and a DPO model compare.
+# `reward_*`: the objective's implicit reward β·(log π − log π_ref) (DPO, KTO) or β·mean log π
+# (ORPO, SimPO), as TRL reports it.
+PREFERENCE_METRICS = (
+    "loss",
+    "preference_accuracy",
+    "reward_accuracy",
+    "reward_margin",
+)
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    name: str
+    formats: tuple[str, ...]  # data formats, in the order `data.format: auto` tries them
+    reference: bool  # compares the policy with a frozen reference
+    metrics: tuple[str, ...]
+
+
+OBJECTIVES: dict[str, ObjectiveSpec] = {
+    o.name: o
+    for o in [
+        ObjectiveSpec("sft", (), False, ()),  # the task's formats and metrics (tasks.TASKS)
+        ObjectiveSpec("dpo", ("preference",), True, PREFERENCE_METRICS),
+        ObjectiveSpec("orpo", ("preference",), False, PREFERENCE_METRICS),
+        ObjectiveSpec("simpo", ("preference",), False, PREFERENCE_METRICS),
+        ObjectiveSpec("kto", ("unpaired",), True, ("loss", "reward_accuracy", "reward_margin")),
+    ]
+}
+assert tuple(OBJECTIVES) == get_args(Objective)
+PREFERENCE_FORMATS = ("preference", "unpaired")
+
+
+def objective_problem(objective: str, task: str, packing: bool, train_on: str, fmt: str) -> str | None:
+    """What in a recipe's model and data sections does not fit its objective (one line), or None."""
+    if objective == "sft":
+        if fmt in PREFERENCE_FORMATS:
+            fits = [o for o, spec in OBJECTIVES.items() if fmt in spec.formats]
+            return f"data.format: {fmt} trains with training.objective: {' | '.join(fits)}, not sft; set training.objective"
+        return None
+    if task != "causal_lm":
+        return f"training.objective: {objective} tunes causal language models; model.task is {task}"
+    if packing:
+        return (
+            f"data.packing does not apply to training.objective: {objective} (each pair is scored as "
+            "whole sequences); remove it"
+        )
+    if train_on != "completion":
+        return (
+            f"data.train_on: {train_on} does not apply to training.objective: {objective}; "
+            "preferences are scored on the answers"
+        )
+    wanted = OBJECTIVES[objective].formats
+    if fmt != "auto" and fmt not in wanted:
+        return f"data.format: {fmt} does not fit training.objective: {objective}; use {' or '.join(wanted)} (or auto)"
+    return None

@@ -1,0 +1,411 @@
+"""Preference tuning (DPO and its variants, ORPO, SimPO, KTO) in peftcli's own loop: the same
+loss and gradient as TRL on the same pairs, every adapter family trains, 2 processes == 1,
+SIGKILL + --resume == uninterrupted, and broken preference data is refused by file and row."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from .conftest import ROOT, cli, run_cli, write_jsonl, write_recipe
+
+PAIRS = ROOT / "data" / "preference" / "train.jsonl"
+
+
+@pytest.fixture
+def pairs(tmp_path) -> Path:
+    lines = PAIRS.read_text().splitlines()[:32]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def rows_of(run: Path) -> list[dict]:
+    """The training rows of metrics.jsonl (evaluation rows left out)."""
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r]
+
+
+def adapter(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(run / "adapter" / "adapter_model.safetensors")
+
+
+def dpo_recipe(tmp_path: Path, train: Path, name: str = "r", **sections) -> Path:
+    training = {
+        "objective": "dpo",
+        "max_steps": 12,
+        "batch_size": 8,
+        "lr": 3e-3,
+        "output_dir": str(tmp_path / name),
+    }
+    training.update(sections.pop("training", {}))
+    return write_recipe(
+        tmp_path / f"{name}.yaml",
+        data={"train": str(train), "eval": 0.25, "max_length": 48, **sections.pop("data", {})},
+        training=training,
+        **sections,
+    )
+
+
+# --------------------------------------------------------------------------- against TRL
+
+
+def _start_adapter(folder: Path) -> Path:
+    """A LoRA adapter with random A *and* B, so policy and base differ from the first step."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from peftcli.model import builtin
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(
+        builtin.resolve("builtin:tiny-llama", key=""), dtype=torch.float32
+    )
+    config = LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False
+    )
+    get_peft_model(base, config).save_pretrained(folder)
+    return folder
+
+
+def _policy(start: Path) -> torch.nn.Module:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from peftcli.model import builtin
+
+    base = AutoModelForCausalLM.from_pretrained(
+        builtin.resolve("builtin:tiny-llama", key=""), dtype=torch.float32
+    )
+    return PeftModel.from_pretrained(base, str(start), is_trainable=True)
+
+
+def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _peftcli_ids(recipe: Path) -> list[list[int]]:
+    """The chosen and rejected token ids peftcli prepares from a recipe's pairs."""
+    from peftcli.data.cache import prepare
+    from peftcli.model.load import load_tokenizer
+    from peftcli.recipe import load_recipe
+
+    r = load_recipe(recipe, ["data.eval=0"])
+    data = prepare(r.data, load_tokenizer(r.model), r.training.seed, "causal_lm", r.training.objective)
+    return [s["input_ids"] for e in data.train.examples for s in (e["chosen"], e["rejected"])]
+
+
+# The same pairs, tokens and weights must give TRL's loss to float32 rounding: both sum the same
+# few hundred float32 log-probabilities (relative error ~1e-7 each), so 1e-5 absolute on a loss
+# of order 1 is a wide margin; gradients are sums of the same products, compared likewise.
+LOSS_TOL, GRAD_TOL = 1e-5, 1e-5
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory) -> Path:
+    return _start_adapter(tmp_path_factory.mktemp("start") / "adapter")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """TRL's trainers set up Accelerate's process-wide state with their own settings; later
+    in-process runs must start from a clean one."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_dpo_loss_and_gradient_equal_trl(tmp_path, pairs, start):
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from peftcli.model import builtin
+    from peftcli.recipe import PreferenceSection
+    from peftcli.training.preference import Objective, sequence_logps
+
+    rows = [json.loads(x) for x in pairs.read_text().splitlines()[:8]]
+    tok = AutoTokenizer.from_pretrained(builtin.resolve("builtin:tiny-llama", key=""))
+    args = DPOConfig(
+        output_dir=str(tmp_path / "trl"),
+        beta=0.1,
+        per_device_train_batch_size=8,
+        report_to=[],
+        use_cpu=True,
+        max_length=64,
+    )
+    trainer = DPOTrainer(
+        model=_policy(start), args=args, train_dataset=Dataset.from_list(rows), processing_class=tok
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    # TRL's reference for an adapter it is given is a frozen copy of it ("ref"): peftcli's init_from.
+    trl_loss = trainer.compute_loss(trainer.model, batch)
+    trl_loss.backward()
+
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    labels = ids.masked_fill(batch["completion_mask"] == 0, -100)
+    inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    policy = _policy(start)
+    with torch.no_grad():
+        reference, _ = sequence_logps(policy, inputs)  # the starting adapter, before any update
+    objective = Objective("dpo", PreferenceSection(beta=0.1))
+    objective.reference = {"train": torch.stack(reference.chunk(2), dim=1).double()}
+    terms, _ = objective.batch_sums(
+        policy, {**inputs, "index": torch.arange(8), "pair_mask": torch.ones(8, dtype=torch.long)}, "train"
+    )
+    loss = terms["pair_loss"] / 8
+    loss.backward()
+    assert float(loss) == pytest.approx(float(trl_loss), abs=LOSS_TOL)
+    theirs, ours = _grads(trainer.model), _grads(policy)
+    assert set(theirs) == set(ours)
+    for name in ours:
+        assert torch.allclose(ours[name], theirs[name], rtol=0, atol=GRAD_TOL), name
+    # ... and peftcli tokenises the pairs exactly as TRL does (BOS + prompt + answer + EOS).
+    recipe = dpo_recipe(tmp_path, pairs.with_name("eight.jsonl"))
+    write_jsonl(pairs.with_name("eight.jsonl"), rows)
+    trl_ids = sorted(row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True))
+    assert sorted(_peftcli_ids(recipe)) == trl_ids
+
+
+@pytest.mark.parametrize("objective", ["orpo", "simpo"])
+def test_orpo_and_simpo_equal_trl(tmp_path, pairs, start, objective):
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    from peftcli.model import builtin
+    from peftcli.recipe import PreferenceSection
+    from peftcli.training.preference import Objective
+
+    rows = [json.loads(x) for x in pairs.read_text().splitlines()[:8]]
+    tok = AutoTokenizer.from_pretrained(builtin.resolve("builtin:tiny-llama", key=""))
+    common = {
+        "output_dir": str(tmp_path / "trl"),
+        "per_device_train_batch_size": 8,
+        "report_to": [],
+        "use_cpu": True,
+        "max_length": 64,
+        "remove_unused_columns": False,
+    }
+    if objective == "orpo":
+        trainer_class, args = ORPOTrainer, ORPOConfig(beta=0.5, **common)
+        section = PreferenceSection(orpo_lambda=0.5)
+    else:  # SimPO is CPO's simpo loss without its behaviour-cloning term
+        trainer_class = CPOTrainer
+        args = CPOConfig(loss_type="simpo", cpo_alpha=0.0, beta=2.0, simpo_gamma=0.5, **common)
+        section = PreferenceSection(beta=2.0, gamma=0.5)
+    trainer = trainer_class(
+        model=_policy(start), args=args, train_dataset=Dataset.from_list(rows), processing_class=tok
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    trl_loss, trl_metrics = trainer.get_batch_loss_metrics(trainer.model, batch, "train")
+    trl_loss.backward()
+
+    width = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
+
+    def both(key: str, fill: int) -> torch.Tensor:
+        parts = [batch[f"{side}_{key}"] for side in ("chosen", "rejected")]
+        return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=fill) for p in parts])
+
+    inputs = {
+        "input_ids": both("input_ids", tok.pad_token_id),
+        "attention_mask": both("attention_mask", 0),
+        "labels": both("labels", -100),
+        "index": torch.arange(8),
+        "pair_mask": torch.ones(8, dtype=torch.long),
+    }
+    policy = _policy(start)
+    terms, _ = Objective(objective, section).batch_sums(policy, inputs, "train")
+    loss = terms["pair_loss"] / 8
+    if objective == "orpo":
+        # The odds-ratio term is TRL's. The likelihood term differs by design: peftcli's is over
+        # the chosen answer (the ORPO paper's SFT loss, and peftcli's SFT), TRL's over prompt and
+        # answer; so the comparison is of the odds-ratio term, and of the log-probabilities.
+        assert float(loss) == pytest.approx(-0.5 * float(trl_metrics["log_odds_ratio"]), abs=LOSS_TOL)
+        return
+    loss.backward()
+    assert float(loss) == pytest.approx(float(trl_loss), abs=LOSS_TOL)
+    theirs, ours = _grads(trainer.model), _grads(policy)
+    for name in ours:
+        assert torch.allclose(ours[name], theirs[name], rtol=0, atol=GRAD_TOL), name
+
+
+# --------------------------------------------------------------------------- every adapter family
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "dora", "ia3", "prompt-tuning", "adapter"])
+def test_dpo_trains_every_adapter_family(tmp_path, pairs, capsys, method):
+    """Reward accuracy and margin on held-out pairs rise from the reference's 0."""
+    lr = {"ia3": 3e-2, "prompt-tuning": 3e-2}.get(method, 3e-3)
+    recipe = dpo_recipe(tmp_path, pairs, peft={"method": method}, training={"lr": lr, "max_steps": 10})
+    code, _, err = cli("train", str(recipe), capsys=capsys)
+    assert code == 0, err
+    run = tmp_path / "r"
+    rows = rows_of(run)
+    first = rows[0]
+    assert first["loss"] == pytest.approx(0.6931, abs=0.02) or method in ("prompt-tuning",), first
+    final = json.loads((run / "eval.json").read_text())
+    assert final["reward_margin"] > 0 and final["reward_accuracy"] >= 0.75, final
+    assert rows[-1]["loss"] < first["loss"]
+
+
+# --------------------------------------------------------------------------- processes, resume
+
+
+def test_dpo_two_processes_equal_one_process(tmp_path, pairs, capsys):
+    """2 processes × 3 pairs == 1 process × 6 pairs, float64, across an uneven epoch end: the
+    reference is assembled from both processes' shares, repeated pairs count nothing."""
+    from .test_train import EXACT
+
+    common = {"model": {"dtype": "float64"}, "data": {"eval": 0.1}}
+    one = dpo_recipe(
+        tmp_path, pairs, "one", **common, training={"batch_size": 6, "max_steps": 8, "mixed_precision": "no"}
+    )
+    two = dpo_recipe(
+        tmp_path, pairs, "two", **common, training={"batch_size": 3, "max_steps": 8, "mixed_precision": "no"}
+    )
+    assert cli("train", str(one), capsys=capsys)[0] == 0
+    code, _, err = cli("train", str(two), "--num-processes", "2", capsys=capsys)
+    assert code == 0, err
+    a_rows, b_rows = rows_of(tmp_path / "one"), rows_of(tmp_path / "two")
+    assert a_rows[-1]["epoch"] > 1
+    for a, b in zip(a_rows, b_rows, strict=True):
+        for key in ("loss", "reward_margin", "reward_accuracy", "logps_chosen"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], abs=2e-6), (key, a, b)
+    a, b = adapter(tmp_path / "one"), adapter(tmp_path / "two")
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=0, atol=EXACT), key
+
+
+def test_dpo_sigkill_then_resume_equals_uninterrupted(tmp_path, pairs, capsys):
+    from .test_resume import kill_after_first_checkpoint
+
+    steps, every = 60, 20
+    settings = {
+        "training": {"max_steps": steps, "batch_size": 4, "save_every": every, "lr": 1e-3},
+        "data": {"eval": 0.0},
+    }
+    recipe = dpo_recipe(tmp_path, pairs, "run", **settings)
+    run = tmp_path / "run"
+    import tests.test_resume as resume
+
+    assert resume.EVERY == every
+    assert kill_after_first_checkpoint(recipe, run) < steps
+    assert (run / "reference.safetensors").is_file()
+    code, _, err = cli("train", str(recipe), "--resume", capsys=capsys)
+    assert code == 0, err
+    uninterrupted = dpo_recipe(tmp_path, pairs, "whole", **settings)
+    assert cli("train", str(uninterrupted), capsys=capsys)[0] == 0
+    got, want = rows_of(run), rows_of(tmp_path / "whole")
+    assert [r["step"] for r in got] == list(range(1, steps + 1))
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], rel=1e-5)
+    a, b = adapter(run), adapter(tmp_path / "whole")
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+
+
+# --------------------------------------------------------------------------- SFT → DPO, KTO, eval
+
+
+def test_sft_then_dpo_then_eval(tmp_path, pairs, capsys):
+    """Two recipes: SFT, then DPO starting from (and referenced to) the SFT adapter; `eval`
+    reports preference accuracy against it; a mismatched method is refused."""
+    sft_data = write_jsonl(
+        tmp_path / "sft.jsonl",
+        [
+            {"prompt": json.loads(x)["prompt"], "completion": json.loads(x)["rejected"]}
+            for x in pairs.read_text().splitlines()
+        ],
+    )
+    sft = write_recipe(
+        tmp_path / "sft.yaml",
+        data={"train": str(sft_data), "eval": 0.0},
+        training={"max_steps": 8, "output_dir": str(tmp_path / "sft")},
+    )
+    assert cli("train", str(sft), capsys=capsys)[0] == 0
+    recipe = dpo_recipe(tmp_path, pairs, "dpo", peft={"init_from": str(tmp_path / "sft")})
+    code, _, err = cli("train", str(recipe), capsys=capsys)
+    assert code == 0, err
+    assert "objective dpo from" in err
+    first = rows_of(tmp_path / "dpo")[0]
+    assert first["loss"] == pytest.approx(0.693147, abs=1e-6), "the reference is the SFT adapter itself"
+    code, out, err = cli("eval", str(tmp_path / "dpo"), "--json", capsys=capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert {"preference_accuracy", "reward_accuracy", "reward_margin"} <= set(result)
+    wrong = dpo_recipe(tmp_path, pairs, "wrong", peft={"method": "ia3", "init_from": str(tmp_path / "sft")})
+    code, _, err = cli("train", str(wrong), capsys=capsys)
+    assert code == 2 and "is a lora adapter, and peft.method is ia3" in err
+
+
+def test_kto_trains_on_unpaired_answers(tmp_path, pairs, capsys):
+    answers = [
+        {"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
+        for r in map(json.loads, pairs.read_text().splitlines())
+        for side in ("chosen", "rejected")
+    ]
+    data = write_jsonl(tmp_path / "kto.jsonl", answers)
+    recipe = dpo_recipe(
+        tmp_path, data, "kto", training={"objective": "kto", "batch_size": 8, "max_steps": 12}
+    )
+    code, _, err = cli("train", str(recipe), capsys=capsys)
+    assert code == 0, err
+    rows = rows_of(tmp_path / "kto")
+    assert "kl" in rows[0] and rows[-1]["reward_margin"] > 0
+    final = json.loads((tmp_path / "kto" / "eval.json").read_text())
+    assert final["reward_margin"] > 0
+
+
+# --------------------------------------------------------------------------- user mistakes
+
+
+def _pair(prompt: str = "Say hi\n", chosen: str = "HI!", rejected: str = "HI.") -> dict:
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+@pytest.mark.parametrize(
+    "bad, says",
+    [
+        ({"prompt": "Say hi\n", "chosen": "HI!"}, "`rejected` is missing"),
+        (_pair(rejected="HI!"), "are the same answer"),
+        (
+            {
+                "chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "A!"}],
+                "rejected": [{"role": "user", "content": "b"}, {"role": "assistant", "content": "A."}],
+            },
+            "the prompt differs between `chosen` and `rejected`",
+        ),
+        (_pair(chosen=["not", "messages"]), "each message of `chosen` needs a role"),
+    ],
+)
+def test_broken_pairs_are_refused_by_file_and_row(tmp_path, bad, says):
+    data = write_jsonl(tmp_path / "pairs.jsonl", [_pair(), _pair(), bad])
+    recipe = dpo_recipe(tmp_path, data)
+    proc = run_cli("validate", str(recipe))
+    from .conftest import one_error_line
+
+    line = one_error_line(proc)
+    assert says in line and "pairs.jsonl:3" in line, line
+
+
+def test_preference_recipe_mistakes(tmp_path, pairs, capsys):
+    for override, says in [
+        ("data.packing=true", "data.packing does not apply to training.objective: dpo"),
+        ("data.format=completion", "data.format: completion does not fit training.objective: dpo"),
+        ("model.task=seq_cls", "tunes causal language models"),
+        ("preference.beta=0", "preference.beta"),
+        ("preference.loss_type=sigmod", "did you mean"),
+    ]:
+        code, _, err = cli("validate", str(dpo_recipe(tmp_path, pairs)), override, capsys=capsys)
+        assert code == 2 and says in err, (override, err)
+    sft = write_recipe(tmp_path / "sft.yaml", data={"train": str(pairs), "format": "preference"})
+    code, _, err = cli("validate", str(sft), capsys=capsys)
+    assert code == 2 and "training.objective: dpo | orpo | simpo, not sft" in err
