@@ -204,13 +204,16 @@ def evaluator(recipe: Recipe, stages: Stages, accelerator: Any, final: bool = Fa
         from peftcli.training import preference
 
         pad, wanted = stages.tokenizer.pad_token_id, recipe.eval.metrics
-        return lambda model: {
-            k: v
-            for k, v in preference.evaluate(
-                model, stages.data.eval.examples, stages.objective, accelerator, batch, pad
-            ).items()
-            if final is False or k in wanted or k.startswith(("rewards_", "logps_"))
-        } | {"examples": len(stages.data.eval.examples)}
+        return lambda model: (
+            {
+                k: v
+                for k, v in preference.evaluate(
+                    model, stages.data.eval.examples, stages.objective, accelerator, batch, pad
+                ).items()
+                if final is False or k in wanted or k.startswith(("rewards_", "logps_"))
+            }
+            | {"examples": len(stages.data.eval.examples)}
+        )
     section = recipe.eval if final else recipe.eval.model_copy(update={"metrics": ["loss", "perplexity"]})
     return lambda model: evaluate(
         model, stages.tokenizer, stages.data.eval, section, task, accelerator, batch
