@@ -21,6 +21,7 @@ class Report:
     stats: dict[str, Any]
     examples: list[dict[str, str]]  # {"text", "target"}
     segments: list[list[tuple[str, bool]]] = field(default_factory=list)  # (text, supervised) runs
+    names: list[str] = field(default_factory=list)  # what each shown sequence is
     batching: str = ""
     cache: str = ""
 
@@ -38,7 +39,7 @@ def run_data(recipe_path: Path, overrides: list[str] | None, preview: int) -> Re
     quiet_libraries()
     tokenizer = load_tokenizer(recipe.model)
     task, training = recipe.model.task, recipe.training
-    prepared = prepare(recipe.data, tokenizer, training.seed, task)
+    prepared = prepare(recipe.data, tokenizer, training.seed, task, training.objective)
     s = prepared.stats
     lengths = prepared.train.lengths()
     grouped = recipe.data.group_by_length
@@ -56,20 +57,37 @@ def run_data(recipe_path: Path, overrides: list[str] | None, preview: int) -> Re
         "eval_examples": len(prepared.eval.examples) if prepared.eval else 0,
     }
     report = Report(stats, [])
-    for example in prepared.train.examples[:preview]:
-        runs = _segments(example, tokenizer, task, prepared.labels)
-        report.segments.append(runs)
-        report.examples.append(
-            {
-                "text": _decode(tokenizer, example["input_ids"]),
-                "target": _target(example, tokenizer, task, prepared.labels),
-            }
-        )
+    for i, example in enumerate(prepared.train.examples[:preview], 1):
+        for name, sequence in _sequences(example):
+            _show(report, f"example {i}{name}", sequence, tokenizer, task, prepared.labels)
     report.batching = f"batches of {training.batch_size}, " + (
         "grouped by length" if grouped else "shuffled (data.group_by_length: false)"
     )
     report.cache = f"{prepared.cache_dir}" + (" (loaded)" if prepared.from_cache else " (written now)")
     return report
+
+
+def _sequences(example: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The sequences an example is trained on: itself, a pair's chosen and rejected answers,
+    or a KTO answer (with whether it is desirable)."""
+    if "chosen" in example:
+        return [(", chosen", example["chosen"]), (", rejected", example["rejected"])]
+    if "answer" in example:
+        return [(", desirable" if example["desirable"] else ", undesirable", example["answer"])]
+    return [("", example)]
+
+
+def _show(report: Report, name: str, example: dict[str, Any], tokenizer: Any, task: str, labels: Any) -> None:
+    runs = _segments(example, tokenizer, task, labels)
+    report.segments.append(runs)
+    report.names.append(name)
+    report.examples.append(
+        {
+            "name": name,
+            "text": _decode(tokenizer, example["input_ids"]),
+            "target": _target(example, tokenizer, task, labels),
+        }
+    )
 
 
 def _decode(tokenizer: Any, ids: list[int]) -> str:
@@ -115,6 +133,12 @@ def _segments(
     return runs
 
 
+def _sequences_note(stats: dict[str, Any]) -> str:
+    if stats["format"] == "preference":
+        return " (a chosen and a rejected answer per pair)"
+    return " (packed)" if stats["sequences"] != stats["examples"] else ""
+
+
 def format_report(report: Report, color: bool = False) -> str:
     s = report.stats
     share = s["supervised_tokens"] / max(s["tokens"], 1)
@@ -126,7 +150,7 @@ def format_report(report: Report, color: bool = False) -> str:
             f"{s['examples']:,}"
             + (f" ({s['dropped']} dropped: no supervised token left)" if s["dropped"] else ""),
         ),
-        ("sequences", f"{s['sequences']:,}" + (" (packed)" if s["sequences"] != s["examples"] else "")),
+        ("sequences", f"{s['sequences']:,}" + _sequences_note(s)),
         ("tokens", f"{s['tokens']:,}"),
         ("supervised tokens", f"{s['supervised_tokens']:,} ({100 * share:.1f}%)"),
         ("padding", f"{100 * s['padding_fraction']:.1f}% of batch positions ({report.batching})"),
@@ -138,8 +162,8 @@ def format_report(report: Report, color: bool = False) -> str:
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
     open_, close = COLOR if color else MARK
-    for i, runs in enumerate(report.segments, 1):
-        lines += ["", f"example {i} ({'supervised text in colour' if color else 'supervised text in «»'}):"]
+    for name, runs in zip(report.names, report.segments, strict=True):
+        lines += ["", f"{name} ({'supervised text in colour' if color else 'supervised text in «»'}):"]
         text = "".join(f"{open_}{t}{close}" if sup else t for t, sup in runs)
         lines += ["  " + line for line in text.rstrip("\n").split("\n")]
     return "\n".join(lines)

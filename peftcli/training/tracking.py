@@ -55,7 +55,8 @@ def keep_metrics_until(path: Path, step: int) -> None:
 
 
 def plot_losses(metrics_path: Path, out: Path, title: str = "") -> None:
-    """Train and eval loss against the optimizer step."""
+    """Train and eval loss against the optimizer step; for preference objectives a second panel
+    with the reward margin and the reward accuracy (train and eval)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,16 +65,53 @@ def plot_losses(metrics_path: Path, out: Path, title: str = "") -> None:
     rows = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    preference = any("reward_margin" in r for r in rows)
+    fig, axes = plt.subplots(1, 2 if preference else 1, figsize=(11.0 if preference else 6.4, 4.0), dpi=110)
+    ax = axes[0] if preference else axes
     if train:
         ax.plot(*zip(*train, strict=True), label="train loss", color="tab:blue")
     if evals:
         ax.plot(*zip(*evals, strict=True), "o-", label="eval loss", color="tab:orange")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (per supervised token)")
+    ax.set_ylabel("loss (per pair)" if preference else "loss (per supervised token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    if preference:
+        _plot_rewards(axes[1], rows)
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
+
+
+def _plot_rewards(ax: Any, rows: list[dict[str, Any]]) -> None:
+    """Reward margin (left axis) and reward accuracy (right axis, 0 to 1), train and eval."""
+    for prefix, style in (("", "-"), ("eval_", "o--")):
+        margin = [(r["step"], r[f"{prefix}reward_margin"]) for r in rows if f"{prefix}reward_margin" in r]
+        if margin:
+            ax.plot(
+                *zip(*margin, strict=True),
+                style,
+                color="tab:green",
+                label=f"{'eval' if prefix else 'train'} reward margin",
+            )
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("reward margin (chosen − rejected)")
+    ax.grid(alpha=0.3)
+    twin = ax.twinx()
+    for prefix, style in (("", "-"), ("eval_", "o--")):
+        accuracy = [
+            (r["step"], r[f"{prefix}reward_accuracy"]) for r in rows if f"{prefix}reward_accuracy" in r
+        ]
+        if accuracy:
+            twin.plot(
+                *zip(*accuracy, strict=True),
+                style,
+                color="tab:purple",
+                label=f"{'eval' if prefix else 'train'} reward accuracy",
+            )
+    twin.set_ylim(-0.02, 1.02)
+    twin.set_ylabel("reward accuracy")
+    lines = ax.get_legend_handles_labels()
+    more = twin.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="lower right", fontsize="small")
