@@ -248,7 +248,7 @@ def estimate(
 ) -> None:
     """Parameter counts and a memory plan, from the model's config alone (no weights loaded)."""
     from peftcli.commands.estimate import estimate as run_estimate
-    from peftcli.commands.estimate import format_estimate
+    from peftcli.commands.estimate_text import format_estimate
     from peftcli.recipe import load_recipe
 
     emit(run_estimate(load_recipe(recipe, overrides), gpu_memory, num_processes), json_out, format_estimate)

@@ -80,3 +80,10 @@ def objective_problem(objective: str, task: str, packing: bool, train_on: str, f
     if fmt != "auto" and fmt not in wanted:
         return f"data.format: {fmt} does not fit training.objective: {objective}; use {' or '.join(wanted)} (or auto)"
     return None
+
+
+def sequences_per_example(objective: str) -> int:
+    """Sequences one training example is scored as: a pair's chosen and rejected answers in one
+    forward pass (dpo, orpo, simpo); one answer otherwise (KTO's mismatched answer for its KL
+    estimate goes through a separate pass without gradients)."""
+    return 2 if objective in ("dpo", "orpo", "simpo") else 1

@@ -481,3 +481,23 @@ def test_preference_recipe_mistakes(tmp_path, pairs, capsys):
     sft = write_recipe(tmp_path / "sft.yaml", data={"train": str(pairs), "format": "preference"})
     code, _, err = cli("validate", str(sft), capsys=capsys)
     assert code == 2 and "training.objective: dpo | orpo | simpo, not sft" in err
+
+
+def test_estimate_plans_both_answers_of_a_pair(tmp_path, pairs, capsys):
+    """A pair is two sequences in one forward pass: the layers' activations of a DPO batch of B
+    pairs are those of an SFT batch of 2B examples; the reference adds no weights."""
+    dpo = dpo_recipe(tmp_path, pairs, training={"batch_size": 4})
+    code, out, err = cli("estimate", str(dpo), "--json", capsys=capsys)
+    assert code == 0, err
+    preference = json.loads(out)
+    sft = write_recipe(
+        tmp_path / "sft.yaml", data={"train": str(PAIRS.with_name("sft.jsonl"))}, training={"batch_size": 8}
+    )
+    code, out, err = cli("estimate", str(sft), "--json", capsys=capsys)
+    assert code == 0, err
+    plain = json.loads(out)
+    assert preference["plan"]["sequences"] == 8 == plain["plan"]["batch_size"]
+    assert preference["activations"]["layers_bytes"] == plain["activations"]["layers_bytes"]
+    assert preference["memory"]["weights_bytes"] == plain["memory"]["weights_bytes"]
+    code, out, _ = cli("estimate", str(dpo), capsys=capsys)
+    assert "4 pairs = 8 sequences" in out and "no second copy of the weights" in out

@@ -65,8 +65,9 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from peftcli.console import human_bytes, parse_memory, quiet_libraries
+from peftcli.console import parse_memory, quiet_libraries
 from peftcli.errors import UserError
+from peftcli.objectives import sequences_per_example
 
 if TYPE_CHECKING:
     from peftcli.methods.targets import LinearIndex
@@ -223,7 +224,9 @@ def activations(
     from peftcli.methods import METHODS
 
     method = METHODS[recipe.peft.method]
-    batch, length = recipe.training.batch_size, recipe.data.max_length
+    # Preference pairs are scored as 2 sequences each (chosen and rejected, in one batch).
+    batch = recipe.training.batch_size * sequences_per_example(recipe.training.objective)
+    length = recipe.data.max_length
     if method.kind == "prompt":  # virtual tokens are positions too
         length += int(
             recipe.peft.options.get("num_virtual_tokens", method.defaults.get("num_virtual_tokens", 0))
@@ -257,7 +260,7 @@ def head_bytes(recipe: Recipe, config: Any, peft_model: Any, tokens: int, act_by
         return {"logits": 12 * recipe.training.batch_size * config.num_labels, "saved": 0}
     vocab = config.vocab_size
     head = peft_model.get_output_embeddings()
-    if task == "causal_lm" and head is not None and fusable(head):
+    if task == "causal_lm" and head is not None and fusable(head) and recipe.training.objective == "sft":
         # Fused head + cross-entropy: the gradient of the head's input is kept; one chunk
         # of logits (in the activation dtype, then float32 in place) lives at a time.
         saved = tokens * config.hidden_size * act_bytes
@@ -278,7 +281,7 @@ def estimate(recipe: Recipe, gpu_memory: str | None = None, num_processes: int =
 
     from peftcli.checks import check_model
     from peftcli.data import label_names
-    from peftcli.methods.apply import apply_method
+    from peftcli.methods.load import wrap_like
     from peftcli.methods.targets import LinearIndex
     from peftcli.model.load import meta_model
     from peftcli.training.loop import plan
@@ -300,7 +303,7 @@ def estimate(recipe: Recipe, gpu_memory: str | None = None, num_processes: int =
     quantization = recipe.model.quantization
     quantized = quantized_weights(base, quantization)
     base_ids = {id(p) for p in base.parameters()}
-    peft_model = apply_method(base, recipe.peft, recipe.model.task, total_steps=steps)
+    peft_model = wrap_like(base, recipe.peft, recipe.model.task, total_steps=steps)
     params, memory = count_parameters(peft_model, base_ids, quantized, quantization)
 
     act = activations(recipe, base.config, peft_model, index, act_bytes, on_gpu)
@@ -356,6 +359,8 @@ def run_plan(recipe: Recipe, on_gpu: bool, num_processes: int) -> dict[str, Any]
         "mixed_precision": precision,
         "quantization": recipe.model.quantization,
         "batch_size": recipe.training.batch_size,
+        "objective": recipe.training.objective,
+        "sequences": recipe.training.batch_size * sequences_per_example(recipe.training.objective),
         "max_length": recipe.data.max_length,
         "gradient_checkpointing": recipe.training.gradient_checkpointing,
         "num_processes": num_processes,
@@ -400,51 +405,3 @@ def stored_bytes(
     if quantization != "none" and id(p) in base_ids and p.dtype in (torch.float16, torch.bfloat16):
         return p.numel() * 4, 0  # prepare_model_for_kbit_training upcasts them
     return p.numel() * p.element_size(), 0
-
-
-def format_estimate(result: dict[str, Any]) -> str:
-    plan, memory = result["plan"], result["memory"]
-    gc = "on" if plan["gradient_checkpointing"] else "off"
-    quant = f", {plan['quantization']} base" if plan["quantization"] != "none" else ""
-    head = f": adapter {result['adapter_params']:,} + head {result['head_params']:,}"
-    lines = [
-        f"{plan['method']} on {plan['model']} ({plan['task']}): {plan['dtype']}{quant}, "
-        f"mixed precision {plan['mixed_precision']}, on {plan['device']}",
-        f"parameters: {result['total_params']:,} total, {result['trainable_params']:,} trainable "
-        f"({100 * result['trainable_share']:.3f}%)" + (head if result["head_params"] else ""),
-        f"memory per process (batch {plan['batch_size']} × {plan['max_length']} tokens, "
-        f"gradient checkpointing {gc}):",
-    ]
-    for key in ("weights", "adapter", "optimizer", "gradients", "activations", "total"):
-        lines.append(f"  {key:<12} {human_bytes(memory[f'{key}_bytes']):>11}")
-    if plan["num_processes"] > 1:
-        lines.append(
-            f"  × {plan['num_processes']} processes = {human_bytes(plan['all_processes_bytes'])} "
-            "(DDP: every process holds the whole model)"
-        )
-        from peftcli.training.sharded import format_fsdp
-
-        lines += format_fsdp(result["fsdp"], plan["num_processes"], plan["quantization"], result["fits"])
-    if result["fits"] is not None:
-        need = memory["total_bytes"] + result["reserve_bytes"]
-        verdict = "fits" if result["fits"] else "does not fit"
-        margin = (
-            f"{human_bytes(result['margin_bytes'])} to spare"
-            if result["fits"]
-            else f"{human_bytes(-result['margin_bytes'])} short (try {', '.join(savings(plan))})"
-        )
-        lines.append(
-            f"{verdict} in {human_bytes(result['gpu_memory_bytes'])}: needs {human_bytes(need)} "
-            f"with {human_bytes(result['reserve_bytes'])} for the CUDA context; {margin}"
-        )
-    lines += [f"note: {n}" for n in result["notes"]]
-    return "\n".join(lines)
-
-
-def savings(plan: dict[str, Any]) -> list[str]:
-    """What would lower the plan, among what the recipe does not already do."""
-    out = [] if plan["gradient_checkpointing"] else ["training.gradient_checkpointing: true"]
-    out.append("a smaller training.batch_size (with grad_accum to keep the global batch) or data.max_length")
-    if plan["quantization"] == "none":
-        out.append("model.quantization: 4bit")
-    return out

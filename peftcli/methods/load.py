@@ -61,3 +61,19 @@ def start_from(model: Any, path: Path | str, method: str) -> Any:
             f"set peft.method: {name}, or start from a {method} adapter",
         )
     return load_adapter(model, folder, trainable=True)
+
+
+def wrap_like(model: Any, section: Any, task: str, total_steps: int | None = None) -> Any:
+    """`model` wrapped as training wraps it: with the settings of `peft.init_from`'s adapter when
+    the recipe starts from one (its weights are not read), else with the recipe's method."""
+    if section.init_from is None:
+        from peftcli.methods.apply import apply_method
+
+        return apply_method(model, section, task, total_steps=total_steps)
+    from peft import PeftConfig, get_peft_model
+
+    from peftcli.methods import tuners  # noqa: F401  registers peftcli's own tuners with PEFT
+
+    config = PeftConfig.from_pretrained(str(adapter_folder(section.init_from)))
+    config.inference_mode = False  # it is trained on
+    return get_peft_model(model, config)

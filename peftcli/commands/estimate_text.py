@@ -1,0 +1,71 @@
+"""`peftcli estimate`'s report: the plan as text, and what would lower it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from peftcli.console import human_bytes
+
+
+def format_estimate(result: dict[str, Any]) -> str:
+    plan, memory = result["plan"], result["memory"]
+    gc = "on" if plan["gradient_checkpointing"] else "off"
+    quant = f", {plan['quantization']} base" if plan["quantization"] != "none" else ""
+    head = f": adapter {result['adapter_params']:,} + head {result['head_params']:,}"
+    lines = [
+        f"{plan['method']} on {plan['model']} ({plan['task']}): {plan['dtype']}{quant}, "
+        f"mixed precision {plan['mixed_precision']}, on {plan['device']}",
+        f"parameters: {result['total_params']:,} total, {result['trainable_params']:,} trainable "
+        f"({100 * result['trainable_share']:.3f}%)" + (head if result["head_params"] else ""),
+        f"memory per process (batch {_batch(plan)} × {plan['max_length']} tokens, "
+        f"gradient checkpointing {gc}):",
+    ]
+    for key in ("weights", "adapter", "optimizer", "gradients", "activations", "total"):
+        lines.append(f"  {key:<12} {human_bytes(memory[f'{key}_bytes']):>11}")
+    if plan["num_processes"] > 1:
+        lines.append(
+            f"  × {plan['num_processes']} processes = {human_bytes(plan['all_processes_bytes'])} "
+            "(DDP: every process holds the whole model)"
+        )
+        from peftcli.training.sharded import format_fsdp
+
+        lines += format_fsdp(result["fsdp"], plan["num_processes"], plan["quantization"], result["fits"])
+    if result["fits"] is not None:
+        need = memory["total_bytes"] + result["reserve_bytes"]
+        verdict = "fits" if result["fits"] else "does not fit"
+        margin = (
+            f"{human_bytes(result['margin_bytes'])} to spare"
+            if result["fits"]
+            else f"{human_bytes(-result['margin_bytes'])} short (try {', '.join(savings(plan))})"
+        )
+        lines.append(
+            f"{verdict} in {human_bytes(result['gpu_memory_bytes'])}: needs {human_bytes(need)} "
+            f"with {human_bytes(result['reserve_bytes'])} for the CUDA context; {margin}"
+        )
+    lines += [f"note: {n}" for n in result["notes"]]
+    if plan.get("objective", "sft") != "sft":
+        lines.append(
+            f"note: {plan['objective']} scores the log-probabilities of whole answers (no fused head)"
+            + (
+                "; its reference is the same model with the adapter disabled (or the starting adapter), "
+                "scored once before training without gradients: no second copy of the weights"
+                if plan["objective"] in ("dpo", "kto")
+                else "; no reference model"
+            )
+        )
+    return "\n".join(lines)
+
+
+def _batch(plan: dict[str, Any]) -> str:
+    if plan.get("sequences", plan["batch_size"]) != plan["batch_size"]:
+        return f"{plan['batch_size']} pairs = {plan['sequences']} sequences"
+    return str(plan["batch_size"])
+
+
+def savings(plan: dict[str, Any]) -> list[str]:
+    """What would lower the plan, among what the recipe does not already do."""
+    out = [] if plan["gradient_checkpointing"] else ["training.gradient_checkpointing: true"]
+    out.append("a smaller training.batch_size (with grad_accum to keep the global batch) or data.max_length")
+    if plan["quantization"] == "none":
+        out.append("model.quantization: 4bit")
+    return out
