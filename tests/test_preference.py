@@ -501,3 +501,57 @@ def test_estimate_plans_both_answers_of_a_pair(tmp_path, pairs, capsys):
     assert preference["memory"]["weights_bytes"] == plain["memory"]["weights_bytes"]
     code, out, _ = cli("estimate", str(dpo), capsys=capsys)
     assert "4 pairs = 8 sequences" in out and "no second copy of the weights" in out
+
+
+def test_conversational_pairs_in_both_layouts(tmp_path, capsys):
+    """UltraFeedback's layout (a prompt string, and whole conversations as chosen/rejected) and
+    TRL's (a prompt as messages, answer-only chosen/rejected) give the same sequences, labelled
+    on the final assistant answer only, rendered with the chat template."""
+    words = ["cat", "dog", "owl", "fox", "emu", "yak", "elk", "ant"]
+    whole = [
+        {
+            "prompt": f"say {w}",
+            "chosen": [
+                {"role": "user", "content": f"say {w}"},
+                {"role": "assistant", "content": w.upper() + "!"},
+            ],
+            "rejected": [
+                {"role": "user", "content": f"say {w}"},
+                {"role": "assistant", "content": w.upper() + "."},
+            ],
+        }
+        for w in words
+    ]
+    split = [
+        {
+            "prompt": [{"role": "user", "content": f"say {w}"}],
+            "chosen": [{"role": "assistant", "content": w.upper() + "!"}],
+            "rejected": [{"role": "assistant", "content": w.upper() + "."}],
+        }
+        for w in words
+    ]
+    shown = []
+    for name, rows in (("whole", whole), ("split", split)):
+        data = write_jsonl(tmp_path / f"{name}.jsonl", rows)
+        recipe = dpo_recipe(
+            tmp_path, data, name, data={"eval": 0.0}, training={"max_steps": 2, "batch_size": 4}
+        )
+        code, out, err = cli("data", str(recipe), "--preview", "1", "--json", capsys=capsys)
+        assert code == 0, err
+        shown.append(json.loads(out)["examples"])
+        assert cli("train", str(recipe), capsys=capsys)[0] == 0
+    assert shown[0] == shown[1]
+    chosen, rejected = shown[0]
+    assert chosen["text"].startswith("<|im_start|>user\nsay ") and chosen["target"].endswith("!<|im_end|>")
+    assert rejected["target"].endswith(".<|im_end|>") and "user" not in chosen["target"]
+
+
+def test_compare_works_with_a_preference_objective(tmp_path, pairs, capsys):
+    recipe = dpo_recipe(tmp_path, pairs)
+    code, out, err = cli(
+        "compare", str(recipe), "--methods", "lora", "--max-steps", "3", "--output-dir", str(tmp_path / "c"), "--json",
+        capsys=capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    row = json.loads(out)["rows"][0] if "rows" in json.loads(out) else json.loads(out)[0]
+    assert row["preference_accuracy"] is not None and row["reward_accuracy"] is not None

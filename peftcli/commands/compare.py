@@ -28,7 +28,7 @@ from peftcli.recipe import load_recipe
 from peftcli.runs import is_run
 
 RESULT_ENV = "PEFTCLI_COMPARE_RESULT"  # where a worker writes its JSON result
-TASK_METRICS = ("exact_match", "accuracy")
+TASK_METRICS = ("exact_match", "accuracy", "preference_accuracy", "reward_accuracy")
 COLUMNS = [
     "method",
     "trainable_params",

@@ -144,6 +144,10 @@ def encode_answer(encoder: Encoder, answer: Answer, where: str) -> tuple[list[in
         prompt = encoder.prefix + encoder._ids([answer.prompt])[0]
         reply = encoder._ids([answer.answer])[0] + encoder.eos
         return prompt + reply, [IGNORE] * len(prompt) + reply
+    if encoder.template is None:  # the encoder was made for string answers
+        from peftcli.data.formats import chat_template
+
+        encoder.template = chat_template(encoder.section, encoder.tok) or ""
     if not encoder.template:
         raise UserError(
             "data.format: preference conversations need a chat template, and this tokenizer has none",
