@@ -206,6 +206,12 @@ class PreferenceSection(_Section):
         lt=0.5,
         description="dpo sigmoid/robust, simpo: assumed share of pairs whose labels are flipped (ε).",
     )
+    sft_weight: float = Field(
+        0.0,
+        ge=0,
+        description="dpo, simpo: add this times the chosen answers' SFT loss (mean per token), which "
+        "keeps their likelihood from falling (RPO; TRL's loss_type sft, CPO's cpo_alpha). 0 = none.",
+    )
     gamma: float = Field(0.5, ge=0, description="simpo: target reward margin γ.")
     orpo_lambda: float = Field(0.1, gt=0, description="orpo: weight λ of the odds-ratio term.")
     desirable_weight: float = Field(1.0, gt=0, description="kto: weight of desirable answers' losses.")

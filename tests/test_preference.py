@@ -140,9 +140,18 @@ def _fresh_accelerate_state():
 
 
 @pytest.mark.parametrize(
-    "loss_type, smoothing", [("sigmoid", 0.0), ("ipo", 0.0), ("hinge", 0.0), ("robust", 0.1)]
+    "loss_type, smoothing, sft",
+    [
+        ("sigmoid", 0.0, 0.0),
+        ("ipo", 0.0, 0.0),
+        ("hinge", 0.0, 0.0),
+        ("robust", 0.1, 0.0),
+        ("sigmoid", 0.0, 0.5),
+    ],
 )
-def test_dpo_loss_and_gradient_equal_trl(tmp_path, pairs, start, loss_type, smoothing):
+def test_dpo_loss_and_gradient_equal_trl(tmp_path, pairs, start, loss_type, smoothing, sft):
+    """Each DPO loss variant, and DPO with the chosen answers' SFT loss added (TRL: loss_type
+    [sigmoid, sft] with weights [1, w]; peftcli: preference.sft_weight w)."""
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
@@ -160,7 +169,8 @@ def test_dpo_loss_and_gradient_equal_trl(tmp_path, pairs, start, loss_type, smoo
         report_to=[],
         use_cpu=True,
         max_length=64,
-        loss_type=[loss_type],
+        loss_type=[loss_type, "sft"] if sft else [loss_type],
+        loss_weights=[1.0, sft] if sft else None,
         label_smoothing=smoothing,
     )
     trainer = DPOTrainer(
@@ -179,12 +189,15 @@ def test_dpo_loss_and_gradient_equal_trl(tmp_path, pairs, start, loss_type, smoo
     with torch.no_grad():
         reference, _ = sequence_logps(policy, inputs)  # the starting adapter, before any update
     _perturb(policy)
-    objective = Objective("dpo", PreferenceSection(beta=0.1, loss_type=loss_type, label_smoothing=smoothing))
+    section = PreferenceSection(beta=0.1, loss_type=loss_type, label_smoothing=smoothing, sft_weight=sft)
+    objective = Objective("dpo", section)
     objective.reference = {"train": torch.stack(reference.chunk(2), dim=1).double()}
     terms, _ = objective.batch_sums(
         policy, {**inputs, "index": torch.arange(8), "pair_mask": torch.ones(8, dtype=torch.long)}, "train"
     )
     loss = terms["pair_loss"] / 8
+    if sft:
+        loss = loss + sft * terms["nll"] / (labels[:8, 1:] != -100).sum()
     loss.backward()
     assert float(loss) == pytest.approx(float(trl_loss), abs=LOSS_TOL)
     same_gradients(_grads(policy), _grads(trainer.model))
@@ -247,8 +260,8 @@ def test_dpo_ten_steps_equal_trl(tmp_path, pairs, start, capsys):
         assert torch.allclose(value, trl_adapter[name], rtol=0, atol=1e-5), name
 
 
-@pytest.mark.parametrize("objective", ["orpo", "simpo"])
-def test_orpo_and_simpo_equal_trl(tmp_path, pairs, start, objective):
+@pytest.mark.parametrize("objective, sft", [("orpo", 0.0), ("simpo", 0.0), ("simpo", 0.5)])
+def test_orpo_and_simpo_equal_trl(tmp_path, pairs, start, objective, sft):
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl.experimental.cpo import CPOConfig, CPOTrainer
@@ -271,10 +284,10 @@ def test_orpo_and_simpo_equal_trl(tmp_path, pairs, start, objective):
     if objective == "orpo":
         trainer_class, args = ORPOTrainer, ORPOConfig(beta=0.5, **common)
         section = PreferenceSection(orpo_lambda=0.5)
-    else:  # SimPO is CPO's simpo loss without its behaviour-cloning term
+    else:  # SimPO is CPO's simpo loss; cpo_alpha is its behaviour-cloning term (sft_weight)
         trainer_class = CPOTrainer
-        args = CPOConfig(loss_type="simpo", cpo_alpha=0.0, beta=2.0, simpo_gamma=0.5, **common)
-        section = PreferenceSection(beta=2.0, gamma=0.5)
+        args = CPOConfig(loss_type="simpo", cpo_alpha=sft, beta=2.0, simpo_gamma=0.5, **common)
+        section = PreferenceSection(beta=2.0, gamma=0.5, sft_weight=sft)
     trainer = trainer_class(
         model=_policy(start), args=args, train_dataset=Dataset.from_list(rows), processing_class=tok
     )
@@ -304,6 +317,8 @@ def test_orpo_and_simpo_equal_trl(tmp_path, pairs, start, objective):
         # answer; so the comparison is of the odds-ratio term, and of the log-probabilities.
         assert float(loss) == pytest.approx(-0.5 * float(trl_metrics["log_odds_ratio"]), abs=LOSS_TOL)
         return
+    if sft:  # CPO's behaviour-cloning term: the chosen answers' mean token NLL
+        loss = loss + sft * terms["nll"] / (inputs["labels"][:8, 1:] != -100).sum()
     loss.backward()
     assert float(loss) == pytest.approx(float(trl_loss), abs=LOSS_TOL)
     same_gradients(_grads(policy), _grads(trainer.model))

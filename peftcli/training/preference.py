@@ -100,6 +100,14 @@ class Objective:
     def paired(self) -> bool:
         return self.name != "kto"
 
+    @property
+    def nll_weight(self) -> float:
+        """Weight of the chosen answers' SFT loss (mean per token): ORPO's own; sft_weight for DPO
+        (RPO) and SimPO (CPO's behaviour-cloning term)."""
+        if self.name == "orpo":
+            return 1.0
+        return self.section.sft_weight if self.name in ("dpo", "simpo") else 0.0
+
     # ---- the losses (per pair, or per KTO answer)
 
     def losses(
@@ -183,7 +191,7 @@ class Objective:
                 logps_rejected=(s.rejected.detach() * mask).sum(),
                 preferred=((s.chosen > s.rejected) * mask).sum(),
             )
-            if self.name == "orpo":
+            if self.nll_weight:
                 out["nll"] = -(s.chosen * mask).sum()
                 out["chosen_tokens"] = (s.chosen_tokens * mask).sum()
         else:
@@ -221,8 +229,8 @@ class Objective:
     def metrics(self, sums: dict[str, float]) -> dict[str, float]:
         pairs = max(sums.get("pairs", 0.0), 1.0)
         loss = sums.get("pair_loss", 0.0) / pairs
-        if self.name == "orpo":
-            loss += sums.get("nll", 0.0) / max(sums.get("chosen_tokens", 0.0), 1.0)
+        if self.nll_weight:
+            loss += self.nll_weight * sums.get("nll", 0.0) / max(sums.get("chosen_tokens", 0.0), 1.0)
         out = {"loss": loss}
         if self.paired:
             chosen, rejected = sums["rewards_chosen"] / pairs, sums["rewards_rejected"] / pairs
@@ -268,7 +276,7 @@ class Objective:
         local = torch.zeros(3, dtype=torch.float64, device=device)
         for b in group:
             local[0] += b["pair_mask"].sum()
-            if self.name == "orpo":
+            if self.nll_weight:
                 half = b["labels"].shape[0] // 2
                 chosen_tokens = (b["labels"][:half, 1:] != -100).sum(dim=1)
                 local[1] += (chosen_tokens * b["pair_mask"]).sum()
@@ -284,7 +292,7 @@ class Objective:
                 terms, batch_sums = self.batch_sums(model, batch, "train", kl)
                 loss = terms["pair_loss"] / pairs.to(terms["pair_loss"].dtype)
                 if "nll" in terms:
-                    loss = loss + terms["nll"] / chosen_tokens.to(loss.dtype)
+                    loss = loss + self.nll_weight * terms["nll"] / chosen_tokens.to(loss.dtype)
                 # DDP averages gradients over processes; multiply back to get a plain sum.
                 loss = loss * accelerator.num_processes
                 if penalty is not None and sync:
