@@ -12,7 +12,7 @@ STAMP       := $(VENV)/.peftcli-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-all test-gpu test-latest lock bench lint clean
+.PHONY: setup demo demo-preference test test-all test-gpu test-latest lock bench lint clean
 
 # Installs exactly the lock: its pins with --require-hashes and --no-deps (nothing resolved, so
 # nothing newer slips in), then torch (its dependencies are in the lock already; a CUDA build
@@ -32,6 +32,10 @@ $(STAMP): $(LOCK) pyproject.toml Makefile
 demo: setup
 	$(BIN)/peftcli train recipes/quickstart.yaml --overwrite
 	$(BIN)/peftcli eval runs/quickstart --compare-base
+
+# SFT, then DPO from it; ORPO and SimPO from the base: preference accuracy and greedy answers.
+demo-preference: setup
+	$(BIN)/python scripts/preference_demo.py
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
