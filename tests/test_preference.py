@@ -372,6 +372,29 @@ def test_dpo_two_processes_equal_one_process(tmp_path, pairs, capsys):
         assert torch.allclose(a[key], b[key], rtol=0, atol=EXACT), key
 
 
+def test_dpo_under_fsdp2_equals_one_process(tmp_path, pairs, capsys):
+    """The same DPO recipe under FSDP2 (configs/fsdp-cpu.yaml: 2 processes, sharded base) logs
+    the 1-process losses and rewards: the reference is scored through the sharded model too."""
+    common = {"model": {"dtype": "float64"}, "data": {"eval": 0.0}}
+    one = dpo_recipe(
+        tmp_path, pairs, "one", **common, training={"batch_size": 8, "max_steps": 4, "mixed_precision": "no"}
+    )
+    two = dpo_recipe(
+        tmp_path, pairs, "two", **common, training={"batch_size": 4, "max_steps": 4, "mixed_precision": "no"}
+    )
+    assert cli("train", str(one), capsys=capsys)[0] == 0
+    code, _, err = cli(
+        "train", str(two), "--launch-config", str(ROOT / "configs" / "fsdp-cpu.yaml"), capsys=capsys
+    )
+    assert code == 0, err
+    assert "FSDP2" in json.dumps(
+        json.loads((tmp_path / "two" / "eval.json").read_text())["train"]["distributed"]
+    )
+    for a, b in zip(rows_of(tmp_path / "one"), rows_of(tmp_path / "two"), strict=True):
+        for key in ("loss", "reward_margin", "logps_chosen"):
+            assert a[key] == pytest.approx(b[key], abs=2e-6), (key, a, b)
+
+
 def test_dpo_sigkill_then_resume_equals_uninterrupted(tmp_path, pairs, capsys):
     from .test_resume import kill_after_first_checkpoint
 
