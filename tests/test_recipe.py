@@ -159,6 +159,14 @@ def test_every_builtin_recipe_trains(path, tmp_path, monkeypatch):
         small = tmp_path / "eval.jsonl"
         small.write_text("".join(Path(recipe.data.eval).read_text().splitlines(keepends=True)[:8]))
         recipe.data.eval = str(small)
+    if recipe.peft.init_from is not None:  # starts from another shipped recipe's run: train that first
+        first = next(p for p in BUILTIN_RECIPES if load_recipe(p).name == Path(recipe.peft.init_from).name)
+        train(
+            load_recipe(
+                first, ["training.max_steps=3", f"training.output_dir={tmp_path / 'first'}", "data.eval=0"]
+            )
+        )
+        recipe.peft.init_from = str(tmp_path / "first")
     train(recipe)
     result = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert result["train"]["steps"] == 3 and result["loss"] > 0

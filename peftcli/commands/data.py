@@ -58,8 +58,8 @@ def run_data(recipe_path: Path, overrides: list[str] | None, preview: int) -> Re
     }
     report = Report(stats, [])
     for i, example in enumerate(prepared.train.examples[:preview], 1):
-        for name, sequence in _sequences(example):
-            _show(report, f"example {i}{name}", sequence, tokenizer, task, prepared.labels)
+        for answer, sequence in _sequences(example):
+            _show(report, i, answer, sequence, tokenizer, task, prepared.labels)
     report.batching = f"batches of {training.batch_size}, " + (
         "grouped by length" if grouped else "shuffled (data.group_by_length: false)"
     )
@@ -67,27 +67,32 @@ def run_data(recipe_path: Path, overrides: list[str] | None, preview: int) -> Re
     return report
 
 
-def _sequences(example: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+def _sequences(example: dict[str, Any]) -> list[tuple[str | None, dict[str, Any]]]:
     """The sequences an example is trained on: itself, a pair's chosen and rejected answers,
-    or a KTO answer (with whether it is desirable)."""
+    or a KTO answer (named by whether it is desirable)."""
     if "chosen" in example:
-        return [(", chosen", example["chosen"]), (", rejected", example["rejected"])]
+        return [("chosen", example["chosen"]), ("rejected", example["rejected"])]
     if "answer" in example:
-        return [(", desirable" if example["desirable"] else ", undesirable", example["answer"])]
-    return [("", example)]
+        return [("desirable" if example["desirable"] else "undesirable", example["answer"])]
+    return [(None, example)]
 
 
-def _show(report: Report, name: str, example: dict[str, Any], tokenizer: Any, task: str, labels: Any) -> None:
-    runs = _segments(example, tokenizer, task, labels)
-    report.segments.append(runs)
-    report.names.append(name)
-    report.examples.append(
-        {
-            "name": name,
-            "text": _decode(tokenizer, example["input_ids"]),
-            "target": _target(example, tokenizer, task, labels),
-        }
-    )
+def _show(
+    report: Report,
+    i: int,
+    answer: str | None,
+    example: dict[str, Any],
+    tokenizer: Any,
+    task: str,
+    labels: Any,
+) -> None:
+    report.segments.append(_segments(example, tokenizer, task, labels))
+    report.names.append(f"example {i}" + (f", {answer}" if answer else ""))
+    shown = {
+        "text": _decode(tokenizer, example["input_ids"]),
+        "target": _target(example, tokenizer, task, labels),
+    }
+    report.examples.append({**shown, "answer": answer} if answer else shown)
 
 
 def _decode(tokenizer: Any, ids: list[int]) -> str:
