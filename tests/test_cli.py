@@ -44,7 +44,15 @@ def test_light_commands_answer_without_heavy_imports(args):
 def test_schema_is_json_schema_with_every_section(capsys):
     code, out, _ = cli("schema", capsys=capsys)
     schema = json.loads(out)
-    assert code == 0 and set(schema["properties"]) == {"name", "model", "peft", "data", "training", "preference", "eval"}
+    assert code == 0 and set(schema["properties"]) == {
+        "name",
+        "model",
+        "peft",
+        "data",
+        "training",
+        "preference",
+        "eval",
+    }
 
 
 def test_methods_lists_lora_and_qlora(capsys):

@@ -97,6 +97,7 @@ def test_launch_configs_name_real_accelerate_options(path):
         assert key in options, f"{path.name}: deepspeed_config.{key} is not an Accelerate option"
 
 
+@pytest.mark.slow  # 70 s; `make test-all` (single-process interrupts: test_run_folder)
 def test_ctrl_c_stops_every_process_at_a_checkpoint_and_resume_continues(tmp_path, completion_data):
     """Ctrl-C on `train --num-processes 2`: the training processes finish their step and write a
     checkpoint, the launching peftcli says once how to continue (with --num-processes), and the

@@ -372,6 +372,7 @@ def test_dpo_two_processes_equal_one_process(tmp_path, pairs, capsys):
         assert torch.allclose(a[key], b[key], rtol=0, atol=EXACT), key
 
 
+@pytest.mark.slow  # `make test-all`
 def test_dpo_under_fsdp2_equals_one_process(tmp_path, pairs, capsys):
     """The same DPO recipe under FSDP2 (configs/fsdp-cpu.yaml: 2 processes, sharded base) logs
     the 1-process losses and rewards: the reference is scored through the sharded model too."""
@@ -584,6 +585,7 @@ def test_conversational_pairs_in_both_layouts(tmp_path, capsys):
     assert rejected["target"].endswith(".<|im_end|>") and "user" not in chosen["target"]
 
 
+@pytest.mark.slow  # `make test-all`
 def test_compare_works_with_a_preference_objective(tmp_path, pairs, capsys):
     recipe = dpo_recipe(tmp_path, pairs)
     code, out, err = cli(

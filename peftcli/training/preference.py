@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from peftcli.tasks import IGNORE
 from peftcli.training.losses import at_least_float32, supervised_logits
 
 if TYPE_CHECKING:
@@ -110,9 +111,7 @@ class Objective:
 
     # ---- the losses (per pair, or per KTO answer)
 
-    def losses(
-        self, s: Scores, kl: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def losses(self, s: Scores) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(loss, chosen reward, rejected reward) per pair; KTO: (loss, reward, reward)."""
         p = self.section
         beta, eps = p.beta, p.label_smoothing
@@ -278,7 +277,7 @@ class Objective:
             local[0] += b["pair_mask"].sum()
             if self.nll_weight:
                 half = b["labels"].shape[0] // 2
-                chosen_tokens = (b["labels"][:half, 1:] != -100).sum(dim=1)
+                chosen_tokens = (b["labels"][:half, 1:] != IGNORE).sum(dim=1)
                 local[1] += (chosen_tokens * b["pair_mask"]).sum()
             if self.name == "kto":
                 local[2] += self.kl_sums(model, b, "train")
