@@ -346,6 +346,40 @@ def test_dpo_trains_every_adapter_family(tmp_path, pairs, capsys, method):
 # --------------------------------------------------------------------------- processes, resume
 
 
+@pytest.mark.parametrize("objective", ["dpo", "orpo", "kto"])
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, pairs, capsys, objective):
+    """4 pairs × 2 accumulated == 8 pairs at once (float64): every term is normalised over the
+    whole step's pairs, the SFT terms over its chosen tokens (DPO with sft_weight, ORPO), KTO's
+    KL estimate is the mean over all its micro-batches."""
+    from .test_train import EXACT
+
+    data = pairs
+    if objective == "kto":
+        answers = [
+            {"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
+            for r in map(json.loads, pairs.read_text().splitlines())
+            for side in ("chosen", "rejected")
+        ]
+        data = write_jsonl(tmp_path / "kto.jsonl", answers)
+    common = {
+        "model": {"dtype": "float64"},
+        "data": {"eval": 0.0},
+        "preference": {"sft_weight": 0.5},
+    }
+    runs = {}
+    for name, batch, accum in (("big", 8, 1), ("accumulated", 4, 2)):
+        training = {"objective": objective, "batch_size": batch, "grad_accum": accum, "max_steps": 4,
+                    "mixed_precision": "no"}  # fmt: skip
+        recipe = dpo_recipe(tmp_path, data, name, **common, training=training)
+        assert cli("train", str(recipe), capsys=capsys)[0] == 0
+        runs[name] = tmp_path / name
+    for a, b in zip(rows_of(runs["big"]), rows_of(runs["accumulated"]), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=2e-6), (a, b)
+    big, accumulated = adapter(runs["big"]), adapter(runs["accumulated"])
+    for key in big:
+        assert torch.allclose(big[key], accumulated[key], rtol=0, atol=EXACT), key
+
+
 def test_dpo_two_processes_equal_one_process(tmp_path, pairs, capsys):
     """2 processes × 3 pairs == 1 process × 6 pairs, float64, across an uneven epoch end: the
     reference is assembled from both processes' shares, repeated pairs count nothing."""
