@@ -13,17 +13,9 @@ import json
 import random
 from pathlib import Path
 
+from make_quickstart_data import words  # the same made-up words (scripts/ is on sys.path)
+
 OUT = Path(__file__).resolve().parent.parent / "data" / "preference"
-
-
-def words(rng: random.Random, n: int, taken: set[str]) -> list[str]:
-    out = []
-    while len(out) < n:
-        w = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 8)))
-        if w not in taken:
-            taken.add(w)
-            out.append(w)
-    return out
 
 
 def write(path: Path, rows: list[dict]) -> None:
@@ -42,7 +34,7 @@ def main() -> None:
         return f"Uppercase: {w}\n"
 
     marks = ["!" if rng.random() < 0.25 else "." for _ in sft]
-    write(OUT / "sft.jsonl", [{"prompt": prompt(w), "completion": w.upper() + m} for w, m in zip(sft, marks)])
+    write(OUT / "sft.jsonl", [{"prompt": prompt(w), "completion": w.upper() + m} for w, m in zip(sft, marks, strict=True)])
     for name, ws in (("train", pairs), ("eval", held_out)):
         rows = [{"prompt": prompt(w), "chosen": w.upper() + "!", "rejected": w.upper() + "."} for w in ws]
         write(OUT / f"{name}.jsonl", rows)

@@ -42,10 +42,14 @@ def greedy(run: Path) -> tuple[float, float]:
     tokenizer = load_tokenizer(target.model)
     model = load_adapter(load_model(target.model, device="cpu"), target.adapter)
     rows = [json.loads(line) for line in HELD_OUT.read_text().splitlines()]
-    prompts = [[tokenizer.bos_token_id, *tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]] for r in rows]
+    prompts = [
+        [tokenizer.bos_token_id, *tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]] for r in rows
+    ]
     answers = [a.strip() for a in generate_answers(model, tokenizer, prompts, 12)]
     bang = sum(a.endswith("!") for a in answers) / len(rows)
-    right = sum(a.rstrip("!.") == r["chosen"].rstrip("!") for a, r in zip(answers, rows, strict=True)) / len(rows)
+    right = sum(a.rstrip("!.") == r["chosen"].rstrip("!") for a, r in zip(answers, rows, strict=True)) / len(
+        rows
+    )
     return bang, right
 
 

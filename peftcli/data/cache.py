@@ -14,6 +14,7 @@ import random
 import shutil
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -178,11 +179,7 @@ def _build(
                 references.write(json.dumps({"prompt_ids": ref.prompt_ids, "answer": ref.answer}) + "\n")
 
     pending: dict[str, list[Row]] = {"train": [], "eval": []}
-    next_held = 0
-    for i, row in enumerate(train.rows()):
-        name = "train"
-        if next_held < len(held) and held[next_held] == i:
-            name, next_held = "eval", next_held + 1
+    for name, row in routed(train.rows(), held):
         pending[name].append(row)
         if len(pending[name]) == BATCH_ROWS:
             write(pending[name], name)
@@ -257,11 +254,7 @@ def _build_preference(
             writers[name].add(encoded[0])
             labels[name].append(encoded[1])
 
-    next_held = 0
-    for i, (where, row) in enumerate(train.rows()):
-        name = "train"
-        if next_held < len(held) and held[next_held] == i:
-            name, next_held = "eval", next_held + 1
+    for name, (where, row) in routed(train.rows(), held):
         write(where, row, name)
     if held_out is not None:
         for where, row in held_out.rows():
@@ -289,6 +282,18 @@ def _build_preference(
         "eval_stats": eval_stats if has_eval else None,
     }
     (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def routed(rows: Iterator[Row], held: list[int]) -> Iterator[tuple[str, Row]]:
+    """Each training row with the split it goes to: "eval" for the indices in `held` (sorted),
+    "train" for the others."""
+    next_held = 0
+    for i, row in enumerate(rows):
+        if next_held < len(held) and held[next_held] == i:
+            next_held += 1
+            yield "eval", row
+        else:
+            yield "train", row
 
 
 def _held_out_rows(section: DataSection, rows: int, seed: int) -> list[int]:

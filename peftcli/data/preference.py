@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from peftcli.data.formats import MESSAGE_ROLES
+from peftcli.data.splits import Examples
 from peftcli.errors import UserError
 from peftcli.tasks import IGNORE
 
@@ -219,7 +220,7 @@ def encode_unpaired(
 # --------------------------------------------------------------------------- reading back
 
 
-class Pairs(Sequence):
+class Pairs(Examples):
     """A split of pairs over its sequences (chosen at 2i, rejected at 2i+1): `pairs[i]` is
     `{"index": i, "chosen": {...}, "rejected": {...}}`."""
 
@@ -229,13 +230,7 @@ class Pairs(Sequence):
     def __len__(self) -> int:
         return len(self.sequences) // 2
 
-    def __getitem__(self, i: Any) -> Any:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(i)
+    def item(self, i: int) -> Any:
         return {"index": i, "chosen": self.sequences[2 * i], "rejected": self.sequences[2 * i + 1]}
 
     def lengths(self) -> Any:
@@ -245,7 +240,7 @@ class Pairs(Sequence):
         return np.maximum(lengths[0::2], lengths[1::2])
 
 
-class Unpaired(Sequence):
+class Unpaired(Examples):
     """A KTO split: `examples[i]` is `{"index": i, "answer": {...}, "desirable": bool, "kl": {...}}`,
     where `kl` is the same prompt with the answer of example i+1 (cyclically): a mismatched pair
     whose log-ratio estimates the KL term, fixed per example so its reference is precomputed."""
@@ -256,13 +251,7 @@ class Unpaired(Sequence):
     def __len__(self) -> int:
         return len(self.desirable)
 
-    def __getitem__(self, i: Any) -> Any:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(i)
+    def item(self, i: int) -> Any:
         answer = self.sequences[i]
         other = self.sequences[(i + 1) % len(self)]
         return {"index": i, "answer": answer, "desirable": self.desirable[i], "kl": mismatched(answer, other)}

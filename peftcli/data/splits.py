@@ -101,7 +101,24 @@ def _map(path: Path, dtype: str) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r")
 
 
-class TokenArrays(Sequence):
+class Examples(Sequence):
+    """A read-only sequence of examples built on `item(i)`: slices and negative indices as a
+    list takes them."""
+
+    def item(self, i: int) -> Any:
+        raise NotImplementedError
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self.item(j) for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.item(i)
+
+
+class TokenArrays(Examples):
     """A split's examples, memory-mapped from the cache; `examples[i]` is the same dict of
     token lists an in-memory split holds."""
 
@@ -116,13 +133,7 @@ class TokenArrays(Sequence):
     def __len__(self) -> int:
         return len(self.input_offsets) - 1
 
-    def __getitem__(self, i: Any) -> Any:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(i)
+    def item(self, i: int) -> Any:
         a, b = int(self.input_offsets[i]), int(self.input_offsets[i + 1])
         c, d = int(self.label_offsets[i]), int(self.label_offsets[i + 1])
         example = {
