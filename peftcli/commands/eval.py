@@ -17,8 +17,7 @@ from peftcli.training.evaluate import eval_split
 
 def run_eval(path: Path, data: Path | None = None, compare_base: bool = False) -> dict[str, Any]:
     from peftcli.console import quiet_libraries, say
-    from peftcli.model.load import load_model, load_tokenizer
-    from peftcli.training.accelerator import make_accelerator
+    from peftcli.model.load import load_model
     from peftcli.training.evaluate import evaluate
 
     quiet_libraries()
@@ -28,12 +27,7 @@ def run_eval(path: Path, data: Path | None = None, compare_base: bool = False) -
     objective = preference_objective_of(target, data)
     if objective is not None:
         return run_preference_eval(target, data, compare_base, objective)
-    tokenizer_section = (
-        target.model.model_copy(update={"name_or_path": str(target.adapter)})
-        if target.adapter and (target.adapter / "tokenizer_config.json").is_file()
-        else target.model
-    )
-    tokenizer = load_tokenizer(tokenizer_section)
+    tokenizer = target_tokenizer(target)
     labels = labels_of(target)
     if labels is None and target.model.task == "seq_cls" and data is not None:
         from peftcli import data as data_stage
@@ -42,7 +36,7 @@ def run_eval(path: Path, data: Path | None = None, compare_base: bool = False) -
     split = eval_split(target, tokenizer, data, labels)
     training = target.recipe.training if target.recipe else TrainingSection()
     section = target.recipe.eval if target.recipe else EvalSection()
-    accelerator = make_accelerator(training.model_copy(update={"report_to": ["jsonl"]}), Path("."))
+    accelerator = eval_accelerator(training)
     model = load_model(target.model, device=accelerator.device, labels=labels)
     model = accelerator.prepare(model)
 
@@ -77,6 +71,23 @@ def run_eval(path: Path, data: Path | None = None, compare_base: bool = False) -
     return results if compare_base else next(iter(results.values()))
 
 
+def target_tokenizer(target: Any) -> Any:
+    """The tokenizer a run or adapter saved (its chat template included), else the base model's."""
+    from peftcli.model.load import load_tokenizer
+
+    saved = target.adapter is not None and (target.adapter / "tokenizer_config.json").is_file()
+    return load_tokenizer(
+        target.model.model_copy(update={"name_or_path": str(target.adapter)}) if saved else target.model
+    )
+
+
+def eval_accelerator(training: TrainingSection) -> Any:
+    """An Accelerator for evaluation: the run's precision, no trackers."""
+    from peftcli.training.accelerator import make_accelerator
+
+    return make_accelerator(training.model_copy(update={"report_to": ["jsonl"]}), Path("."))
+
+
 def preference_objective_of(target: Any, data: Path | None) -> str | None:
     """The preference objective to evaluate with: the run's, or, for --data, the one the file's
     columns call for (pairs: dpo's metrics against the base); None for SFT evaluation."""
@@ -99,24 +110,19 @@ def run_preference_eval(target: Any, data: Path | None, compare_base: bool, name
     """Preference metrics (accuracy, reward margins, log-probabilities) on pairs: the run's
     held-out pairs or --data. The reference (DPO, KTO) is the run's starting point — the base,
     or its peft.init_from adapter; with --compare-base the base is scored against it too."""
-    from contextlib import nullcontext
 
     from peftcli.console import say
     from peftcli.data import cache, preference
     from peftcli.methods.load import adapter_folder, load_adapter
-    from peftcli.model.load import load_model, load_tokenizer
+    from peftcli.model.load import load_model
     from peftcli.objectives import OBJECTIVES
     from peftcli.recipe import DataSection, PreferenceSection
     from peftcli.training import preference as objectives
-    from peftcli.training.accelerator import make_accelerator
 
     if target.adapter is None:
         raise UserError("preference evaluation needs an adapter or a run: the reference is its base")
     recipe = target.recipe
-    folder = target.adapter if (target.adapter / "tokenizer_config.json").is_file() else None
-    tokenizer = load_tokenizer(
-        target.model.model_copy(update={"name_or_path": str(folder)}) if folder else target.model
-    )
+    tokenizer = target_tokenizer(target)
     training = recipe.training if recipe else TrainingSection()
     if data is not None:
         section = recipe.data if recipe else DataSection(train=str(data))
@@ -128,7 +134,7 @@ def run_preference_eval(target: Any, data: Path | None, compare_base: bool, name
                 f"the run's recipe has no eval split (data.eval: {recipe.data.eval})", "pass --data FILE"
             )
         examples = prepared.eval.examples
-    accelerator = make_accelerator(training.model_copy(update={"report_to": ["jsonl"]}), Path("."))
+    accelerator = eval_accelerator(training)
     model = load_adapter(load_model(target.model, device=accelerator.device), target.adapter)
     model.eval()
     objective = objectives.Objective(name, recipe.preference if recipe else PreferenceSection())
@@ -161,8 +167,7 @@ def run_preference_eval(target: Any, data: Path | None, compare_base: bool, name
             results["base"] = objectives.evaluate(model, examples, objective, accelerator, batch, pad)
         results["base"]["examples"] = len(examples)
     say(f"peftcli: evaluating the adapter on {len(examples)} {what}")
-    with nullcontext():
-        results["adapter"] = objectives.evaluate(model, examples, objective, accelerator, batch, pad)
+    results["adapter"] = objectives.evaluate(model, examples, objective, accelerator, batch, pad)
     results["adapter"]["examples"] = len(examples)
     if target.run_dir is not None and data is None:
         eval_file = target.run_dir / "eval.json"

@@ -15,6 +15,7 @@ import shutil
 import socket
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -103,7 +104,7 @@ def prepare(
     hit = (folder / "meta.json").is_file()
     if not hit:
         started = time.perf_counter()
-        build = _build if objective == "sft" else _build_preference
+        build = _build if objective == "sft" else partial(_build_preference, objective=objective)
         _build_atomically(
             folder, lambda tmp: build(tmp, section, tokenizer, fmt, task, seed, train, held_out)
         )
@@ -221,18 +222,15 @@ def _build_preference(
     seed: int,
     train: Source,
     held_out: Source | None,
+    objective: str,
 ) -> None:
     """Pairs (or unpaired answers) into the split files: a pair is two consecutive sequences,
     chosen then rejected; KTO's labels go beside them. Every row is checked first."""
     from peftcli.data import preference
 
-    count = 0
-    for source in (train, held_out):
-        for where, row in source.rows() if source is not None else ():
-            preference.check_row(row, fmt, where)
-            count += source is train
-    if not count:
-        raise UserError(f"data.train: {train.spec} has no rows")
+    count = preference.scan(train, fmt, objective)[1]
+    if held_out is not None:
+        preference.scan(held_out, fmt, objective, "data.eval")
     held = _held_out_rows(section, count, seed) if held_out is None else []
     encoder = Encoder(tokenizer, "completion", section, task)
     stats, eval_stats = new_stats(), new_stats()

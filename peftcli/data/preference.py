@@ -302,12 +302,13 @@ def preview(
     return [("desirable" if desirable else "undesirable", *encode_answer(encoder, answer, where))]
 
 
-def scan(spec: str, wanted: str, objective: str, key: str = "data.train") -> tuple[str, int]:
-    """Read every row once, streaming, and check it (format detected from the first row when
-    `wanted` is auto); returns the format and the number of rows."""
+def scan(source: Any, wanted: str, objective: str, key: str = "data.train") -> tuple[str, int]:
+    """Read every row of a source (or a path) once, streaming, and check it (format detected
+    from the first row when `wanted` is auto); returns the format and the number of rows."""
     from peftcli.data.sources import Source
 
-    source = Source(spec, key)
+    if isinstance(source, str):
+        source = Source(source, key)
     fmt, count = "", 0
     for where, row in source.rows():
         if not count:
@@ -315,7 +316,7 @@ def scan(spec: str, wanted: str, objective: str, key: str = "data.train") -> tup
         check_row(row, fmt, where)
         count += 1
     if not count:
-        raise UserError(f"{key}: {spec} has no rows")
+        raise UserError(f"{key}: {source.spec} has no rows")
     return fmt, count
 
 
