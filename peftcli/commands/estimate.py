@@ -49,11 +49,14 @@ counts are exactly those of a real run. Memory is then planned per process, in b
   assumes every projection's input is kept, as LoRA-style methods on every linear layer keep
   it; with fewer adapted modules it is an upper bound (prompt tuning keeps ~25% less).
 
-Measured on CPU (tests/test_estimate.py), a Llama of width 512 with 8 layers and a 32k
-vocabulary, batch 8 × 256 tokens: within 10% of the peak memory training adds (691 vs 766 MiB;
-183 vs 191 MiB with gradient checkpointing). Against the bytes autograd actually saves (counted
-with `saved_tensors_hooks`), the layer formula is within 1% for LoRA on tiny-llama, tiny-gpt2
-and tiny-bert and 8% on tiny-t5.
+Checked in tests/test_estimate.py against the tensors a real training step holds, counted
+exactly (the same on every CPU): gradients and AdamW's moments equal the plan to the byte; the
+bytes autograd keeps for backward (`saved_tensors_hooks`), with and without gradient
+checkpointing, are within the small terms above, bounded from the model's shape (a Llama of
+width 256: 1.2% over without checkpointing, 5% under with it; LoRA on tiny-llama, tiny-gpt2,
+tiny-bert within 2%, tiny-t5 9% under: its relative position bias is not modelled). The
+process's peak RSS, which also holds allocator slack and kernel workspaces, is a benchmark
+figure: `make bench-memory`.
 """
 
 from __future__ import annotations
@@ -109,7 +112,7 @@ def load_config(recipe: Recipe, labels: list[str] | None) -> Any:
         raise UserError(
             f"model.name_or_path: estimate needs the config of `{name}`, which is not in the local "
             "Hugging Face cache, and HF_HUB_OFFLINE is set",
-            f"fetch the config once (a few KB, no weights): huggingface-cli download {name} config.json",
+            f"fetch the config once (a few KB, no weights): hf download {name} config.json",
         )
     return config_of(recipe.model, labels)
 
