@@ -144,7 +144,9 @@ def main() -> None:
                 )
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "?")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"cpu": cpu, "machine": platform.machine(), "results": results}, indent=2) + "\n")
+    args.out.write_text(
+        json.dumps({"cpu": cpu, "machine": platform.machine(), "results": results}, indent=2) + "\n"
+    )
     print(f"wrote {args.out}")
 
 

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -34,11 +33,10 @@ def test_light_commands_answer_without_heavy_imports(args):
         "heavy = [m for m in ('torch', 'transformers', 'peft', 'datasets', 'accelerate') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
-    start = time.perf_counter()
+    # What makes them instant is what they do not import; their wall time (~0.3 s here) moves
+    # with the machine and its load, so it is not asserted.
     proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT)
-    elapsed = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr
-    assert elapsed < 3.0, f"{args} took {elapsed:.2f}s"  # ~0.3 s here; generous for loaded CI machines
 
 
 def test_schema_is_json_schema_with_every_section(capsys):
