@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import io
 import re
+import tokenize
 from pathlib import Path
 
 from .conftest import ROOT
@@ -80,3 +82,89 @@ def test_one_definition_of_the_ignore_label_and_the_task_table():
         "AUTO_CLASSES": [],
         "TASK_TYPES": [],
     }
+
+
+# Issue #21: a tolerance is derived from the computation (dtype, summed terms, optimizer steps),
+# never tuned to one CPU, so each states its reason beside it. Keyword arguments of any call:
+# pytest.approx, torch.allclose, torch.testing.assert_close, math.isclose.
+TOLERANCE_KEYWORDS = {"rel", "abs", "atol", "rtol", "abs_tol", "rel_tol"}
+REASON_WINDOW = 3  # comment-only lines above the statement (or the call) that may hold the reason
+
+
+def comment_lines(text: str) -> tuple[set[int], set[int]]:
+    """Lines holding a `#` comment, and those holding nothing but a comment."""
+    tokens = list(tokenize.generate_tokens(io.StringIO(text).readline))
+    commented = {t.start[0] for t in tokens if t.type == tokenize.COMMENT}
+    layout = (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT)
+    code = {line for t in tokens if t.type not in layout for line in range(t.start[0], t.end[0] + 1)}
+    return commented, commented - code
+
+
+def needs_reason(value: ast.expr) -> list[str]:
+    """The UPPER_CASE names in a tolerance's value, [""] for a non-zero literal alone, [] for 0."""
+    upper = [n.id for n in ast.walk(value) if isinstance(n, ast.Name) and n.id.isupper()]
+    literal = any(
+        isinstance(n, ast.Constant) and type(n.value) in (int, float) and n.value != 0
+        for n in ast.walk(value)
+    )
+    return upper or ([""] if literal else [])
+
+
+def module_constants(tree: ast.Module) -> dict[str, tuple[int, int]]:
+    """Module-level UPPER_CASE assignments: name -> (first line, last line)."""
+    found = {}
+    for node in tree.body:
+        if isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                for name in ast.walk(target):
+                    if isinstance(name, ast.Name) and name.id.isupper():
+                        found[name.id] = (node.lineno, node.end_lineno)
+    return found
+
+
+def has_reason(commented: set[int], comment_only: set[int], first: int, last: int, above: int) -> bool:
+    """A comment on lines first..last, or comment-only lines among the `above` lines before."""
+    return bool(commented & set(range(first, last + 1)) or comment_only & set(range(first - above, first)))
+
+
+def test_every_tolerance_gives_its_reason():
+    """A tolerance keyword whose value is a non-zero number or an UPPER_CASE constant has a
+    comment on its statement or in the comment lines just above; the constant's definition too."""
+    parsed = {}
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        parsed[path.stem] = (ast.parse(text), text, *comment_lines(text))
+    offenders, constants = [], set()
+    for stem, (tree, text, commented, comment_only) in parsed.items():
+        statement = {}  # each node's innermost enclosing statement
+        for node in ast.walk(tree):
+            for child in ast.iter_child_nodes(node):
+                statement[child] = child if isinstance(child, ast.stmt) else statement.get(node, node)
+        imported = {
+            a.asname or a.name: n.module
+            for n in ast.walk(tree)
+            if isinstance(n, ast.ImportFrom)
+            for a in n.names
+        }
+        for call in (n for n in ast.walk(tree) if isinstance(n, ast.Call)):
+            first = min(call.lineno, statement[call].lineno)
+            for kw in call.keywords:
+                if kw.arg not in TOLERANCE_KEYWORDS or not (names := needs_reason(kw.value)):
+                    continue
+                if not has_reason(commented, comment_only, first, call.end_lineno, REASON_WINDOW):
+                    value = ast.get_source_segment(text, kw.value)
+                    offenders.append(
+                        (f"tests/{stem}.py", kw.value.lineno, f"{kw.arg}={value} without a reason")
+                    )
+                for name in filter(None, names):  # defined here, or imported from a sibling test file
+                    constants.add((name, (imported.get(name) or stem).rpartition(".")[2]))
+    for name, stem in sorted(constants):
+        tree, _, commented, comment_only = parsed.get(stem, (None, "", set(), set()))
+        first, last = module_constants(tree).get(name, (0, 0)) if tree else (0, 0)
+        if not first:
+            offenders.append((f"tests/{stem}.py", 0, f"{name} is used as a tolerance but not defined here"))
+        elif not has_reason(commented, comment_only, first, last, 1):  # a comment block ending just above
+            offenders.append((f"tests/{stem}.py", first, f"{name} is defined without its reason"))
+    assert not offenders, "tolerances without a reason beside them:\n" + "\n".join(
+        f"{path}:{line}: {what}" for path, line, what in sorted(offenders)
+    )

@@ -164,6 +164,9 @@ def test_quick_run_of_all_three_trainers(tmp_path):
     report = json.loads((tmp_path / "cpu-quick.json").read_text())
     padded = {r["trainer"]: r for r in report["groups"]["padded"]}
     assert set(padded) == {"peftcli", "trl", "trainer"}
+    # float32, the same batches: losses (~9 = ln 8192) differ by the trainers summing the same
+    # terms in another order, ~1e-6 relative per step, and Adam's normalised steps keep it there
+    # over the few steps of --quick; 1e-4 absolute is ~1e-5 relative.
     assert padded["peftcli"]["losses"] == pytest.approx(padded["trainer"]["losses"], abs=1e-4)
     assert padded["trl"]["losses"] == pytest.approx(padded["trainer"]["losses"], abs=1e-4)
     assert len({r["supervised_tokens"] for r in padded.values()}) == 1

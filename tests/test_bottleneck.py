@@ -130,6 +130,8 @@ def test_train_save_reload_in_fresh_process(model_paths, name, tmp_path):
     assert after < before - 0.05, (before, after)
     model.eval()
     trained = logits(model, ids)
+    # Changed: the loss fell by > 0.05 just above, which moves logits by far more than 1e-4
+    # (~4 measured); float32 rounding alone moves them by ~1e-6.
     assert not torch.allclose(trained, ref, atol=1e-4)
 
     adapter = tmp_path / "adapter"
@@ -162,6 +164,8 @@ def test_train_save_reload_in_fresh_process(model_paths, name, tmp_path):
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
+    # The same float32 weights, input and kernels in another process: equal up to a kernel
+    # summing in another order (logits |z| < 5: ~1e-6; 0 measured); 1e-5 is margin.
     torch.testing.assert_close(torch.load(out), trained, atol=1e-5, rtol=0)
 
 
@@ -177,6 +181,7 @@ def test_disable_adapter_gives_base_and_merge_refuses(model_paths, name):
             if p.requires_grad:
                 p.normal_(0, 0.5)
     adapted = logits(model, ids)
+    # Changed: adapter weights of std 0.5 move logits by O(1) (~5 measured), rounding by ~1e-6.
     assert not torch.allclose(adapted, ref, atol=1e-4)
 
     with model.disable_adapter():
@@ -209,6 +214,7 @@ def test_named_adapters_switch(model_paths):
     assert torch.equal(logits(model, ids), ref)
     model.set_adapter("second")
     assert model.active_adapter == "second"
+    # Changed: adapter weights of std 0.5 move logits by O(1) (~5 measured), rounding by ~1e-6.
     assert not torch.allclose(logits(model, ids), ref, atol=1e-4)
     assert all(".second." in n for n, p in model.named_parameters() if p.requires_grad)
 

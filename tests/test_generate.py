@@ -186,6 +186,8 @@ def test_seq2seq_and_classifier_targets(root, capsys):
         logits = bert.model.eval()(input_ids=ids).logits[0].cpu()
     probs = torch.softmax(logits, -1).tolist()
     assert list(result["probabilities"]) == ["lower", "upper"]
+    # float32 softmax of the same model's logits, computed by `generate` and here: rounding is
+    # ~1e-7 of a probability (0 measured); 1e-5 is margin.
     assert result["probabilities"] == pytest.approx(
         dict(zip(["lower", "upper"], probs, strict=True)), abs=1e-5
     )
@@ -197,6 +199,8 @@ def test_seq2seq_and_classifier_targets(root, capsys):
     assert cli("merge", str(bert.run_dir), "-o", str(merged), capsys=capsys)[0] == 0
     again = json.loads(generated(capsys, str(merged), "-p", "owl", "--json")[0])
     assert again["label"] == result["label"]
+    # Merging rounds W + BA to float32 once (~1e-7 relative per weight): the probabilities move
+    # by ~1e-7 (7e-8 measured); 1e-5 is margin.
     assert again["probabilities"] == pytest.approx(result["probabilities"], abs=1e-5)
     # T5 has no chat template: --chat is refused.
     code, _, err = cli("generate", str(t5.run_dir), "-p", "x", "--chat", capsys=capsys)

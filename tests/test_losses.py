@@ -22,7 +22,8 @@ def plain_loss(model, batch):
 
 
 def assert_near(got, want):
-    """Float32 noise of a different summation order: small against the tensor's norm."""
+    """Float32 noise of a different summation order (~1e-7 relative per term, sums of a few
+    hundred terms): 1e-4 of the tensor's norm is margin, a wrong gradient is off by its size."""
     assert (got - want).norm() <= 1e-4 * want.norm() + 1e-8
 
 
@@ -69,6 +70,8 @@ def test_fused_head_loss_and_gradients_equal_the_plain_computation(name, method)
     loss = loss_sum(model, batch, "causal_lm")
     assert getattr(head, "_peftcli_plain_logits", True)  # the fused path was taken
     assert "forward" not in vars(head)  # and the head restored
+    # float32: the fused head makes the 18 supervised rows' logits in a matmul of another shape
+    # (~1e-7 relative each; 7e-8 measured on the summed loss), so 1e-5 is ~100x margin.
     assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-5)
     got = grads(model, loss)
     assert got.keys() == expected.keys() and got
@@ -95,6 +98,7 @@ def test_a_model_that_changes_its_logits_gets_real_logits():
         expected = grads(model, expected_loss)
         for _ in range(2):
             loss = loss_sum(model, batch, "causal_lm")
+            # float32 real logits, summed the plain way: ~1e-7 relative (0 measured); 1e-5 margin.
             assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-5)
         assert model.get_output_embeddings()._peftcli_plain_logits is False
         for n, g in grads(model, loss).items():
@@ -113,12 +117,16 @@ def test_chunked_linear_cross_entropy_is_exact_across_chunks():
     plain = F.cross_entropy(F.linear(hidden, weight, bias), targets, reduction="sum")
     expected = torch.autograd.grad(plain * 3, (hidden, weight, bias))
     fused = LinearCrossEntropy.apply(hidden, weight, bias, targets, 8)  # 5 chunks
-    assert fused.item() == pytest.approx(plain.item(), rel=1e-6)
+    # float64: 37 log-sum-exps of 50 terms summed in 5 chunks, gradients summed over 37 rows:
+    # rounding bounded by ~100 eps = 2e-14 relative (7e-15 measured); 1e-12 leaves 50x, while a
+    # lost or doubled row moves the loss by ~1/37.
+    assert fused.item() == pytest.approx(plain.item(), rel=1e-12)
     for got, want in zip(torch.autograd.grad(fused * 3, (hidden, weight, bias)), expected, strict=True):
-        torch.testing.assert_close(got.double(), want)
+        torch.testing.assert_close(got.double(), want, rtol=1e-12, atol=1e-12)  # float64, as above
     with torch.no_grad():  # evaluation: the loss alone
         assert LinearCrossEntropy.apply(hidden, weight, bias, targets, 8).item() == pytest.approx(
-            plain.item()
+            plain.item(),
+            rel=1e-12,  # float64, as above
         )
 
 
@@ -129,5 +137,8 @@ def test_fused_loss_under_bf16_autocast_matches_the_model_head():
         expected = plain_loss(model, batch)
         loss = loss_sum(model, batch, "causal_lm")
     assert loss.dtype == torch.float32
+    # bf16 logits (|z| < 4): the fused head's matmul of another shape may round a logit one bf16
+    # ulp (<= 2^-7 relative) apart; at worst every token's loss (~6) moves by 2 * 2^-7 * 4, ~1e-2
+    # relative of the sum. 2e-2 bounds that on any CPU (0 measured), not one machine's noise.
     assert loss.item() == pytest.approx(expected.item(), rel=2e-2)
     loss.backward()

@@ -100,6 +100,9 @@ def test_saved_adapter_reproduces_the_trained_model(tmp_path, completion_data, m
         assert layers and all(m.weight.quant_state.quant_type == "nf4" for m in layers)
     mine = own_logits(trained.model)
     theirs = reload_logits(trained.run_dir / "adapter", tmp_path, quant)
+    # float32 logits (|z| < 5) of the same weights and input in two processes: equal up to a
+    # kernel summing the 128-352-term dot products in another order (~1e-6; 0 measured), so
+    # 1e-4 is margin; a missing or mis-scaled adapter moves them by what 6 steps trained.
     assert torch.allclose(mine, theirs, atol=1e-4), (mine - theirs).abs().max()
     # The adapter changed the model: the saved weights are not a no-op.
     lora_b = [p for n, p in trained.model.named_parameters() if "lora_B" in n]
@@ -141,6 +144,7 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, completion_data):
             )
         )
         runs[name] = adapter_weights(train(recipe).run_dir)
+    # float64 weights: EXACT's reason is at its definition
     for key, big in runs["big"].items():
         assert torch.allclose(big, runs["accum"][key], rtol=0, atol=EXACT), key
 
@@ -182,4 +186,6 @@ def test_eval_compare_base_json(tmp_path, completion_data, capsys):
     assert result["adapter"]["loss"] < result["base"]["loss"]
     # The adapter's loss measured by `eval` equals the one measured at the end of training.
     trained = json.loads((tmp_path / "run" / "eval.json").read_text())
+    # The same float32 eval of the same weights (float64 sum of per-example losses): equal up
+    # to the kernels' rounding, ~1e-7 relative; 1e-5 is margin, not a machine's noise.
     assert result["adapter"]["loss"] == pytest.approx(trained["loss"], rel=1e-5)
