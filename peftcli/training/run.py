@@ -19,21 +19,14 @@ from peftcli.training.accelerator import describe, distribution, make_accelerato
 from peftcli.training.tracking import MetricsLog
 
 
-def protected_paths(recipe: Recipe) -> list[Path]:
-    """Local files the recipe reads: a run folder must never hold (and so replace) them."""
-    data = recipe.data
-    paths = [data.train, data.eval if isinstance(data.eval, str) else None, data.chat_template]
-    return [Path(p) for p in paths if p and Path(p).expanduser().exists()]
-
-
 def plan_folder(recipe: Recipe, overwrite: bool, resume: bool) -> run_folder.Plan:
     """Where the run writes; refuses what would replace or mix anything. Touches nothing."""
-    return run_folder.plan(recipe.output_dir, overwrite, resume, protected_paths(recipe))
+    return run_folder.plan(recipe.output_dir, overwrite, resume, run_folder.recipe_files(recipe))
 
 
 def check_can_start(recipe: Recipe, overwrite: bool, resume: bool) -> None:
     """What refuses a `train` before any process starts: the folder, and another `train` in it."""
-    run_folder.check_location(recipe.output_dir, protected_paths(recipe))
+    run_folder.check_location(recipe.output_dir, run_folder.recipe_files(recipe))
     run_folder.check_free(recipe.output_dir)
     plan_folder(recipe, overwrite, resume)
 
