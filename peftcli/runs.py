@@ -374,9 +374,30 @@ class Target:
     run_dir: Path | None
 
 
-def open_target(path: Path) -> Target:
+def open_target(path: Path, trust_remote_code: bool = False) -> Target:
     """A run folder, an adapter folder (PEFT save_pretrained), a plain model folder, or a
-    builtin model (`builtin:<name>`, as in a recipe's model.name_or_path)."""
+    builtin model (`builtin:<name>`, as in a recipe's model.name_or_path).
+
+    Python code from the model folder (`auto_map`) runs only when the command line says
+    `--trust-remote-code`, never because a run's recipe.yaml says so: the folder may come from
+    someone else. A recipe that asks for it without the flag is refused (the model would not
+    load without its code anyway)."""
+    target = _open_target(path)
+    if trust_remote_code:
+        model = target.model.model_copy(update={"trust_remote_code": True})
+        recipe = target.recipe.model_copy(update={"model": model}) if target.recipe else None
+        return Target(model, target.adapter, recipe, target.run_dir)
+    if target.model.trust_remote_code:
+        raise UserError(
+            f"{target.run_dir or path}/recipe.yaml sets model.trust_remote_code: true, which runs Python "
+            f"code from {target.model.name_or_path}; peftcli runs code from a folder it was handed only "
+            "when asked on the command line",
+            "pass --trust-remote-code if you trust that model folder",
+        )
+    return target
+
+
+def _open_target(path: Path) -> Target:
     spec = str(path)
     path = path.expanduser()
     if not path.exists() and spec.startswith(builtin.PREFIX):
@@ -389,7 +410,7 @@ def open_target(path: Path) -> Target:
         return Target(recipe.model, path / "adapter", recipe, path)
     if (path / "adapter_config.json").is_file():
         if (path.parent / "recipe.yaml").is_file():
-            return open_target(path.parent)
+            return _open_target(path.parent)
         cfg = json.loads((path / "adapter_config.json").read_text())
         base = cfg.get("base_model_name_or_path")
         if not base:

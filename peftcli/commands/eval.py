@@ -15,13 +15,15 @@ from peftcli.runs import labels_of, open_target
 from peftcli.training.evaluate import eval_split
 
 
-def run_eval(path: Path, data: Path | None = None, compare_base: bool = False) -> dict[str, Any]:
+def run_eval(
+    path: Path, data: Path | None = None, compare_base: bool = False, trust_remote_code: bool = False
+) -> dict[str, Any]:
     from peftcli.console import quiet_libraries, say
     from peftcli.model.load import load_model
     from peftcli.training.evaluate import evaluate
 
     quiet_libraries()
-    target = open_target(path)
+    target = open_target(path, trust_remote_code)
     if compare_base and target.adapter is None:
         raise UserError("--compare-base needs an adapter or a run, not a plain model folder")
     objective = preference_objective_of(target, data)

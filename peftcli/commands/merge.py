@@ -68,10 +68,10 @@ def adapter_method(target: Target) -> str:
     return method.name
 
 
-def open_sources(paths: list[Path]) -> list[Source]:
+def open_sources(paths: list[Path], trust_remote_code: bool = False) -> list[Source]:
     sources = []
     for path in paths:
-        target = open_target(path)
+        target = open_target(path, trust_remote_code)
         if target.adapter is None:
             raise UserError(f"{path} is a model folder with no adapter: there is nothing to merge into it")
         method = adapter_method(target)
@@ -224,12 +224,13 @@ def merge(
     combination: str = "cat",
     density: float | None = None,
     overwrite: bool = False,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Merge and write OUT; returns the report (also written to OUT/merge_report.json)."""
     from peftcli.console import quiet_libraries, say
     from peftcli.model.load import load_tokenizer
 
-    sources = open_sources(paths)
+    sources = open_sources(paths, trust_remote_code)
     weights = check_combination(sources, weights, combination, density)
     check_out(out, sources, overwrite)
     quiet_libraries()
