@@ -345,9 +345,18 @@ def main() -> None:
     except Interrupted as exc:
         if os.environ.get("PEFTCLI_LAUNCHED"):  # one of `train --num-processes`'s processes:
             sys.exit(0)  # the launching peftcli reports it, once, with the whole command
-        saved = f"; the newest checkpoint is {exc.checkpoint}" if exc.checkpoint else ""
         how = f"`{exc.command}`" if exc.command else "--resume"
-        print(f"error: {exc}{saved}; continue with {how}", file=sys.stderr)
+        if exc.checkpoint:
+            print(
+                f"error: {exc}; the newest checkpoint is {exc.checkpoint}; continue with {how}",
+                file=sys.stderr,
+            )
+        else:  # --resume would start from step 0: say so, and how to keep progress next time
+            print(
+                f"error: {exc} with no checkpoint saved, so its progress is lost; {how} trains it again "
+                "from step 0 (set training.save_every, e.g. training.save_every=50, to keep progress next time)",
+                file=sys.stderr,
+            )
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         print("error: interrupted", file=sys.stderr)

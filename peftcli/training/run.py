@@ -287,6 +287,14 @@ def preference_objective(recipe: Recipe, where: run_folder.Plan, stages: Stages,
     return objective
 
 
+def trained_line(summary: dict[str, Any]) -> str:
+    """`300 steps in 6.4s`; after a resume the seconds are only this session's, and it says so."""
+    steps, seconds, resumed = summary["steps"], summary["seconds"], summary.get("resumed_from") or 0
+    if not resumed:
+        return f"{steps} steps in {seconds:.1f}s"
+    return f"{steps} steps ({steps - resumed} of them in {seconds:.1f}s in this session, resumed from step {resumed})"
+
+
 def finish(
     recipe: Recipe,
     where: run_folder.Plan,
@@ -333,7 +341,7 @@ def finish(
                 run_dir / "metrics.jsonl", run_dir / "loss.png", title=f"{recipe.name} ({recipe.peft.method})"
             )
             shown = ", ".join(f"{k} {v:.4f}" for k, v in floats.items())
-            say(f"peftcli: {summary['steps']} steps in {summary['seconds']:.1f}s; eval: {shown or 'none'}")
+            say(f"peftcli: {trained_line(summary)}; eval: {shown or 'none'}")
     except BaseException:
         if main:
             say(
