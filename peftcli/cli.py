@@ -30,6 +30,14 @@ OverridesArg = Annotated[
     typer.Argument(help="Dotted overrides, e.g. training.lr=1e-4 peft.r=16.", show_default=False),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout, nothing else.")]
+TrustOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-remote-code",
+        help="Run Python code shipped with the model folder (auto_map); only for folders you trust. "
+        "A run's recipe.yaml alone never turns this on.",
+    ),
+]
 
 
 @app.callback()
@@ -142,12 +150,13 @@ def eval_cmd(
     compare_base: Annotated[
         bool, typer.Option("--compare-base", help="Also evaluate the base model without the adapter.")
     ] = False,
+    trust_remote_code: TrustOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Loss, perplexity and exact match (where the data has reference answers)."""
     from peftcli.commands.eval import format_result, run_eval
 
-    emit(run_eval(target, data, compare_base), json_out, format_result)
+    emit(run_eval(target, data, compare_base, trust_remote_code), json_out, format_result)
 
 
 @app.command()
@@ -183,14 +192,20 @@ def merge(
         typer.Option("--density", help="Share of each update kept (ties, dare_*, magnitude_prune)."),
     ] = None,
     overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an existing OUT (only once the new one is complete).")
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace an OUT that an earlier merge wrote (only once the new one is complete); "
+            "any other non-empty folder is refused.",
+        ),
     ] = False,
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """Fold the adapter into the base weights: OUT is a plain transformers model folder."""
     from peftcli.commands.merge import merge as run_merge
     from peftcli.commands.merge import parse_weights
 
-    run_merge(targets, out, dtype, parse_weights(weights), combination, density, overwrite)
+    run_merge(targets, out, dtype, parse_weights(weights), combination, density, overwrite, trust_remote_code)
 
 
 @app.command()
@@ -205,17 +220,18 @@ def generate(
     temperature: Annotated[
         float, typer.Option("--temperature", min=0.0, help="0 = greedy; above 0, sample at this temperature.")
     ] = 0.0,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for sampling.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1, help="Seed for sampling.")] = 0,
     chat: Annotated[
         bool, typer.Option("--chat", help="Render the prompt through the chat template the run trained with.")
     ] = False,
     system: Annotated[str | None, typer.Option("--system", help="A system message (with --chat).")] = None,
+    trust_remote_code: TrustOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Continue a prompt with the fine-tuned model (classifiers: the label and class probabilities)."""
     from peftcli.commands.generate import format_result, run_generate
 
-    result = run_generate(target, prompt, max_new_tokens, temperature, seed, chat, system)
+    result = run_generate(target, prompt, max_new_tokens, temperature, seed, chat, system, trust_remote_code)
     emit(result, json_out, format_result)
 
 
@@ -274,7 +290,9 @@ def compare(
     ] = None,
     overwrite: Annotated[
         bool,
-        typer.Option("--overwrite", help="Replace runs left in the output folder by an earlier compare."),
+        typer.Option(
+            "--overwrite", help="Replace an output folder an earlier compare wrote (its table and runs)."
+        ),
     ] = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -327,9 +345,18 @@ def main() -> None:
     except Interrupted as exc:
         if os.environ.get("PEFTCLI_LAUNCHED"):  # one of `train --num-processes`'s processes:
             sys.exit(0)  # the launching peftcli reports it, once, with the whole command
-        saved = f"; the newest checkpoint is {exc.checkpoint}" if exc.checkpoint else ""
         how = f"`{exc.command}`" if exc.command else "--resume"
-        print(f"error: {exc}{saved}; continue with {how}", file=sys.stderr)
+        if exc.checkpoint:
+            print(
+                f"error: {exc}; the newest checkpoint is {exc.checkpoint}; continue with {how}",
+                file=sys.stderr,
+            )
+        else:  # --resume would start from step 0: say so, and how to keep progress next time
+            print(
+                f"error: {exc} with no checkpoint saved, so its progress is lost; {how} trains it again "
+                "from step 0 (set training.save_every, e.g. training.save_every=50, to keep progress next time)",
+                file=sys.stderr,
+            )
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         print("error: interrupted", file=sys.stderr)

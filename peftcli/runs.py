@@ -23,19 +23,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from peftcli import outputs
 from peftcli.errors import UserError
 from peftcli.home import proc_stat, process_alive
 from peftcli.model import builtin
 from peftcli.recipe import ModelSection, Recipe, load_recipe, read_yaml
 from peftcli.tasks import ENCODER_ONLY, task_of_peft_type
 
-MARKER = ".peftcli-run"
+MARKER = outputs.MARKER  # {"kind": "run"}; runs made before it carry outputs.LEGACY_RUN_MARKER
 INCOMPLETE = ".incomplete"
 # What a run folder made by an older peftcli (without MARKER) may contain: recognised as a run
 # only when it holds recipe.yaml, something only training writes, and nothing else.
 TRAINED_ENTRIES = {INCOMPLETE, "adapter", "metrics.jsonl", "checkpoints"}
 RUN_ENTRIES = {
     MARKER,
+    outputs.LEGACY_RUN_MARKER,
     INCOMPLETE,
     "recipe.yaml",
     "adapter",
@@ -60,8 +62,8 @@ def is_run(path: Path) -> bool:
     """A folder peftcli made for a run (by its marker; older runs by their contents)."""
     if not path.is_dir():
         return False
-    if (path / MARKER).is_file():
-        return True
+    if outputs.kind_of(path) is not None:
+        return outputs.kind_of(path) == "run"
     names = {p.name for p in path.iterdir()}
     return "recipe.yaml" in names and bool(names & TRAINED_ENTRIES) and names <= RUN_ENTRIES
 
@@ -76,41 +78,22 @@ def has_checkpoints(path: Path) -> bool:
     return latest(path / "checkpoints") is not None
 
 
-def _shown(path: Path) -> str:
-    names = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
-    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
-
-
-def _inside(path: Path, folder: Path) -> bool:
-    return path == folder or folder in path.parents
+def recipe_files(recipe: Recipe) -> list[Path]:
+    """Local files the recipe reads: no output folder may hold (and so replace) them."""
+    data = recipe.data
+    paths = [data.train, data.eval if isinstance(data.eval, str) else None, data.chat_template]
+    return [Path(p) for p in paths if p and Path(p).expanduser().exists()]
 
 
 def check_location(run_dir: Path, protected: list[Path]) -> None:
     """Refuse a run folder that would hold, or be, something that is not peftcli's to replace."""
-    resolved = run_dir.expanduser().resolve()
-    key = "training.output_dir"
-    existing = next(p for p in (resolved, *resolved.parents) if p.exists())
-    if not existing.is_dir():
-        shown = run_dir if existing == resolved else existing
-        raise UserError(f"{key}: {shown} is a file, not a folder", "choose another training.output_dir")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{key}: cannot write in {existing}", "choose a folder you can write to")
-    outer = next((p for p in resolved.parents if (p / MARKER).is_file()), None)
-    if outer is not None:
-        raise UserError(
-            f"{key}: {run_dir} is inside the peftcli run {outer}", "choose a folder outside other runs"
-        )
-    if _inside(Path.cwd().resolve(), resolved):
-        raise UserError(
-            f"{key}: {run_dir} is the working directory or holds it; a run needs a folder of its own",
-            "set training.output_dir to a new folder, e.g. runs/<name>",
-        )
-    for path in protected:
-        if _inside(path.expanduser().resolve(), resolved):
-            raise UserError(
-                f"{key}: {run_dir} holds {path}, which this recipe reads; a run needs a folder of its own",
-                "set training.output_dir to a new folder, e.g. runs/<name>",
-            )
+    outputs.check_location(
+        run_dir,
+        "training.output_dir",
+        protected,
+        hint="set training.output_dir to a new folder, e.g. runs/<name>",
+        reader="this recipe",
+    )
 
 
 @dataclass
@@ -149,7 +132,7 @@ def plan(run_dir: Path, overwrite: bool, resume: bool, protected: list[Path] = (
         return Plan(run_dir, run_dir, False, not run_dir.exists())
     if not is_run(run_dir):
         raise UserError(
-            f"training.output_dir: {run_dir} is not a peftcli run folder (it holds {_shown(run_dir)}); "
+            f"training.output_dir: {run_dir} is not a peftcli run folder (it holds {outputs.shown(run_dir)}); "
             "peftcli writes into and replaces only its own runs",
             "choose a new or empty folder for training.output_dir",
         )
@@ -167,9 +150,7 @@ def plan(run_dir: Path, overwrite: bool, resume: bool, protected: list[Path] = (
 def create(work_dir: Path) -> None:
     """Make the run folder (marked as peftcli's) and flag it unfinished until training ends."""
     work_dir.mkdir(parents=True, exist_ok=True)
-    (work_dir / MARKER).write_text(
-        json.dumps({"created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n", encoding="utf-8"
-    )
+    outputs.mark(work_dir, "run")
     (work_dir / INCOMPLETE).touch()
 
 
@@ -209,14 +190,10 @@ def forget(plan_: Plan) -> None:
 def finish(plan_: Plan) -> None:
     """Training ended: the run is complete; an --overwrite run replaces the old one now."""
     (plan_.work_dir / INCOMPLETE).unlink(missing_ok=True)
+    outputs.follow_umask(plan_.work_dir)  # checkpoints and reference written before this one
     if plan_.work_dir == plan_.run_dir:
         return
-    trash = plan_.run_dir.with_name(f".{plan_.run_dir.name}.old")
-    shutil.rmtree(trash, ignore_errors=True)
-    if plan_.run_dir.exists():
-        os.rename(plan_.run_dir, trash)
-    os.rename(plan_.work_dir, plan_.run_dir)
-    shutil.rmtree(trash, ignore_errors=True)
+    outputs.swap_in(plan_.work_dir, plan_.run_dir)
 
 
 # --------------------------------------------------------------------------- one writer
@@ -354,6 +331,7 @@ def save_adapter(
     tokenizer.save_pretrained(folder)
     if labels:  # class names, in the order of the classifier's outputs
         (folder / LABELS_FILE).write_text(json.dumps(labels) + "\n", encoding="utf-8")
+    outputs.follow_umask(folder)  # safetensors writes its files 0600
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -396,9 +374,30 @@ class Target:
     run_dir: Path | None
 
 
-def open_target(path: Path) -> Target:
+def open_target(path: Path, trust_remote_code: bool = False) -> Target:
     """A run folder, an adapter folder (PEFT save_pretrained), a plain model folder, or a
-    builtin model (`builtin:<name>`, as in a recipe's model.name_or_path)."""
+    builtin model (`builtin:<name>`, as in a recipe's model.name_or_path).
+
+    Python code from the model folder (`auto_map`) runs only when the command line says
+    `--trust-remote-code`, never because a run's recipe.yaml says so: the folder may come from
+    someone else. A recipe that asks for it without the flag is refused (the model would not
+    load without its code anyway)."""
+    target = _open_target(path)
+    if trust_remote_code:
+        model = target.model.model_copy(update={"trust_remote_code": True})
+        recipe = target.recipe.model_copy(update={"model": model}) if target.recipe else None
+        return Target(model, target.adapter, recipe, target.run_dir)
+    if target.model.trust_remote_code:
+        raise UserError(
+            f"{target.run_dir or path}/recipe.yaml sets model.trust_remote_code: true, which runs Python "
+            f"code from {target.model.name_or_path}; peftcli runs code from a folder it was handed only "
+            "when asked on the command line",
+            "pass --trust-remote-code if you trust that model folder",
+        )
+    return target
+
+
+def _open_target(path: Path) -> Target:
     spec = str(path)
     path = path.expanduser()
     if not path.exists() and spec.startswith(builtin.PREFIX):
@@ -411,7 +410,7 @@ def open_target(path: Path) -> Target:
         return Target(recipe.model, path / "adapter", recipe, path)
     if (path / "adapter_config.json").is_file():
         if (path.parent / "recipe.yaml").is_file():
-            return open_target(path.parent)
+            return _open_target(path.parent)
         cfg = json.loads((path / "adapter_config.json").read_text())
         base = cfg.get("base_model_name_or_path")
         if not base:

@@ -86,7 +86,7 @@ def test_compare_three_methods_and_an_error_row(tmp_path, completion_data, capsy
 
     # Again without --overwrite: refused before anything trains.
     code, _, err = cli("compare", str(recipe), *args, capsys=capsys)
-    assert code == 2 and "already holds a run" in err and "--overwrite" in err
+    assert code == 2 and "already holds a peftcli compare output" in err and "--overwrite" in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 trains on a GPU")

@@ -405,17 +405,25 @@ def test_existing_out_is_kept_unless_overwrite(runs, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
+    # A folder peftcli did not make is never replaced, --overwrite or not.
+    for flags in ([], ["--overwrite"]):
+        code, _, err = cli("merge", str(runs["lora"]["run"]), "-o", str(out), *flags, capsys=capsys)
+        assert code == 2 and "is not a folder peftcli made" in one_error_line(err)
+        assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    out = tmp_path / "merged"
+    assert cli("merge", str(runs["lora"]["run"]), "-o", str(out), capsys=capsys)[0] == 0
     code, _, err = cli("merge", str(runs["lora"]["run"]), "-o", str(out), capsys=capsys)
-    assert code == 2 and "already exists and is not empty" in one_error_line(err) and "--overwrite" in err
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert (
+        code == 2 and "already holds a peftcli merge output" in one_error_line(err) and "--overwrite" in err
+    )
     code, _, _ = cli("merge", str(runs["lora"]["run"]), "-o", str(out), "--overwrite", capsys=capsys)
-    assert code == 0 and (out / "model.safetensors").is_file() and not (out / "keep.txt").exists()
+    assert code == 0 and (out / "model.safetensors").is_file()
     # The run it reads from is never a valid output.
     code, _, err = cli(
         "merge", str(runs["lora"]["run"]), "-o", str(runs["lora"]["run"]), "--overwrite", capsys=capsys
     )
     assert code == 2 and "which the merge reads" in one_error_line(err)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing left beside OUT
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "out"]  # nothing left beside OUT
 
 
 def test_a_failed_write_leaves_no_partial_out(runs, tmp_path, capsys):

@@ -155,7 +155,7 @@ def test_adalora_resumes_after_its_ranks_are_pruned(tmp_path, completion_data, c
     run, again = tmp_path / "run", tmp_path / "again"
     # The same run, as if killed after its checkpoint: only what existed at step 15 is kept.
     again.mkdir()
-    for name in (".peftcli-run", "recipe.yaml", "checkpoints"):
+    for name in (".peftcli", "recipe.yaml", "checkpoints"):
         copy = shutil.copytree if (run / name).is_dir() else shutil.copy
         copy(run / name, again / name)
     (again / ".incomplete").touch()

@@ -12,6 +12,7 @@ and `compare.png` in DIR.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -21,11 +22,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from peftcli import outputs
 from peftcli.console import human_bytes, say
 from peftcli.errors import UserError, did_you_mean
 from peftcli.methods import METHODS, canonical_method
 from peftcli.recipe import load_recipe
-from peftcli.runs import is_run
+from peftcli.runs import recipe_files, writable
 
 RESULT_ENV = "PEFTCLI_COMPARE_RESULT"  # where a worker writes its JSON result
 TASK_METRICS = ("exact_match", "accuracy", "preference_accuracy", "reward_accuracy")
@@ -90,11 +92,13 @@ def compare(
         raise UserError(f"--max-steps: {max_steps} must be at least 1")
     base = load_recipe(recipe_path, overrides)  # recipe mistakes end here, before anything trains
     out = Path(output_dir) if output_dir else Path("runs") / f"{base.name}-compare"
-    taken = [m for m in methods if is_run(out / m)]
-    if taken and not overwrite:
-        raise UserError(
-            f"{out / taken[0]} already holds a run", "pass --overwrite to replace it, or --output-dir DIR"
-        )
+    # The folder follows the rule of every peftcli output (peftcli.outputs): new, empty, or an
+    # earlier compare's with --overwrite; its runs are replaced by train's own rule.
+    hint = "choose another --output-dir"
+    outputs.check_location(out, "--output-dir", recipe_files(base), hint=hint, reader="the recipe")
+    outputs.check_replace(out, "compare", "--output-dir", overwrite, hint=hint)
+    writable(out)
+    outputs.mark(out, "compare")
     rows = []
     for i, method in enumerate(methods, 1):
         say(f"peftcli compare: [{i}/{len(methods)}] {method}")
@@ -107,7 +111,6 @@ def compare(
             rows.append(error_row(method, str(exc)))
             continue
         rows.append(run_method(recipe_path, these, method, out / method, overwrite, recipe.eval.metrics))
-    out.mkdir(parents=True, exist_ok=True)
     write_outputs(rows, out, title=f"{base.name}: {base.model.name_or_path}")
     return rows, out
 
@@ -225,12 +228,16 @@ def format_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def write_outputs(rows: list[dict[str, Any]], out: Path, title: str) -> None:
-    with (out / "compare.csv").open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows([{c: ("" if r.get(c) is None else r[c]) for c in COLUMNS} for r in rows])
-    (out / "compare.md").write_text(format_markdown(rows), encoding="utf-8")
-    plot(rows, out / "compare.png", title)
+    """The table as CSV, Markdown and a chart; each file appears whole or not at all."""
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows([{c: ("" if r.get(c) is None else r[c]) for c in COLUMNS} for r in rows])
+    outputs.write_text(out / "compare.csv", table.getvalue())
+    outputs.write_text(out / "compare.md", format_markdown(rows))
+    chart = out / f".compare.png.tmp-{os.getpid()}.png"
+    plot(rows, chart, title)
+    chart.replace(out / "compare.png")
 
 
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:

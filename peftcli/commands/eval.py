@@ -15,13 +15,15 @@ from peftcli.runs import labels_of, open_target
 from peftcli.training.evaluate import eval_split
 
 
-def run_eval(path: Path, data: Path | None = None, compare_base: bool = False) -> dict[str, Any]:
+def run_eval(
+    path: Path, data: Path | None = None, compare_base: bool = False, trust_remote_code: bool = False
+) -> dict[str, Any]:
     from peftcli.console import quiet_libraries, say
     from peftcli.model.load import load_model
     from peftcli.training.evaluate import evaluate
 
     quiet_libraries()
-    target = open_target(path)
+    target = open_target(path, trust_remote_code)
     if compare_base and target.adapter is None:
         raise UserError("--compare-base needs an adapter or a run, not a plain model folder")
     objective = preference_objective_of(target, data)
@@ -64,11 +66,21 @@ def run_eval(path: Path, data: Path | None = None, compare_base: bool = False) -
         results["adapter"] = measure(model, "the adapter")
     else:
         results["model"] = measure(model, "the model")
-    if target.run_dir is not None and data is None:
-        eval_file = target.run_dir / "eval.json"
-        previous = json.loads(eval_file.read_text()) if eval_file.is_file() else {}
-        eval_file.write_text(json.dumps({**previous, **results["adapter"]}, indent=2) + "\n")
+    if data is None:
+        record(target, results["adapter"])
     return results if compare_base else next(iter(results.values()))
+
+
+def record(target: Any, metrics: dict[str, Any]) -> None:
+    """The run's own eval split: the metrics go into its eval.json — only in a folder peftcli
+    made for a run (the rule of peftcli.outputs), and whole or not at all."""
+    from peftcli.runs import is_run, write_json
+
+    if target.run_dir is None or not is_run(target.run_dir):
+        return
+    eval_file = target.run_dir / "eval.json"
+    previous = json.loads(eval_file.read_text()) if eval_file.is_file() else {}
+    write_json(eval_file, {**previous, **metrics})
 
 
 def target_tokenizer(target: Any) -> Any:
@@ -169,10 +181,8 @@ def run_preference_eval(target: Any, data: Path | None, compare_base: bool, name
     say(f"peftcli: evaluating the adapter on {len(examples)} {what}")
     results["adapter"] = objectives.evaluate(model, examples, objective, accelerator, batch, pad)
     results["adapter"]["examples"] = len(examples)
-    if target.run_dir is not None and data is None:
-        eval_file = target.run_dir / "eval.json"
-        previous = json.loads(eval_file.read_text()) if eval_file.is_file() else {}
-        eval_file.write_text(json.dumps({**previous, **results["adapter"]}, indent=2) + "\n")
+    if data is None:
+        record(target, results["adapter"])
     return results if compare_base else results["adapter"]
 
 

@@ -100,6 +100,44 @@ def load_target_model(target: Target, labels: list[str] | None) -> Any:
     return model.eval()
 
 
+def learned_positions(model: Any) -> int | None:
+    """How many positions a model with a learned absolute position table (GPT-2, BERT) has;
+    None for rotary or relative positions (Llama, T5), which have no table to run off."""
+    import torch
+
+    limit = getattr(model.config, "max_position_embeddings", None)
+    for name, module in model.named_modules():
+        last = name.rsplit(".", 1)[-1]
+        if isinstance(module, torch.nn.Embedding) and ("pos" in last or last == "wpe"):
+            if limit is None or module.num_embeddings == limit:
+                return module.num_embeddings
+    return None
+
+
+def check_positions(model: Any, prompt_tokens: int, new_tokens: int, name: str) -> None:
+    """Refuse a prompt (plus the tokens to generate, plus a prompt method's virtual tokens) that
+    runs past the model's learned positions, where it would end in an IndexError."""
+    limit = learned_positions(model)
+    if limit is None:
+        return
+    config = getattr(model, "active_peft_config", None)
+    virtual = config.num_virtual_tokens if getattr(config, "is_prompt_learning", False) else 0
+    if prompt_tokens + virtual + new_tokens <= limit:
+        return
+    room = limit - virtual
+    prefix = f" and {virtual} virtual tokens" if virtual else ""
+    if prompt_tokens >= room or new_tokens == 0:
+        raise UserError(
+            f"--prompt is {prompt_tokens} tokens{prefix}, and {name} has {limit} positions",
+            f"shorten the prompt to fewer than {room} tokens",
+        )
+    raise UserError(
+        f"--prompt is {prompt_tokens} tokens{prefix}; with --max-new-tokens {new_tokens} that runs past "
+        f"the {limit} positions of {name}",
+        f"lower --max-new-tokens to {room - prompt_tokens} or shorten the prompt",
+    )
+
+
 def run_generate(
     path: Path,
     prompt: str,
@@ -108,6 +146,7 @@ def run_generate(
     seed: int = 0,
     chat: bool = False,
     system: str | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """`{"prompt", "output"}`; for classifiers `{"prompt", "label", "probabilities"}`."""
     import torch
@@ -117,7 +156,7 @@ def run_generate(
 
     if system is not None and not chat:
         raise UserError("--system needs --chat (the system message goes into the chat template)")
-    target = open_target(path)  # a wrong path is refused before the heavy libraries load
+    target = open_target(path, trust_remote_code)  # a wrong path is refused before the heavy libraries load
     quiet_libraries()
     task = target.model.task
     if chat and task == "seq_cls":
@@ -129,6 +168,7 @@ def run_generate(
     ids = prompt_ids(tokenizer, prompt, task, chat, system, section)
     labels = labels_of(target)
     model = load_target_model(target, labels)
+    check_positions(model, len(ids), 0 if task == "seq_cls" else max_new_tokens, target.model.name_or_path)
     device = next(model.parameters()).device
 
     if task == "seq_cls":

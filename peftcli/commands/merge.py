@@ -11,13 +11,12 @@ once it is complete.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from peftcli import outputs
 from peftcli.errors import UserError, did_you_mean
 from peftcli.methods import METHODS, method_of
 from peftcli.runs import Target, labels_of, open_target
@@ -69,10 +68,10 @@ def adapter_method(target: Target) -> str:
     return method.name
 
 
-def open_sources(paths: list[Path]) -> list[Source]:
+def open_sources(paths: list[Path], trust_remote_code: bool = False) -> list[Source]:
     sources = []
     for path in paths:
-        target = open_target(path)
+        target = open_target(path, trust_remote_code)
         if target.adapter is None:
             raise UserError(f"{path} is a model folder with no adapter: there is nothing to merge into it")
         method = adapter_method(target)
@@ -142,22 +141,23 @@ def check_combination(
 
 
 def check_out(out: Path, sources: list[Source], overwrite: bool) -> None:
-    from peftcli.model.load import source as model_source
+    """OUT follows the rule of every peftcli output (see peftcli.outputs): a new or empty folder,
+    or with --overwrite an earlier merge output; never what the merge reads, nor the folder
+    holding the run's data or recipe."""
+    outputs.check_location(out, "-o", reads_of(sources), reader="the merge")
+    outputs.check_replace(out, "merge", "-o", overwrite)
 
-    resolved = out.expanduser().resolve()
-    protected = [s.adapter.resolve() for s in sources] + [
-        s.target.run_dir.resolve() for s in sources if s.target.run_dir
-    ]
-    protected += [Path(model_source(s.target.model)).resolve() for s in sources]
-    for p in protected:
-        if resolved == p or resolved in p.parents:
-            raise UserError(
-                f"-o {out} would replace {p}, which the merge reads", "choose another output folder"
-            )
-    if out.exists() and not out.is_dir():
-        raise UserError(f"-o {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"-o {out} already exists and is not empty", "pass --overwrite to replace it")
+
+def reads_of(sources: list[Source]) -> list[Path]:
+    """What a merge reads, or must not replace: the adapters, their runs, the base model folder,
+    and the local files each run's recipe was trained on."""
+    from peftcli.model.load import source as model_source
+    from peftcli.runs import recipe_files
+
+    paths = [s.adapter for s in sources] + [s.target.run_dir for s in sources if s.target.run_dir]
+    paths += [Path(m) for s in sources if Path(m := model_source(s.target.model)).exists()]
+    paths += [p for s in sources if s.target.recipe is not None for p in recipe_files(s.target.recipe)]
+    return paths
 
 
 # --------------------------------------------------------------------------- loading
@@ -224,12 +224,13 @@ def merge(
     combination: str = "cat",
     density: float | None = None,
     overwrite: bool = False,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Merge and write OUT; returns the report (also written to OUT/merge_report.json)."""
     from peftcli.console import quiet_libraries, say
     from peftcli.model.load import load_tokenizer
 
-    sources = open_sources(paths)
+    sources = open_sources(paths, trust_remote_code)
     weights = check_combination(sources, weights, combination, density)
     check_out(out, sources, overwrite)
     quiet_libraries()
@@ -361,29 +362,22 @@ def write_folder(out: Path, model: Any, tokenizer: Any, report: dict[str, Any], 
     """Write into a hidden folder beside OUT and rename it into place: a failed or interrupted
     merge leaves no partial OUT, and an existing OUT is replaced only by a complete one."""
     out = out.expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    work = outputs.work_folder(out)
     try:
         try:
             model.save_pretrained(work)
             tokenizer.save_pretrained(work)
             (work / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+            outputs.mark(work, "merge")
         except OSError as exc:
             raise UserError(f"cannot write {out}: {exc.strerror or exc}") from None
         except Exception as exc:  # the safetensors writer reports I/O errors as its own type
             if type(exc).__name__ != "SafetensorError":
                 raise
             raise UserError(f"cannot write {out}: {str(exc).splitlines()[0]}") from None
-        work.chmod(0o755)
-        if out.exists():
-            if any(out.iterdir()) and not overwrite:  # appeared while merging
-                raise UserError(f"-o {out} already exists and is not empty", "pass --overwrite to replace it")
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, trash / out.name)
-            os.rename(work, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(work, out)
+        outputs.follow_umask(work)
+        outputs.check_replace(out, "merge", "-o", overwrite)  # again: OUT may have appeared meanwhile
+        outputs.swap_in(work, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -50,18 +50,25 @@ def run_train(
             )
         launched = {"--num-processes": num_processes, "--launch-config": launch_config}
         how = [x for flag, value in launched.items() if value is not None for x in (flag, str(value))]
-        again = shlex.join(["peftcli", "train", str(recipe_path), *(overrides or []), *how, "--resume"])
         code = launch(recipe_path, overrides or [], num_processes, launch_config, flags)
         if (stopped := interrupted_run(recipe.output_dir, code)) is not None:
-            stopped.command = again
+            stopped.command = again_command(stopped, recipe_path, [*(overrides or []), *how], overwrite)
             raise stopped
         return code
     try:
         train(recipe, overwrite=overwrite, resume=resume)
     except Interrupted as exc:
-        exc.command = shlex.join(["peftcli", "train", str(recipe_path), *(overrides or []), "--resume"])
+        exc.command = again_command(exc, recipe_path, overrides or [], overwrite)
         raise
     return 0
+
+
+def again_command(stopped: Interrupted, recipe_path: Path, args: list[str], overwrite: bool) -> str:
+    """The command that goes on after an interruption: `--resume` from its checkpoint; without
+    one, the command that trains it again from step 0 (an --overwrite run's unfinished twin
+    holds nothing to resume, so that is --overwrite again)."""
+    flag = "--overwrite" if stopped.checkpoint is None and overwrite else "--resume"
+    return shlex.join(["peftcli", "train", str(recipe_path), *args, flag])
 
 
 # --------------------------------------------------------------------------- the launcher

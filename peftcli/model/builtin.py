@@ -18,6 +18,7 @@ from typing import Any
 
 from peftcli.errors import UserError, did_you_mean
 from peftcli.home import home, make_dirs
+from peftcli.outputs import follow_umask
 
 PREFIX = "builtin:"
 VERSION = 2  # bump when a builtin model changes: caches keep the old ones apart
@@ -257,6 +258,7 @@ def materialise(name: str) -> Path:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "peftcli_builtin.json").write_text(json.dumps({"name": name, "version": VERSION}))
+        follow_umask(tmp)  # mkdtemp makes it 0700 and safetensors writes 0600: a shared cache
         try:
             os.rename(tmp, target)  # atomic: concurrent processes race safely
         except OSError:

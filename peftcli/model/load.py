@@ -53,10 +53,14 @@ def _warn_remote_code(name: str, revision: str | None) -> None:
 
 def _load_error(what: str, path: str, exc: Exception) -> UserError:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return UserError(
-        f"model.name_or_path: cannot load the {what} of `{path}`: {first}",
-        "check the path or hub id; offline, only local folders and builtin:<name> load",
-    )
+    if "trust_remote_code" in str(exc) or "contains custom code" in str(exc):
+        hint = (
+            "only if you trust that code: pass --trust-remote-code (eval, generate, merge), or set "
+            "model.trust_remote_code: true in your own recipe (train)"
+        )
+    else:
+        hint = "check the path or hub id; offline, only local folders and builtin:<name> load"
+    return UserError(f"model.name_or_path: cannot load the {what} of `{path}`: {first}", hint)
 
 
 def load_config(section: ModelSection, labels: list[str] | None = None) -> Any:

@@ -156,6 +156,8 @@ def save(
     """Write checkpoint `step` (every process calls this; the main process writes the shared parts)."""
     from safetensors.torch import save_file
 
+    from peftcli.outputs import follow_umask
+
     target = root / f"step-{step}"
     tmp = root / f".step-{step}.tmp"
     if accelerator.is_main_process:
@@ -181,6 +183,7 @@ def save(
     if accelerator.is_main_process:
         state = {"step": step, "progress": progress, "fingerprint": fingerprint_}
         (tmp / STATE).write_text(json.dumps(state, indent=1), encoding="utf-8")
+        follow_umask(tmp)  # safetensors writes its files 0600
         shutil.rmtree(target, ignore_errors=True)
         os.rename(tmp, target)
         for old in complete(root)[:-keep]:

@@ -367,6 +367,8 @@ def load_or_compute_reference(
     run: the policy has moved on since), else computed, and written there by the main process."""
     from safetensors.torch import load_file, save_file
 
+    from peftcli.outputs import follow_umask
+
     if saved is not None and saved.is_file():
         tables = load_file(saved)
         if len(tables["train"]) == len(data.train.examples):
@@ -384,6 +386,7 @@ def load_or_compute_reference(
         )
     if saved is not None and accelerator.is_main_process:
         save_file(tables, saved)
+        follow_umask(saved)  # safetensors writes its files 0600
     return tables
 
 

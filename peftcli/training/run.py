@@ -19,21 +19,14 @@ from peftcli.training.accelerator import describe, distribution, make_accelerato
 from peftcli.training.tracking import MetricsLog
 
 
-def protected_paths(recipe: Recipe) -> list[Path]:
-    """Local files the recipe reads: a run folder must never hold (and so replace) them."""
-    data = recipe.data
-    paths = [data.train, data.eval if isinstance(data.eval, str) else None, data.chat_template]
-    return [Path(p) for p in paths if p and Path(p).expanduser().exists()]
-
-
 def plan_folder(recipe: Recipe, overwrite: bool, resume: bool) -> run_folder.Plan:
     """Where the run writes; refuses what would replace or mix anything. Touches nothing."""
-    return run_folder.plan(recipe.output_dir, overwrite, resume, protected_paths(recipe))
+    return run_folder.plan(recipe.output_dir, overwrite, resume, run_folder.recipe_files(recipe))
 
 
 def check_can_start(recipe: Recipe, overwrite: bool, resume: bool) -> None:
     """What refuses a `train` before any process starts: the folder, and another `train` in it."""
-    run_folder.check_location(recipe.output_dir, protected_paths(recipe))
+    run_folder.check_location(recipe.output_dir, run_folder.recipe_files(recipe))
     run_folder.check_free(recipe.output_dir)
     plan_folder(recipe, overwrite, resume)
 
@@ -294,6 +287,14 @@ def preference_objective(recipe: Recipe, where: run_folder.Plan, stages: Stages,
     return objective
 
 
+def trained_line(summary: dict[str, Any]) -> str:
+    """`300 steps in 6.4s`; after a resume the seconds are only this session's, and it says so."""
+    steps, seconds, resumed = summary["steps"], summary["seconds"], summary.get("resumed_from") or 0
+    if not resumed:
+        return f"{steps} steps in {seconds:.1f}s"
+    return f"{steps} steps ({steps - resumed} of them in {seconds:.1f}s in this session, resumed from step {resumed})"
+
+
 def finish(
     recipe: Recipe,
     where: run_folder.Plan,
@@ -340,7 +341,7 @@ def finish(
                 run_dir / "metrics.jsonl", run_dir / "loss.png", title=f"{recipe.name} ({recipe.peft.method})"
             )
             shown = ", ".join(f"{k} {v:.4f}" for k, v in floats.items())
-            say(f"peftcli: {summary['steps']} steps in {summary['seconds']:.1f}s; eval: {shown or 'none'}")
+            say(f"peftcli: {trained_line(summary)}; eval: {shown or 'none'}")
     except BaseException:
         if main:
             say(
