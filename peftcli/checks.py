@@ -167,7 +167,19 @@ def check_data(recipe: Recipe, folder: Path | None) -> list[str]:
         else ""
     )
     lines = [f"data: {found.rows} rows of {found.format}{how}"]
+    if found.format in formats.CHAT_FORMATS and not found.answers and section.train_on == "completion":
+        raise UserError(
+            f"data.train: no conversation in {section.train} has an assistant turn, and training learns "
+            "the assistant's turns (data.train_on: completion)",
+            "add the answers as assistant turns, or set data.train_on: all",
+        )
     if found.labels is not None:
+        if len(found.labels) < 2:
+            raise UserError(
+                f"data.train: every row of {section.train} has the label {found.labels[0]}; a classifier "
+                "needs at least 2 classes",
+                "add rows of the other classes",
+            )
         check_labels(recipe, found.labels)
         shown = ", ".join(found.labels[:10]) + (", ..." if len(found.labels) > 10 else "")
         lines.append(f"labels: {len(found.labels)} classes ({shown})")
