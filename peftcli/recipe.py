@@ -90,10 +90,8 @@ class ModelSection(_Section):
     @classmethod
     def _folder_or_hub_id(cls, value: str) -> str:
         value = _expand(value) or value
-        if value.startswith("builtin:") or Path(value).is_dir():
-            return value
-        if value.startswith((".", "/", "~")) or Path(value).exists():
-            raise ValueError("no such folder; give a model folder, a hub id (org/name) or builtin:<name>")
+        if value.startswith(("builtin:", ".", "/", "~")) or Path(value).exists():
+            return value  # a path: whether it is a model folder is checked where it is read
         if len(value) > 96 or not HUB_ID.fullmatch(value):
             raise ValueError(
                 "not a local folder, and not a hub id (org/name: letters, digits, '-', '_', '.'); "
@@ -127,9 +125,10 @@ class PeftSection(_Section):
     )
     init_from: str | None = Field(
         None,
-        description="Start from a trained adapter: a run folder or an adapter folder of the same method "
-        "(e.g. an SFT run before DPO). Its settings replace r, alpha, target_modules and options; "
-        "preference objectives use it, frozen, as the reference.",
+        description="Start from a trained adapter: a run folder, one of its checkpoints/step-N, or an "
+        "adapter folder, of the same method (e.g. an SFT run before DPO). The run takes its r, alpha, "
+        "dropout, target_modules and layers (recorded in the run's recipe.yaml); setting one of them to "
+        "another value is an error. Preference objectives use it, frozen, as the reference.",
     )
 
     @field_validator("method", mode="before")
@@ -546,7 +545,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         if isinstance(value, str) and not (key == "chat_template" and "{" in value):  # a path
             setattr(recipe.data, key, _resolve_data_path(value, path.parent))
     if recipe.peft.init_from is not None:
+        from peftcli.methods.load import adopt_settings
+
         recipe.peft.init_from = _resolve_data_path(recipe.peft.init_from, path.parent)
+        adopt_settings(recipe.peft)  # the recipe says what the adapter is, or is refused
     return recipe
 
 
