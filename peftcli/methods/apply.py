@@ -222,9 +222,12 @@ def fits(annotation: ast.expr, value: Any) -> bool:
         if outer == "Union":
             return any(fits(x, value) for x in inner)
         if outer == "Literal":
-            if isinstance(value, str) and any(isinstance(x, ast.Constant) and "[" in str(x.value) for x in inner):
-                return True  # a pattern written as a literal, e.g. "pissa_niter_[number of iters]"
-            return any(isinstance(x, ast.Constant) and type(x.value) is type(value) and x.value == value for x in inner)
+            values = [x.value for x in inner if isinstance(x, ast.Constant)]
+            # A pattern written as a literal ("pissa_niter_[number of iters]") takes its prefix.
+            patterns = [v.split("[")[0] for v in values if isinstance(v, str) and "[" in v]
+            if isinstance(value, str) and any(value.startswith(p) for p in patterns):
+                return True
+            return any(type(v) is type(value) and v == value for v in values)
         if outer in ("list", "List", "Sequence"):
             return isinstance(value, list) and all(fits(inner[0], v) for v in value)
         if outer in ("dict", "Dict", "Mapping"):
