@@ -265,7 +265,11 @@ def _trained_on(folder: Path, adapter: dict[str, Any]) -> str:
             try:
                 from peftcli.recipe import parse_yaml
 
-                name = (parse_yaml(recorded.read_text(encoding="utf-8")) or {}).get("model", {}).get("name_or_path")
+                name = (
+                    (parse_yaml(recorded.read_text(encoding="utf-8")) or {})
+                    .get("model", {})
+                    .get("name_or_path")
+                )
             except Exception:  # a damaged record: fall back to the adapter's own
                 name = None
             if isinstance(name, str):

@@ -321,7 +321,9 @@ class Recipe(_Section):
     @classmethod
     def _one_folder_name(cls, value: str) -> str:
         if not NAME.fullmatch(value):
-            raise ValueError(f"a run name is one folder name: {NAME_RULE} (for another folder, set training.output_dir)")
+            raise ValueError(
+                f"a run name is one folder name: {NAME_RULE} (for another folder, set training.output_dir)"
+            )
         return value
 
     @model_validator(mode="after")
@@ -386,7 +388,9 @@ class _Loader(yaml.SafeLoader):
                 continue
             if first != key_node.start_mark.line + 1:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key `{key}` appears twice in one mapping (first on line {first}); keep one",
+                    None,
+                    None,
+                    f"key `{key}` appears twice in one mapping (first on line {first}); keep one",
                     key_node.start_mark,
                 )
         return super().construct_mapping(node, deep=deep)
@@ -505,7 +509,9 @@ def _format_error(err: dict[str, Any]) -> str:
         choices = err.get("ctx", {}).get("expected", "")
         names = [c.strip().strip("'") for c in choices.replace(" or ", ", ").split(",")]
         quote = " (quote it: YAML reads yes/no/on/off as booleans)" if isinstance(value, bool) else ""
-        return f"`{path}: {_shown(value)}` is not one of {', '.join(names)}{did_you_mean(value, names)}{quote}"
+        return (
+            f"`{path}: {_shown(value)}` is not one of {', '.join(names)}{did_you_mean(value, names)}{quote}"
+        )
     if kind == "value_error" and (not path or isinstance(value, dict)):
         # A whole-recipe or whole-section check: its message names its keys.
         return str(err["msg"]).removeprefix("Value error, ")

@@ -63,7 +63,9 @@ def test_a_name_is_one_folder_name(user, name):
 
 
 def test_a_default_name_from_an_odd_file_name_is_made_one(user):
-    (user.folder / "my recipe (v2).yaml").write_text((user.folder / "r.yaml").read_text().replace("name: t\n", ""))
+    (user.folder / "my recipe (v2).yaml").write_text(
+        (user.folder / "r.yaml").read_text().replace("name: t\n", "")
+    )
     from peftcli.recipe import load_recipe
 
     assert load_recipe(user.folder / "my recipe (v2).yaml").name == "my-recipe-v2-"
@@ -118,10 +120,12 @@ def test_all_type_mistakes_are_reported_together(user):
 
 def test_numbers_as_users_write_them(user):
     # An integer is a float (lr: 1), and 1e-4 is a number although YAML 1.1 wants 1.0e-4.
-    (user.folder / "n.yaml").write_text(
-        (user.folder / "r.yaml").read_text() + "eval:\n  max_new_tokens: 8\n"
+    (user.folder / "n.yaml").write_text((user.folder / "r.yaml").read_text() + "eval:\n  max_new_tokens: 8\n")
+    text = (
+        (user.folder / "n.yaml")
+        .read_text()
+        .replace("batch_size: 4", "batch_size: 4\n  lr: 1e-4\n  epochs: 2")
     )
-    text = (user.folder / "n.yaml").read_text().replace("batch_size: 4", "batch_size: 4\n  lr: 1e-4\n  epochs: 2")
     (user.folder / "n.yaml").write_text(text)
     proc = run_cli("validate", "n.yaml", "training.warmup_ratio=0", "peft.alpha=32", cwd=user.folder)
     assert proc.returncode == 0, proc.stderr
@@ -136,7 +140,9 @@ def test_a_key_given_twice_in_a_recipe(user):
     (user.folder / "twice.yaml").write_text(text)
     line = user.refused(recipe="twice.yaml")
     assert "key `training` appears twice" in line and "line" in line, line
-    (user.folder / "twice2.yaml").write_text(text.replace("training:\n  max_steps: 2\n", "").replace("r: 4", "r: 4\n  r: 8"))
+    (user.folder / "twice2.yaml").write_text(
+        text.replace("training:\n  max_steps: 2\n", "").replace("r: 4", "r: 4\n  r: 8")
+    )
     assert "key `r` appears twice" in user.refused(recipe="twice2.yaml")
 
 
@@ -149,8 +155,14 @@ def test_a_key_given_twice_in_a_recipe(user):
         ("peft.options.r=8", "peft.options.r is what peft.r sets for lora; set peft.r"),
         ("peft.options.lora_alpha=abc", "peft.options.lora_alpha is what peft.alpha sets"),
         ("peft.options.lora_dropout=0.1", "peft.options.lora_dropout is what peft.dropout sets"),
-        ("peft.options.target_modules=[q_proj]", "peft.options.target_modules is what peft.target_modules sets"),
-        ("peft.options.use_rslora=1", "`peft.options.use_rslora: 1` does not fit LoraConfig.use_rslora, which takes bool"),
+        (
+            "peft.options.target_modules=[q_proj]",
+            "peft.options.target_modules is what peft.target_modules sets",
+        ),
+        (
+            "peft.options.use_rslora=1",
+            "`peft.options.use_rslora: 1` does not fit LoraConfig.use_rslora, which takes bool",
+        ),
         ("peft.options.init_lora_weights=foo", "does not fit LoraConfig.init_lora_weights"),
         ("peft.method=dora peft.options.use_dora=false", "peft.options.use_dora: dora sets it to True"),
     ],
@@ -161,7 +173,10 @@ def test_peft_options_are_checked(user, override, says):
 
 def test_peft_options_of_the_right_type_pass(user):
     proc = run_cli(
-        "validate", "r.yaml", "peft.options.use_rslora=true", "peft.options.init_lora_weights=pissa_niter_4",
+        "validate",
+        "r.yaml",
+        "peft.options.use_rslora=true",
+        "peft.options.init_lora_weights=pissa_niter_4",
         cwd=user.folder,
     )
     assert proc.returncode == 0, proc.stderr
@@ -172,7 +187,9 @@ def test_peft_options_of_the_right_type_pass(user):
 
 def test_a_deeply_nested_row(user):
     deep = "[" * 100_000 + "]" * 100_000
-    (user.folder / "deep.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": ' + deep + "}\n")
+    (user.folder / "deep.jsonl").write_text(
+        '{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": ' + deep + "}\n"
+    )
     for command in ("validate", "data", "train"):
         line = user.refused("data.train=deep.jsonl", command=command)
         assert f"data.train: {user.folder / 'deep.jsonl'}:2: nested too deeply" in line, line
@@ -189,7 +206,9 @@ def test_a_key_given_twice_in_a_data_row(user, ext):
 
 
 def test_every_data_message_has_one_prefix(user):
-    (user.folder / "bad.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": 1, "completion": "b"}\n')
+    (user.folder / "bad.jsonl").write_text(
+        '{"prompt": "a", "completion": "b"}\n{"prompt": 1, "completion": "b"}\n'
+    )
     assert f"error: data.train: {user.folder / 'bad.jsonl'}:2: `prompt` must be a string" in user.refused(
         "data.train=bad.jsonl"
     )
@@ -208,7 +227,11 @@ def test_chat_data_without_an_assistant_turn(user):
 
 @pytest.mark.parametrize(
     "labels, says",
-    [([1, "pos", True], "label 'pos' is a string, but"), ([1, True], "label True is a boolean"), (["pos"] * 4, "at least 2 classes")],
+    [
+        ([1, "pos", True], "label 'pos' is a string, but"),
+        ([1, True], "label True is a boolean"),
+        (["pos"] * 4, "at least 2 classes"),
+    ],
 )
 def test_classification_labels(user, labels, says):
     write_jsonl(user.folder / "cls.jsonl", [{"text": f"t{i}", "label": x} for i, x in enumerate(labels)])
@@ -239,7 +262,9 @@ def sft_run(tmp_path_factory):
     (folder / "bert-base").mkdir()
     (folder / "bert-base" / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 32}))
     (folder / "bert" / "adapter").mkdir(parents=True)
-    (folder / "bert" / "recipe.yaml").write_text(yaml.safe_dump({"model": {"name_or_path": "builtin:tiny-bert"}}))
+    (folder / "bert" / "recipe.yaml").write_text(
+        yaml.safe_dump({"model": {"name_or_path": "builtin:tiny-bert"}})
+    )
     (folder / "bert" / "adapter" / "adapter_config.json").write_text(
         json.dumps(
             {
@@ -289,6 +314,8 @@ def test_init_from_another_model_names_what_it_was_trained_on(user, sft_run):
     _init_recipe(user, sft_run / "bert")
     line = user.refused(recipe="init.yaml", command="train")
     assert "was trained for seq_cls on builtin:tiny-bert" in line, line
-    write_jsonl(user.folder / "cls.jsonl", [{"text": f"a {i}", "label": ["pos", "neg"][i % 2]} for i in range(8)])
+    write_jsonl(
+        user.folder / "cls.jsonl", [{"text": f"a {i}", "label": ["pos", "neg"][i % 2]} for i in range(8)]
+    )
     line = user.refused("model.task=seq_cls", "data.train=cls.jsonl", recipe="init.yaml")
     assert "was trained on builtin:tiny-bert (model_type bert)" in line and "builtin:tiny-llama" in line, line

@@ -171,7 +171,11 @@ def config_class(name: str) -> type:
 
 
 # Config fields peftcli sets from first-class recipe keys (beyond each method's `generic` ones).
-_FIRST_CLASS = {"target_modules": "target_modules", "layers_to_transform": "layers", "layers_pattern": "layers"}
+_FIRST_CLASS = {
+    "target_modules": "target_modules",
+    "layers_to_transform": "layers",
+    "layers_pattern": "layers",
+}
 
 
 def config_annotations(class_name: str) -> dict[str, ast.expr]:

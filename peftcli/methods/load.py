@@ -38,7 +38,9 @@ def adapter_folder(path: Path | str, key: str = "peft.init_from") -> Path:
         if (folder / "adapter_config.json").is_file():
             return folder
     if not path.exists():
-        steps = sorted(p.name for p in path.parent.glob("step-*")) if path.parent.name == "checkpoints" else []
+        steps = (
+            sorted(p.name for p in path.parent.glob("step-*")) if path.parent.name == "checkpoints" else []
+        )
         hint = f"the run's checkpoints are {', '.join(steps)}" if steps else None
         raise UserError(f"{key}: no such run, checkpoint or adapter folder: {path}", hint)
     if (path / "checkpoints").is_dir() and any((path / "checkpoints").glob("step-*/adapter")):
@@ -110,10 +112,14 @@ def adopt_settings(section: Any) -> list[str]:
         mine = getattr(section, key)
         if key in section.model_fields_set:
             # A keyword or regex, or layers counted from the end, mean names only on the model.
-            comparable = isinstance(mine, list) if key == "target_modules" else not (
-                key == "layers" and any(i < 0 for i in mine or [])
+            comparable = (
+                isinstance(mine, list)
+                if key == "target_modules"
+                else not (key == "layers" and any(i < 0 for i in mine or []))
             )
-            differs = sorted(mine) != have if key == "target_modules" and isinstance(have, list) else mine != have
+            differs = (
+                sorted(mine) != have if key == "target_modules" and isinstance(have, list) else mine != have
+            )
             if comparable and differs:
                 conflicts.append(f"peft.{key}: {mine} (the adapter has {name}={have})")
         elif mine != have:
