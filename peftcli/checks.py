@@ -167,7 +167,19 @@ def check_data(recipe: Recipe, folder: Path | None) -> list[str]:
         else ""
     )
     lines = [f"data: {found.rows} rows of {found.format}{how}"]
+    if found.format in formats.CHAT_FORMATS and not found.answers and section.train_on == "completion":
+        raise UserError(
+            f"data.train: no conversation in {section.train} has an assistant turn, and training learns "
+            "the assistant's turns (data.train_on: completion)",
+            "add the answers as assistant turns, or set data.train_on: all",
+        )
     if found.labels is not None:
+        if len(found.labels) < 2:
+            raise UserError(
+                f"data.train: every row of {section.train} has the label {found.labels[0]}; a classifier "
+                "needs at least 2 classes",
+                "add rows of the other classes",
+            )
         check_labels(recipe, found.labels)
         shown = ", ".join(found.labels[:10]) + (", ..." if len(found.labels) > 10 else "")
         lines.append(f"labels: {len(found.labels)} classes ({shown})")
@@ -199,16 +211,70 @@ def check_data(recipe: Recipe, folder: Path | None) -> list[str]:
 def check_preference_data(recipe: Recipe) -> list[str]:
     """Preference rows (pairs, or KTO's labelled answers), every one checked; the starting adapter."""
     from peftcli.data import preference, sources
-    from peftcli.methods.load import adapter_folder
 
     section, objective = recipe.data, recipe.training.objective
     fmt, rows = preference.scan(section.train, section.format, objective)
     lines = [f"data: {rows} rows of {fmt} (training.objective: {objective})"]
     if isinstance(section.eval, str) and not sources.is_hub_dataset(section.eval):
         lines.append(f"eval data: {preference.scan(section.eval, fmt, objective, 'data.eval')[1]} rows")
-    if recipe.peft.init_from is not None:
-        lines.append(f"peft: starts from the adapter in {adapter_folder(recipe.peft.init_from)}")
     return lines
+
+
+def check_init_from(recipe: Recipe, config: dict[str, Any] | None) -> str:
+    """The adapter `peft.init_from` names exists, is of the recipe's method and fits the model
+    and task; says which settings the run takes from it."""
+    from peftcli.methods import METHODS
+    from peftcli.methods.load import adapter_config, check_method
+    from peftcli.tasks import task_of_peft_type
+
+    peft = recipe.peft
+    folder, adapter = adapter_config(peft.init_from or "")
+    check_method(folder, adapter, peft.method)
+    trained_on = _trained_on(folder, adapter)
+    task = task_of_peft_type(adapter.get("task_type"))
+    if task != recipe.model.task:
+        raise UserError(
+            f"peft.init_from: the adapter in {folder} was trained for {task} on {trained_on}; "
+            f"model.task is {recipe.model.task}",
+            "start from an adapter of the same model and task",
+        )
+    base = Path(str(adapter.get("base_model_name_or_path") or "")).expanduser()
+    if config is not None and (base / "config.json").is_file():
+        theirs = json.loads((base / "config.json").read_text(encoding="utf-8"))
+        for key in ("model_type", "hidden_size", "num_hidden_layers"):
+            if key in theirs and key in config and theirs[key] != config[key]:
+                raise UserError(
+                    f"peft.init_from: the adapter in {folder} was trained on {trained_on} "
+                    f"({key} {theirs[key]}); model.name_or_path is {recipe.model.name_or_path} ({key} {config[key]})",
+                    "start from an adapter trained on this model",
+                )
+    method = METHODS[peft.method]
+    keys = [*method.generic, *(["target_modules", "layers"] if method.kind == "targets" else [])]
+    shown = ", ".join(f"{k}={getattr(peft, k)}" for k in keys if getattr(peft, k) is not None)
+    return f"peft: starts from the {method.name} adapter in {folder}, with its settings" + (
+        f" ({shown})" if shown else ""
+    )
+
+
+def _trained_on(folder: Path, adapter: dict[str, Any]) -> str:
+    """The model an adapter was trained on, as its run's recipe names it (builtin:tiny-bert),
+    else as its adapter_config.json does."""
+    for run in (folder.parent, folder.parent.parent.parent):  # run/adapter, run/checkpoints/step-N/adapter
+        recorded = run / "recipe.yaml"
+        if recorded.is_file():
+            try:
+                from peftcli.recipe import parse_yaml
+
+                name = (
+                    (parse_yaml(recorded.read_text(encoding="utf-8")) or {})
+                    .get("model", {})
+                    .get("name_or_path")
+                )
+            except Exception:  # a damaged record: fall back to the adapter's own
+                name = None
+            if isinstance(name, str):
+                return name
+    return str(adapter.get("base_model_name_or_path") or "an unnamed base model")
 
 
 def check_labels(recipe: Recipe, labels: list[str]) -> None:
@@ -245,6 +311,8 @@ def check_recipe(recipe: Recipe) -> list[str]:
     folder = model_folder(recipe)
     config = read_config(folder, recipe.model.name_or_path) if folder is not None else None
     lines = check_model(recipe, config)
+    if recipe.peft.init_from is not None:  # before its target modules are looked for on this model
+        lines.append(check_init_from(recipe, config))
     targets = check_targets(recipe, folder)
     lines.append(targets or "peft: target modules are checked when the model's config is loaded")
     lines += check_data(recipe, folder)

@@ -1,8 +1,10 @@
 """The recipe: a typed, strict schema, loaded once at the edge.
 
-YAML is read with `yaml.safe_load`, dotted `key=value` overrides are merged into the raw
-mapping, and the result is validated into `Recipe`. Every default lives here; every error is
-gathered and reported together with its key path.
+YAML is read with PyYAML's safe loader, refusing a key given twice and reading `1e-4` as a
+number; dotted `key=value` overrides are merged into the raw mapping, and the result is validated
+into `Recipe`, strictly: a boolean is not a number and a string is not a boolean. Every default
+lives here; every error is gathered and reported together with its key path. Paths are expanded
+(`~`) once, here, so every later check sees the path that is used.
 """
 
 from __future__ import annotations
@@ -35,8 +37,29 @@ MAX_SEED = 2**32 - 1  # numpy's limit; training seeds numpy, torch and random wi
 
 
 class _Section(BaseModel):
-    # No NaN or infinity: `lr: .inf` or `epochs: .nan` is a typo, never a setting.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    # No NaN or infinity: `lr: .inf` or `epochs: .nan` is a typo, never a setting. Strict: `yes`
+    # is not 1 and "no" is not false (an integer still fills a float: `lr: 1`).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False, strict=True)
+
+
+def _expand(value: str | None) -> str | None:
+    """`~` expanded once, at the edge: the path every later check and every write sees."""
+    return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
+
+
+# A run's name is one folder name under runs/: never a path (`../x`, `/etc/x`, `.`).
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
+NAME_RULE = "letters, digits, '.', '_', '+' and '-', starting with a letter or digit, at most 100 characters"
+# Hugging Face's rule for a repo id: [org/]name, each part of letters, digits, '-', '_', '.',
+# not starting or ending with '-' or '.', no '--' or '..', at most 96 characters.
+_HUB_PART = r"(?!.*(?:--|\.\.))[A-Za-z0-9_](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?"
+HUB_ID = re.compile(rf"(?:{_HUB_PART}/)?{_HUB_PART}")
+
+
+def default_name(stem: str) -> str:
+    """A run name from a recipe file's name: what NAME allows, the rest replaced by '-'."""
+    name = re.sub(r"[^A-Za-z0-9._+-]+", "-", stem).lstrip("._+-")[:100]
+    return name or "run"
 
 
 class ModelSection(_Section):
@@ -62,6 +85,19 @@ class ModelSection(_Section):
     num_labels: int | None = Field(
         None, gt=1, description="Number of classes (seq_cls only); null = the number of labels in the data."
     )
+
+    @field_validator("name_or_path")
+    @classmethod
+    def _folder_or_hub_id(cls, value: str) -> str:
+        value = _expand(value) or value
+        if value.startswith(("builtin:", ".", "/", "~")) or Path(value).exists():
+            return value  # a path: whether it is a model folder is checked where it is read
+        if len(value) > 96 or not HUB_ID.fullmatch(value):
+            raise ValueError(
+                "not a local folder, and not a hub id (org/name: letters, digits, '-', '_', '.'); "
+                "check the path, or give builtin:<name>"
+            )
+        return value
 
     @model_validator(mode="after")
     def _num_labels_for_classifiers(self) -> ModelSection:
@@ -89,15 +125,29 @@ class PeftSection(_Section):
     )
     init_from: str | None = Field(
         None,
-        description="Start from a trained adapter: a run folder or an adapter folder of the same method "
-        "(e.g. an SFT run before DPO). Its settings replace r, alpha, target_modules and options; "
-        "preference objectives use it, frozen, as the reference.",
+        description="Start from a trained adapter: a run folder, one of its checkpoints/step-N, or an "
+        "adapter folder, of the same method (e.g. an SFT run before DPO). The run takes its r, alpha, "
+        "dropout, target_modules and layers (recorded in the run's recipe.yaml); setting one of them to "
+        "another value is an error. Preference objectives use it, frozen, as the reference.",
     )
 
     @field_validator("method", mode="before")
     @classmethod
     def _normalise_method(cls, value: Any) -> Any:
         return canonical_method(value) if isinstance(value, str) else value
+
+    @field_validator("init_from")
+    @classmethod
+    def _expand_init_from(cls, value: str | None) -> str | None:
+        return _expand(value)
+
+    @model_validator(mode="after")
+    def _options_fit(self) -> PeftSection:
+        from peftcli.methods.apply import options_problems
+
+        if problems := options_problems(METHODS[self.method], self):
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class DataSection(_Section):
@@ -145,11 +195,21 @@ class DataSection(_Section):
     def _eval_fraction(cls, value: float | str | None) -> float | str | None:
         if isinstance(value, float | int) and not 0 <= value < 1:
             raise ValueError("a held-out fraction must be in [0, 1); use a path for a separate eval file")
-        return value
+        return _expand(value) if isinstance(value, str) else value
+
+    @field_validator("train")
+    @classmethod
+    def _expand_train(cls, value: str) -> str:
+        return _expand(value) or value
+
+    @field_validator("chat_template")
+    @classmethod
+    def _expand_template(cls, value: str | None) -> str | None:
+        return value if value is None or "{" in value else _expand(value)
 
 
 class TrainingSection(_Section):
-    output_dir: str | None = Field(None, description="Run folder; default runs/<name>.")
+    output_dir: str | None = Field(None, description="Run folder; default runs/<name> (`~` is expanded).")
     epochs: float = Field(1, gt=0, description="Passes over the training data.")
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs when set.")
     batch_size: int = Field(8, gt=0, description="Examples per micro-batch, per process.")
@@ -186,6 +246,13 @@ class TrainingSection(_Section):
         description="sft: the task's loss on the data's answers; dpo | orpo | simpo | kto: preference "
         "tuning on pairs (unpaired answers for kto), with the `preference` section's settings.",
     )
+
+    @field_validator("output_dir")
+    @classmethod
+    def _expand_output_dir(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("empty; give a folder, or null for runs/<name>")
+        return _expand(value)
 
 
 class PreferenceSection(_Section):
@@ -238,13 +305,26 @@ class EvalSection(_Section):
 
 
 class Recipe(_Section):
-    name: str = Field("run", description="Run name; the default output folder is runs/<name>.")
+    name: str = Field(
+        "run",
+        description=f"Run name, default the recipe file's name; the default output folder is runs/<name>. "
+        f"One folder name: {NAME_RULE}.",
+    )
     model: ModelSection
     peft: PeftSection
     data: DataSection
     training: TrainingSection = Field(default_factory=TrainingSection)
     preference: PreferenceSection = Field(default_factory=PreferenceSection)
     eval: EvalSection = Field(default_factory=EvalSection)
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder_name(cls, value: str) -> str:
+        if not NAME.fullmatch(value):
+            raise ValueError(
+                f"a run name is one folder name: {NAME_RULE} (for another folder, set training.output_dir)"
+            )
+        return value
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Recipe:
@@ -292,6 +372,42 @@ class Recipe(_Section):
 # --------------------------------------------------------------------------- loading
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last),
+    and reading `1e-4` as a number (YAML 1.1, which PyYAML follows, wants `1.0e-4`)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` overrides on purpose
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: the base loader says so
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key `{key}` appears twice in one mapping (first on line {first}); keep one",
+                    key_node.start_mark,
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML as recipes are read (see `_Loader`)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506  a SafeLoader
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """`["training.lr=1e-4", "peft.r=16"]` → nested mapping; values parsed as YAML scalars."""
     out: dict[str, Any] = {}
@@ -300,7 +416,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         if not sep or not key.strip():
             raise UserError(f"override `{pair}` is not key=value", "e.g. training.lr=1e-4")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = parse_yaml(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
         node = out
@@ -327,7 +443,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"recipe file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = parse_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -353,11 +469,37 @@ def _fields_at(loc: tuple[Any, ...]) -> list[str]:
     return list(model.model_fields)
 
 
+def _shown(value: Any) -> str:
+    """A value as YAML writes it (true, null), so a message quotes what the user wrote."""
+    if isinstance(value, bool | None):
+        return {True: "true", False: "false", None: "null"}[value]
+    return repr(value) if isinstance(value, str) and value.strip().lower() in _YAML_WORDS else str(value)
+
+
+_YAML_WORDS = {"yes", "no", "on", "off", "true", "false", "y", "n", "null", "~"}
+# Strict types: what each expects, and how to write it.
+_TYPES = {
+    "int_type": "an integer",
+    "int_from_float": "an integer",
+    "float_type": "a number",
+    "bool_type": "true or false (unquoted)",
+    "string_type": "a string (quote it)",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+}
+
+
 def _format_error(err: dict[str, Any]) -> str:
     loc = tuple(err["loc"])
+    loc = tuple(p for p in loc if not (isinstance(p, str) and p in ("float", "str", "int", "list[str]")))
     path = ".".join(str(p) for p in loc)
     kind = err["type"]
     value = err.get("input")
+    if kind in _TYPES and not isinstance(value, dict | list):
+        what = "null" if value is None else "a boolean" if isinstance(value, bool) else "a string"
+        what = "an integer" if type(value) is int else "a number" if type(value) is float else what
+        return f"`{path}: {_shown(value)}` is {what}; give {_TYPES[kind]}"
     if kind == "extra_forbidden":
         parent, key = loc[:-1], str(loc[-1])
         return f"unknown key `{path}`{did_you_mean(key, _fields_at(parent))}"
@@ -366,7 +508,10 @@ def _format_error(err: dict[str, Any]) -> str:
     if kind == "literal_error":
         choices = err.get("ctx", {}).get("expected", "")
         names = [c.strip().strip("'") for c in choices.replace(" or ", ", ").split(",")]
-        return f"`{path}: {value}` is not one of {', '.join(names)}{did_you_mean(value, names)}"
+        quote = " (quote it: YAML reads yes/no/on/off as booleans)" if isinstance(value, bool) else ""
+        return (
+            f"`{path}: {_shown(value)}` is not one of {', '.join(names)}{did_you_mean(value, names)}{quote}"
+        )
     if kind == "value_error" and (not path or isinstance(value, dict)):
         # A whole-recipe or whole-section check: its message names its keys.
         return str(err["msg"]).removeprefix("Value error, ")
@@ -399,14 +544,17 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
     raw = read_yaml(path)
     raw = _merge(raw, parse_overrides(overrides or []))
-    raw.setdefault("name", path.stem)
+    raw.setdefault("name", default_name(path.stem))
     recipe = validate_recipe(raw, source=str(path))
     for key in ("train", "eval", "chat_template"):
         value = getattr(recipe.data, key)
         if isinstance(value, str) and not (key == "chat_template" and "{" in value):  # a path
             setattr(recipe.data, key, _resolve_data_path(value, path.parent))
     if recipe.peft.init_from is not None:
+        from peftcli.methods.load import adopt_settings
+
         recipe.peft.init_from = _resolve_data_path(recipe.peft.init_from, path.parent)
+        adopt_settings(recipe.peft)  # the recipe says what the adapter is, or is refused
     return recipe
 
 

@@ -266,17 +266,19 @@ def test_json_csv_tsv_parquet_text_and_folder_inputs(tmp_path):
     (tmp_path / "e.txt").write_text("first line\n\nsecond line\n")
     pq.write_table(pa.table({"prompt": ["p1", "p2"], "completion": ["c1", "c2"]}), tmp_path / "d.parquet")
     assert [r for _, r in read_rows(str(tmp_path / "a.json"))] == [{"text": "x"}, {"text": "y"}]
-    assert read_rows(str(tmp_path / "b.csv"))[1] == ("b.csv:3", {"prompt": "a, b", "completion": "c"})
+    # Every row's location has one shape: the recipe key, the file's path, the line or row.
+    at = f"data.train: {tmp_path}"
+    assert read_rows(str(tmp_path / "b.csv"))[1] == (f"{at}/b.csv:3", {"prompt": "a, b", "completion": "c"})
     assert read_rows(str(tmp_path / "c.tsv")) == [
-        ("c.tsv:2", {"instruction": "add", "input": "1 2", "output": "3"})
+        (f"{at}/c.tsv:2", {"instruction": "add", "input": "1 2", "output": "3"})
     ]
     assert read_rows(str(tmp_path / "d.parquet"))[1] == (
-        "d.parquet row 2",
+        f"{at}/d.parquet row 2",
         {"prompt": "p2", "completion": "c2"},
     )
     assert read_rows(str(tmp_path / "e.txt")) == [
-        ("e.txt:1", {"text": "first line"}),
-        ("e.txt:3", {"text": "second line"}),
+        (f"{at}/e.txt:1", {"text": "first line"}),
+        (f"{at}/e.txt:3", {"text": "second line"}),
     ]
     (tmp_path / "f.csv").write_text("prompt,completion\nonly-one-field\n")
     with pytest.raises(UserError, match="f.csv:2: the row does not have the header's columns"):

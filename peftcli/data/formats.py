@@ -179,6 +179,11 @@ class Scan:
     format: str
     rows: int
     labels: list[str] | None  # seq_cls: the class names
+    answers: int = 0  # chat formats: rows with an assistant turn (the turns training learns)
+
+
+def _label_kind(label: Any) -> str:
+    return "a boolean" if isinstance(label, bool) else "an integer" if isinstance(label, int) else "a string"
 
 
 def scan(source: Source | str, wanted: str, task: str, key: str = "data.train") -> Scan:
@@ -187,17 +192,29 @@ def scan(source: Source | str, wanted: str, task: str, key: str = "data.train") 
     if isinstance(source, str):
         source = Source(source, key)
     fmt_key = "data.format" if key == "data.train" else key
-    fmt, count, labels = "", 0, set()
+    fmt, count, labels, answers = "", 0, set(), 0
+    first: tuple[str, Any] | None = None  # the first label and where it is
     for where, row in source.rows():
         if not count:
             fmt = choose_format(row, wanted, fmt_key, task)
         check_row(row, fmt, where)
         if fmt == "classification":
-            labels.add(row.get("label"))
+            label = row.get("label")
+            first = first or (where, label)
+            if _label_kind(label) != _label_kind(first[1]):
+                # 1 and true are one value to Python, "1" and 1 one name to the classifier.
+                raise UserError(
+                    f"{where}: label {label!r} is {_label_kind(label)}, but {first[0].split(': ', 1)[-1]} has "
+                    f"{first[1]!r}, "
+                    f"{_label_kind(first[1])}; give every label the same type"
+                )
+            labels.add(label)
+        elif fmt in CHAT_FORMATS:
+            answers += any(m["role"] == "assistant" for m in chat_messages(row, fmt, where))
         count += 1
     if not count:
         raise UserError(f"{key}: {source.spec} has no rows")
-    return Scan(fmt, count, _label_order(labels) if fmt == "classification" else None)
+    return Scan(fmt, count, _label_order(labels) if fmt == "classification" else None, answers)
 
 
 def chat_template(section: DataSection, tokenizer: Any = None) -> str | None:

@@ -1,6 +1,7 @@
 """Where rows come from: local files (JSON Lines, JSON, CSV, TSV, Parquet, text), folders of
-them, and hub datasets. Rows are streamed one at a time, each with its location ("file:line"),
-so a bad row is reported where it stands."""
+them, and hub datasets. Rows are streamed one at a time, each with its location
+("data.train: /path/file.jsonl:3", the same shape in every message), so a bad row is reported
+where it stands. A key given twice in a JSON object is refused, as a column named twice is."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ EXTENSIONS = {  # matched case-insensitively (train.JSONL, DATA.CSV)
 }
 
 
-Row = tuple[str, dict[str, Any]]  # (where: "file:line", row)
+Row = tuple[str, dict[str, Any]]  # (where: "data.train: /path/file:line", row)
 Rows = list[Row]
 
 
@@ -74,7 +75,7 @@ class Source:
                 columns = list(batch)
                 for j in range(len(batch[columns[0]]) if columns else 0):
                     n += 1
-                    yield f"{name} row {n}", {c: batch[c][j] for c in columns}
+                    yield f"{self.key}: {name} row {n}", {c: batch[c][j] for c in columns}
             return
         for path in self.files:
             yield from _file_rows(path, self.key)
@@ -131,7 +132,6 @@ def _file_rows(path: Path, key: str) -> Iterator[Row]:
     kind = _kind(path)
     if kind is None:
         raise UserError(f"{key}: {path} has an unknown extension; use one of {', '.join(EXTENSIONS)}")
-    name = path.name
     if kind in ("jsonl", "text"):
         with open(path, "rb") as f:
             for n, raw in enumerate(f, 1):
@@ -142,9 +142,9 @@ def _file_rows(path: Path, key: str) -> Iterator[Row]:
                 if not line.strip():
                     continue
                 if kind == "text":
-                    yield f"{name}:{n}", {"text": line.rstrip("\r\n")}
+                    yield f"{key}: {path}:{n}", {"text": line.rstrip("\r\n")}
                 else:
-                    yield f"{name}:{n}", _json_object(line, f"{path}:{n}", key)
+                    yield f"{key}: {path}:{n}", _json_object(line, f"{key}: {path}:{n}")
     elif kind == "json":
         yield from _json_rows(path, key)
     elif kind in ("csv", "tsv"):
@@ -157,7 +157,7 @@ def _file_rows(path: Path, key: str) -> Iterator[Row]:
                         raise UserError(
                             f"{key}: {path}:{reader.line_num}: the row does not have the header's columns"
                         )
-                    yield f"{name}:{reader.line_num}", dict(row)
+                    yield f"{key}: {path}:{reader.line_num}", dict(row)
         except UnicodeDecodeError as exc:
             raise UserError(f"{key}: {path} is not UTF-8 text (byte {exc.start})") from None
         except csv.Error as exc:
@@ -173,7 +173,7 @@ def _file_rows(path: Path, key: str) -> Iterator[Row]:
             for batch in batches:
                 for row in batch.to_pylist():
                     n += 1
-                    yield f"{name} row {n}", row
+                    yield f"{key}: {path} row {n}", row
         except (OSError, ValueError) as exc:  # pyarrow's errors derive from these
             raise UserError(f"{key}: cannot read {path}: {first_line(exc)}") from None
 
@@ -189,18 +189,59 @@ def _unique_columns(names: Sequence[str], path: Path, key: str) -> None:
         seen.add(name)
 
 
+class _Twice(dict):
+    """A JSON object that named a key twice (json keeps the last value; a row must not)."""
+
+    key = ""
+
+
+def _loads(text: str, where: str) -> tuple[Any, bool]:
+    """Parsed JSON, and whether some object in it named a key twice (each such object is a
+    `_Twice`, which `_twice` finds)."""
+    twice: list[str] = []
+
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        row = dict(pairs)
+        if len(row) == len(pairs):
+            return row
+        seen: set[str] = set()
+        marked = _Twice(row)
+        marked.key = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        twice.append(marked.key)
+        return marked
+
+    try:
+        return json.loads(text, object_pairs_hook=hook), bool(twice)
+    except RecursionError:
+        raise UserError(f"{where}: nested too deeply to read (more than about 1000 levels)") from None
+
+
+def _twice(value: Any) -> str | None:
+    """The key given twice in some object of `value`, if any (walked without recursion)."""
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, _Twice):
+            return node.key
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return None
+
+
 def _json_rows(path: Path, key: str) -> Iterator[Row]:
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise UserError(f"{key}: {path} is not UTF-8 text (byte {exc.start})") from None
     try:
-        data = json.loads(text)
+        data, twice = _loads(text, f"{key}: {path}")
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data":  # JSON Lines saved as .json
             for n, line in enumerate(text.splitlines(), 1):
                 if line.strip():
-                    yield f"{path.name}:{n}", _json_object(line, f"{path}:{n}", key)
+                    yield f"{key}: {path}:{n}", _json_object(line, f"{key}: {path}:{n}")
             return
         raise UserError(f"{key}: {path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
@@ -208,16 +249,20 @@ def _json_rows(path: Path, key: str) -> Iterator[Row]:
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise UserError(f"{key}: {path} must hold a list of objects (or use .jsonl, one object per line)")
     for i, row in enumerate(data):
-        yield f"{path.name}[{i}]", row
+        if twice and (name := _twice(row)) is not None:
+            raise UserError(f"{key}: {path}[{i}]: key `{name}` appears twice in one object; keep one")
+        yield f"{key}: {path}[{i}]", row
 
 
-def _json_object(line: str, where: str, key: str) -> dict[str, Any]:
+def _json_object(line: str, where: str) -> dict[str, Any]:
     try:
-        row = json.loads(line)
+        row, twice = _loads(line, where)
     except json.JSONDecodeError as exc:
-        raise UserError(f"{key}: {where}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+        raise UserError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from None
     if not isinstance(row, dict):
-        raise UserError(f"{key}: {where}: expected a JSON object, got {type(row).__name__}")
+        raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if twice:
+        raise UserError(f"{where}: key `{_twice(row)}` appears twice in one object; keep one")
     return row
 
 
