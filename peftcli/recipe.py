@@ -538,9 +538,10 @@ def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
         raise UserError(f"{source}: {len(unique)} problems: " + "; ".join(unique)) from None
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] | None = None, recorded: bool = False) -> Recipe:
     """Read, override, validate. Relative data paths are resolved against the working
-    directory first, then the recipe's own folder, and stored absolute."""
+    directory first, then the recipe's own folder, and stored absolute. `recorded`: the recipe
+    a finished run wrote, whose `peft.init_from` settings are taken from the adapter as it is."""
     path = Path(path)
     raw = read_yaml(path)
     raw = _merge(raw, parse_overrides(overrides or []))
@@ -554,7 +555,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         from peftcli.methods.load import adopt_settings
 
         recipe.peft.init_from = _resolve_data_path(recipe.peft.init_from, path.parent)
-        adopt_settings(recipe.peft)  # the recipe says what the adapter is, or is refused
+        adopt_settings(recipe.peft, refuse=not recorded)  # the recipe says what the adapter is
     return recipe
 
 

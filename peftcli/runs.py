@@ -406,7 +406,9 @@ def _open_target(path: Path) -> Target:
     if not path.exists():
         raise UserError(f"no such run, adapter or model folder: {path}")
     if (path / "recipe.yaml").is_file() and (path / "adapter" / "adapter_config.json").is_file():
-        recipe = load_recipe(path / "recipe.yaml", _recorded_default_metrics(path / "recipe.yaml"))
+        recipe = load_recipe(
+            path / "recipe.yaml", _recorded_default_metrics(path / "recipe.yaml"), recorded=True
+        )
         return Target(recipe.model, path / "adapter", recipe, path)
     if (path / "adapter_config.json").is_file():
         if (path.parent / "recipe.yaml").is_file():

@@ -319,3 +319,18 @@ def test_init_from_another_model_names_what_it_was_trained_on(user, sft_run):
     )
     line = user.refused("model.task=seq_cls", "data.train=cls.jsonl", recipe="init.yaml")
     assert "was trained on builtin:tiny-bert (model_type bert)" in line and "builtin:tiny-llama" in line, line
+
+
+def test_a_run_recorded_before_the_record_was_true_still_opens(user, sft_run):
+    """An older peftcli recorded the recipe's r for a run started from an r=16 adapter; such a
+    run still evaluates, its settings read from the adapter (what the run really is)."""
+    import shutil
+
+    old = user.folder / "old-dpo"
+    shutil.copytree(sft_run / "sft", old)
+    recorded = yaml.safe_load((old / "recipe.yaml").read_text())
+    recorded["peft"].update(r=64, init_from=str(sft_run / "sft"))
+    (old / "recipe.yaml").write_text(yaml.safe_dump(recorded))
+    proc = run_cli("eval", str(old), "--data", str(sft_run / "train.jsonl"), "--json", cwd=user.folder)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["loss"] > 0

@@ -83,10 +83,12 @@ def check_method(folder: Path, config: dict[str, Any], method: str) -> None:
         )
 
 
-def adopt_settings(section: Any) -> list[str]:
+def adopt_settings(section: Any, refuse: bool = True) -> list[str]:
     """Make `section` (the recipe's peft) say what the `init_from` adapter really is: the
     settings the recipe leaves unset are taken from the adapter (so the run's recipe.yaml is
-    true); one the recipe sets to another value is refused, naming both. Returns the settings
+    true); one the recipe sets to another value is refused, naming both — unless `refuse` is
+    false (a finished run's recorded recipe, which an older peftcli may have written with the
+    recipe's value instead of the adapter's: the adapter wins). Returns the settings
     taken, as `key=value`. A missing folder is left to the checks (a recorded recipe may name
     one that is gone)."""
     from peftcli.methods.table import METHODS
@@ -110,23 +112,23 @@ def adopt_settings(section: Any) -> list[str]:
         if isinstance(have, int) and key == "layers":
             have = [have]
         mine = getattr(section, key)
-        if key in section.model_fields_set:
+        if key in section.model_fields_set and refuse:
             # A keyword or regex, or layers counted from the end, mean names only on the model.
             comparable = (
                 isinstance(mine, list)
                 if key == "target_modules"
                 else not (key == "layers" and any(i < 0 for i in mine or []))
             )
-            differs = (
+            differs = comparable and (
                 sorted(mine) != have if key == "target_modules" and isinstance(have, list) else mine != have
             )
-            if comparable and differs:
+            if differs:
                 conflicts.append(f"peft.{key}: {mine} (the adapter has {name}={have})")
         elif mine != have:
             setattr(section, key, have)
             taken.append(f"{key}={have}")
     for key, value in section.options.items():
-        if key in config and config[key] != value:
+        if refuse and key in config and config[key] != value:
             conflicts.append(f"peft.options.{key}: {value} (the adapter has {config[key]})")
     if conflicts:
         raise UserError(

@@ -73,7 +73,9 @@ def train(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Trai
             lock.acquire()
         where = plan_folder(recipe, overwrite, resume)
         # Fail fast, before anything heavy is imported or loaded; say what the method ignores.
-        notes = [x for x in check_recipe(recipe) if x.endswith(": ignored") or x.startswith("peft: starts from")]
+        notes = [
+            x for x in check_recipe(recipe) if x.endswith(": ignored") or x.startswith("peft: starts from")
+        ]
         from peftcli.console import quiet_libraries
 
         quiet_libraries()
