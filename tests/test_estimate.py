@@ -22,7 +22,7 @@ from peftcli.model.load import load_model
 from peftcli.recipe import load_recipe
 from peftcli.training.accelerator import trainable_summary
 
-from .conftest import cli, write_jsonl, write_recipe
+from .conftest import cli, run_cli, write_jsonl, write_recipe
 
 TASKS = {"tiny-llama": "causal_lm", "tiny-gpt2": "causal_lm", "tiny-t5": "seq2seq_lm", "tiny-bert": "seq_cls"}
 
@@ -187,9 +187,11 @@ def test_user_mistakes_exit_2(tmp_path, completion_data, capsys):
     code, _, err = cli("estimate", str(path), "--gpu-memory", "lots", capsys=capsys)
     assert code == 2 and "--gpu-memory: cannot read `lots`" in err
     hub = write_recipe(tmp_path / "hub.yaml", model={"name_or_path": "no-such-org/no-such-model"})
-    code, _, err = cli("estimate", str(hub), capsys=capsys)
-    assert code == 2 and "estimate needs the config of `no-such-org/no-such-model`" in err
-    assert "hf download no-such-org/no-such-model config.json" in err and len(err.strip().splitlines()) == 1
+    proc = run_cli("estimate", str(hub))  # the installed command, as a user runs it
+    assert proc.returncode == 2 and "estimate needs the config of `no-such-org/no-such-model`" in proc.stderr
+    # the command huggingface_hub installs (it no longer ships `huggingface-cli`)
+    assert "hf download no-such-org/no-such-model config.json" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
     gpt2 = write_recipe(
         tmp_path / "g.yaml", model={"name_or_path": "builtin:tiny-gpt2"}, peft={"method": "loha"}
     )
