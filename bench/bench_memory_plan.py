@@ -37,7 +37,7 @@ SIZES = {
 MEASURE = """
 import json, re, sys
 import peftcli.training.loop
-from peftcli.recipe import load_recipe
+from peftcli.recipe_file import load_recipe
 from peftcli.training.run import train
 
 def status(key):
@@ -115,7 +115,7 @@ def main() -> None:
     if not Path("/proc/self/clear_refs").exists():
         sys.exit("bench_memory_plan needs Linux /proc to read the peak RSS")
     from peftcli.commands.estimate import estimate
-    from peftcli.recipe import load_recipe
+    from peftcli.recipe_file import load_recipe
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:

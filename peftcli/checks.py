@@ -263,7 +263,7 @@ def _trained_on(folder: Path, adapter: dict[str, Any]) -> str:
         recorded = run / "recipe.yaml"
         if recorded.is_file():
             try:
-                from peftcli.recipe import parse_yaml
+                from peftcli.recipe_file import parse_yaml
 
                 name = (
                     (parse_yaml(recorded.read_text(encoding="utf-8")) or {})

@@ -83,7 +83,7 @@ def train(
 def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
     """Check a recipe — schema, model config, target modules, data — without training."""
     from peftcli.checks import check_recipe
-    from peftcli.recipe import load_recipe
+    from peftcli.recipe_file import load_recipe
 
     r = load_recipe(recipe, overrides)
     for line in check_recipe(r):
@@ -265,7 +265,7 @@ def estimate(
     """Parameter counts and a memory plan, from the model's config alone (no weights loaded)."""
     from peftcli.commands.estimate import estimate as run_estimate
     from peftcli.commands.estimate_text import format_estimate
-    from peftcli.recipe import load_recipe
+    from peftcli.recipe_file import load_recipe
 
     emit(run_estimate(load_recipe(recipe, overrides), gpu_memory, num_processes), json_out, format_estimate)
 

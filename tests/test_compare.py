@@ -14,7 +14,7 @@ import yaml
 
 from peftcli.commands.compare import COLUMNS
 from peftcli.commands.estimate import estimate
-from peftcli.recipe import load_recipe
+from peftcli.recipe_file import load_recipe
 
 from .conftest import cli, write_recipe
 

@@ -338,7 +338,7 @@ def test_eval_needs_data_when_the_run_has_no_eval_split(tmp_path, capsys, comple
 def test_secrets_are_never_written(tmp_path, capsys, monkeypatch, completion_data):
     """A token in the environment or pasted into a recipe value never reaches the run folder
     or the logs."""
-    from peftcli.recipe import redact
+    from peftcli.recipe_file import redact
 
     from .conftest import write_recipe
 

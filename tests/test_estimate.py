@@ -19,7 +19,7 @@ from peftcli import data as data_stage
 from peftcli.commands.estimate import estimate, parse_memory, quantized_bytes
 from peftcli.methods.apply import apply_method
 from peftcli.model.load import load_model
-from peftcli.recipe import load_recipe
+from peftcli.recipe_file import load_recipe
 from peftcli.training.accelerator import trainable_summary
 
 from .conftest import cli, run_cli, write_jsonl, write_recipe

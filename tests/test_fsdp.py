@@ -119,7 +119,7 @@ def test_fsdp_lora_shards_the_base_equals_one_process_and_resumes_after_sigkill(
     # `peftcli estimate --num-processes 2` planned what each process held: half the base and the
     # adapter (FSDP shards trainable parameters too), plus buffers and FSDP's padding (< 1%).
     from peftcli.commands.estimate import estimate
-    from peftcli.recipe import load_recipe
+    from peftcli.recipe_file import load_recipe
 
     plan = estimate(load_recipe(two), num_processes=2)["fsdp"]
     planned = plan["weights_bytes"] + plan["adapter_bytes"]

@@ -14,7 +14,7 @@ import torch
 from peftcli.commands.generate import prompt_ids
 from peftcli.data import Encoder, new_stats
 from peftcli.model import builtin
-from peftcli.recipe import load_recipe
+from peftcli.recipe_file import load_recipe
 from peftcli.training.evaluate import generate_answers
 from peftcli.training.losses import IGNORE
 from peftcli.training.run import train

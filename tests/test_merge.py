@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from peftcli.methods import METHODS
 from peftcli.model import builtin
-from peftcli.recipe import load_recipe
+from peftcli.recipe_file import load_recipe
 from peftcli.training.run import train
 
 from .conftest import ROOT, cli, write_jsonl, write_recipe

@@ -15,7 +15,7 @@ import torch
 
 from peftcli.errors import UserError
 from peftcli.methods import METHODS
-from peftcli.recipe import load_recipe
+from peftcli.recipe_file import load_recipe
 from peftcli.training.run import train
 
 from .conftest import write_jsonl, write_recipe

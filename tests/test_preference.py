@@ -102,7 +102,7 @@ def _peftcli_ids(recipe: Path) -> list[list[int]]:
     """The chosen and rejected token ids peftcli prepares from a recipe's pairs."""
     from peftcli.data.cache import prepare
     from peftcli.model.load import load_tokenizer
-    from peftcli.recipe import load_recipe
+    from peftcli.recipe_file import load_recipe
 
     r = load_recipe(recipe, ["data.eval=0"])
     data = prepare(r.data, load_tokenizer(r.model), r.training.seed, "causal_lm", r.training.objective)

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from peftcli.errors import UserError
-from peftcli.recipe import Recipe, load_recipe, parse_overrides
+from peftcli.recipe import Recipe
+from peftcli.recipe_file import load_recipe, parse_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 MINIMAL = {

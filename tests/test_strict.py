@@ -66,7 +66,7 @@ def test_a_default_name_from_an_odd_file_name_is_made_one(user):
     (user.folder / "my recipe (v2).yaml").write_text(
         (user.folder / "r.yaml").read_text().replace("name: t\n", "")
     )
-    from peftcli.recipe import load_recipe
+    from peftcli.recipe_file import load_recipe
 
     assert load_recipe(user.folder / "my recipe (v2).yaml").name == "my-recipe-v2-"
 
@@ -129,7 +129,7 @@ def test_numbers_as_users_write_them(user):
     (user.folder / "n.yaml").write_text(text)
     proc = run_cli("validate", "n.yaml", "training.warmup_ratio=0", "peft.alpha=32", cwd=user.folder)
     assert proc.returncode == 0, proc.stderr
-    from peftcli.recipe import load_recipe, parse_overrides
+    from peftcli.recipe_file import load_recipe, parse_overrides
 
     assert load_recipe(user.folder / "n.yaml").training.lr == 1e-4
     assert parse_overrides(["training.lr=3e-3", "peft.r=16"]) == {"training": {"lr": 3e-3}, "peft": {"r": 16}}

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from peftcli.recipe import load_recipe
+from peftcli.recipe_file import load_recipe
 from peftcli.training.run import train
 
 from .conftest import cli, write_recipe

@@ -26,7 +26,7 @@ from peftcli import outputs
 from peftcli.console import human_bytes, say
 from peftcli.errors import UserError, did_you_mean
 from peftcli.methods import METHODS, canonical_method
-from peftcli.recipe import load_recipe
+from peftcli.recipe_file import load_recipe
 from peftcli.runs import recipe_files, writable
 
 RESULT_ENV = "PEFTCLI_COMPARE_RESULT"  # where a worker writes its JSON result

@@ -33,7 +33,7 @@ def run_data(recipe_path: Path, overrides: list[str] | None, preview: int) -> Re
     from peftcli.console import quiet_libraries
     from peftcli.data import padding_fraction, prepare
     from peftcli.model.load import load_tokenizer
-    from peftcli.recipe import load_recipe
+    from peftcli.recipe_file import load_recipe
 
     recipe = load_recipe(recipe_path, overrides)
     quiet_libraries()

@@ -11,7 +11,7 @@ from peftcli.recipe import (
     EvalSection,
     TrainingSection,
 )
-from peftcli.runs import labels_of, open_target
+from peftcli.target import labels_of, open_target
 from peftcli.training.evaluate import eval_split
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from peftcli.console import say
 from peftcli.errors import UserError
 from peftcli.recipe import DataSection
-from peftcli.runs import Target, labels_of, open_target
+from peftcli.target import Target, labels_of, open_target
 
 
 def target_tokenizer(target: Target) -> Any:

@@ -19,7 +19,7 @@ from typing import Any
 from peftcli import outputs
 from peftcli.errors import UserError, did_you_mean
 from peftcli.methods import METHODS, method_of
-from peftcli.runs import Target, labels_of, open_target
+from peftcli.target import Target, labels_of, open_target
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # PEFT's add_weighted_adapter combinations. `cat` stacks the adapters (rank = sum of ranks), so

@@ -30,7 +30,7 @@ def run_train(
 ) -> int:
     """Train the recipe; returns the exit status. An interrupted run leaves `Interrupted` carrying
     the command that resumes it."""
-    from peftcli.recipe import load_recipe
+    from peftcli.recipe_file import load_recipe
     from peftcli.training.run import check_can_start, train
 
     recipe = load_recipe(recipe_path, overrides)

@@ -16,7 +16,7 @@ from peftcli.training.losses import example_losses, forward
 
 if TYPE_CHECKING:
     from peftcli.recipe import EvalSection
-    from peftcli.runs import Target
+    from peftcli.target import Target
 
 
 @torch.no_grad()

@@ -13,7 +13,8 @@ from typing import Any
 from peftcli import runs as run_folder
 from peftcli.console import is_main_process, say
 from peftcli.errors import Interrupted, UserError
-from peftcli.recipe import Recipe, dump_recipe
+from peftcli.recipe import Recipe
+from peftcli.recipe_file import dump_recipe
 from peftcli.runs import save_adapter, write_json
 from peftcli.training.accelerator import describe, distribution, make_accelerator, trainable_summary
 from peftcli.training.tracking import MetricsLog
