@@ -44,8 +44,8 @@ def export(
     [source] = open_sources(
         [path],
         trust_remote_code,
-        hint="GGUF holds one plain model; serve this adapter with PEFT instead: "
-        f"PeftModel.from_pretrained(base, '{path}/adapter'), or `peftcli generate {path}`",
+        hint="a GGUF file holds one plain model; serve this adapter with PEFT instead "
+        f"(PeftModel.from_pretrained), or `peftcli generate {path}`",
     )
     section = source.target.model
     if section.task != "causal_lm":

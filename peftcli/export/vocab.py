@@ -62,6 +62,8 @@ def _parts(node: dict[str, Any] | None) -> list[dict[str, Any]]:
 def _split_name(pre_tokenizer: dict[str, Any] | None) -> str | None:
     parts = _parts(pre_tokenizer)
     kinds = [p.get("type") for p in parts]
+    if any(p.get("add_prefix_space") for p in parts):
+        return None  # GGUF readers never add a space before the text
     if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
         return "gpt-2"
     if kinds == ["Split", "ByteLevel"] and not parts[1].get("use_regex", True):
