@@ -209,6 +209,34 @@ def merge(
 
 
 @app.command()
+def export(
+    target: Annotated[Path, typer.Argument(help="A run or adapter folder.", show_default=False)],
+    to: Annotated[str, typer.Option("--to", help="The format: gguf (llama.cpp, Ollama).")] = "gguf",
+    out: Annotated[
+        Path, typer.Option("-o", "--out", help="The file to write, e.g. model.gguf.", show_default=False)
+    ] = ...,
+    kind: Annotated[
+        str,
+        typer.Option("--type", help="Weight type: f16 | bf16 | q8_0 (8-bit blocks of 32, float16 scales)."),
+    ] = "f16",
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            "--overwrite",
+            help="Replace an OUT that an earlier export wrote (only once the new file is complete); "
+            "any other file is refused.",
+        ),
+    ] = False,
+    trust_remote_code: TrustOpt = False,
+) -> None:
+    """Merge the adapter and write one file for another runtime: GGUF for llama.cpp and Ollama."""
+    from peftcli.commands.export import export as run_export
+
+    run_export(target, to, out, kind, overwrite, trust_remote_code)
+
+
+@app.command()
 def generate(
     target: Annotated[
         Path, typer.Argument(help="A run folder, an adapter folder or a model folder.", show_default=False)

@@ -2,24 +2,31 @@
 the base weights and write a plain transformers model folder — it loads with
 `AutoModelFor*.from_pretrained`, without peftcli or PEFT.
 
-The merge itself is PEFT's (`merge_and_unload`, `add_weighted_adapter`). What peftcli adds:
-the merge happens in float32, a quantized base is first dequantized (the adapter was trained
-against the dequantized 4/8-bit weights, not the original checkpoint), and OUT appears only
-once it is complete.
+The merge itself happens in memory in peftcli.merging (shared with `export`): PEFT's
+`merge_and_unload` / `add_weighted_adapter` in float32, a quantized base dequantized first.
+This command adds the weighted combinations, the loss comparison for quantized bases, and OUT,
+which appears only once it is complete.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from peftcli import outputs
 from peftcli.errors import UserError, did_you_mean
-from peftcli.methods import METHODS, method_of
-from peftcli.target import Target, labels_of, open_target
+from peftcli.merging import (
+    Source,
+    load_adapter_model,
+    load_bases,
+    load_tokenizer_of,
+    merged_model,
+    open_sources,
+)
+from peftcli.methods import METHODS
+from peftcli.target import Target, labels_of
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # PEFT's add_weighted_adapter combinations. `cat` stacks the adapters (rank = sum of ranks), so
@@ -39,51 +46,6 @@ COMBINATIONS = (
 )
 NEEDS_DENSITY = {c for c in COMBINATIONS if c.startswith(("ties", "dare", "magnitude"))}
 REPORT_FILE = "merge_report.json"
-
-
-@dataclass
-class Source:
-    path: Path  # as the user named it
-    target: Target
-    method: str
-
-    @property
-    def adapter(self) -> Path:
-        assert self.target.adapter is not None
-        return self.target.adapter
-
-
-def adapter_method(target: Target) -> str:
-    """The peftcli method of an adapter: the run's recipe says it; else its adapter_config."""
-    if target.recipe is not None:
-        return target.recipe.peft.method
-    assert target.adapter is not None
-    config = json.loads((target.adapter / "adapter_config.json").read_text())
-    peft_type = str(config.get("peft_type"))
-    method = method_of(peft_type, config)
-    if method is None:
-        raise UserError(
-            f"{target.adapter}/adapter_config.json: peft_type {peft_type} is not a peftcli method"
-        )
-    return method.name
-
-
-def open_sources(paths: list[Path], trust_remote_code: bool = False) -> list[Source]:
-    sources = []
-    for path in paths:
-        target = open_target(path, trust_remote_code)
-        if target.adapter is None:
-            raise UserError(f"{path} is a model folder with no adapter: there is nothing to merge into it")
-        method = adapter_method(target)
-        if not METHODS[method].merges:
-            raise UserError(
-                f"{path}: {method} adapters cannot be merged into the base weights (they add "
-                f"{'virtual tokens' if METHODS[method].kind != 'targets' else 'modules'} of their own)",
-                f"serve it as an adapter: PeftModel.from_pretrained(base, '{target.adapter}'), "
-                f"or `peftcli generate {path}`",
-            )
-        sources.append(Source(path, target, method))
-    return sources
 
 
 def _base_key(source: Source) -> tuple[Any, ...]:
@@ -160,40 +122,6 @@ def reads_of(sources: list[Source]) -> list[Path]:
     return paths
 
 
-# --------------------------------------------------------------------------- loading
-
-
-def dequantize_into(float_model: Any, quantized: Any) -> list[str]:
-    """Copy the dequantized weight of every bitsandbytes layer of `quantized` into the same
-    module of `float_model` (a float32 load of the same checkpoint). Returns the module names.
-
-    The adapter learnt a correction to these dequantized weights; merging it into the
-    original checkpoint weights would add back the quantization error it compensated for."""
-    import bitsandbytes as bnb
-    import torch
-    from peft.utils.integrations import dequantize_bnb_weight
-
-    names = []
-    for name, module in quantized.named_modules():
-        if isinstance(module, bnb.nn.Linear4bit | bnb.nn.Linear8bitLt):
-            weight = dequantize_bnb_weight(module.weight, state=getattr(module, "state", None))
-            target = float_model.get_submodule(name).weight
-            with torch.no_grad():
-                target.copy_(weight.to(device=target.device, dtype=torch.float32))
-            names.append(name)
-    return names
-
-
-def load_adapter_model(base: Any, sources: list[Source], names: list[str]) -> Any:
-    from peftcli.methods.load import load_adapter
-
-    model = base
-    for source, name in zip(sources, names, strict=True):
-        model = load_adapter(model, source.adapter, adapter_name=name)
-    model.eval()
-    return model
-
-
 def save_dtype(choice: str, target: Target) -> Any:
     """`auto`: the base checkpoint's own dtype (float32 when its config names none)."""
     import torch
@@ -228,7 +156,6 @@ def merge(
 ) -> dict[str, Any]:
     """Merge and write OUT; returns the report (also written to OUT/merge_report.json)."""
     from peftcli.console import quiet_libraries, say
-    from peftcli.model.load import load_tokenizer
 
     sources = open_sources(paths, trust_remote_code)
     weights = check_combination(sources, weights, combination, density)
@@ -247,12 +174,7 @@ def merge(
     base, quantized_model = load_bases(section, labels)
     merged = merged_model(base, sources, weights, combination, density).to(dtype_out).eval()
 
-    tokenizer_section = (
-        section.model_copy(update={"name_or_path": str(first.adapter)})
-        if (first.adapter / "tokenizer_config.json").is_file()
-        else section
-    )
-    tokenizer = load_tokenizer(tokenizer_section)
+    tokenizer = load_tokenizer_of(first)
     report: dict[str, Any] = {
         "sources": [str(s.path) for s in sources],
         "method": first.method,
@@ -270,51 +192,6 @@ def merge(
     write_folder(out, merged, tokenizer, report, overwrite)
     say(f"peftcli: wrote {out} ({report['dtype']}); load it with {_auto_class(section.task)}.from_pretrained")
     return report
-
-
-def load_bases(section: Any, labels: Any) -> tuple[Any, Any]:
-    """The base in float32 on the CPU, where the merge happens whatever the base's dtype or
-    quantization; for a quantized base also the quantized model, whose layers are dequantized
-    into the float32 copy (None otherwise)."""
-    import torch
-
-    from peftcli.console import say
-    from peftcli.model.load import load_model
-
-    base = load_model(section.model_copy(update={"quantization": "none", "dtype": "float32"}), labels=labels)
-    if section.quantization == "none":
-        return base, None
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    quantized_model = load_model(section, device=device, labels=labels)
-    count = len(dequantize_into(base, quantized_model))
-    say(f"peftcli: dequantized {count} {section.quantization} layers into a float32 copy of the base")
-    return base, quantized_model
-
-
-def merged_model(
-    base: Any, sources: list[Source], weights: list[float] | None, combination: str, density: float | None
-) -> Any:
-    """The adapters loaded on `base`, combined into one when weighted, folded into its weights."""
-    import torch
-
-    names = ["default"] if weights is None else [f"adapter{i}" for i in range(len(sources))]
-    model = load_adapter_model(base, sources, names)
-    if weights is not None:
-        torch.manual_seed(0)  # dare_* drop entries at random: the same merge every time
-        try:
-            model.add_weighted_adapter(
-                names, weights, "combined", combination_type=combination, density=density
-            )
-        except ValueError as exc:
-            raise UserError(
-                f"cannot combine {', '.join(str(s.path) for s in sources)} with --combination "
-                f"{combination}: {str(exc).splitlines()[0]}",
-                "cat and svd accept adapters of different ranks",
-            ) from None
-        model.set_adapter("combined")
-        names = ["combined"]
-    with torch.no_grad():
-        return model.merge_and_unload(safe_merge=True, adapter_names=names)
 
 
 def compare_losses(
