@@ -16,7 +16,6 @@ lm-eval is an optional extra (`pip install 'peftcli[harness]'`); it is imported 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -40,8 +39,10 @@ ARGS: dict[str, type] = {
 
 def require_lm_eval() -> str:
     """lm-eval's version; refuses, in one line, when it is not installed."""
-    if importlib.util.find_spec("lm_eval") is None:
-        raise UserError("--harness needs lm-evaluation-harness, which is not installed", INSTALL)
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise UserError("--harness needs lm-evaluation-harness, which is not installed", INSTALL) from None
     from importlib.metadata import version
 
     return version("lm_eval")
