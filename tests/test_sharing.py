@@ -255,3 +255,8 @@ def test_generate_follows_the_run_template_and_reports_empty_output(tmp_path, ca
     assert "the generation is empty" in proc.stderr
     proc = run_cli("generate", str(model), "-p", "hi", "--max-new-tokens", "3")
     assert "the generation is empty" in proc.stderr
+
+
+def test_system_message_needs_a_chat_run_or_chat(shared):
+    line = one_error_line(run_cli("generate", str(shared["run"]), "-p", "x", "--system", "s", env=shared["env"]))
+    assert "--system needs --chat" in line
