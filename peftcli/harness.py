@@ -174,14 +174,15 @@ def metrics_of(output: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def model_args(target: Any, model: Any) -> str:
-    """The `--model_args` that make `lm_eval --model hf` load the same model."""
+    """The `--model_args` that make `lm-eval run --model hf` load the same model (with `--device`
+    and `--batch_size` as recorded beside them)."""
     from peftcli.model.load import source
 
     parts = [f"pretrained={source(target.model)}"]
     if target.adapter is not None:
         parts += [f"peft={target.adapter}", f"tokenizer={target.adapter}"]
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    return ",".join([*parts, f"dtype={dtype}", f"device={next(model.parameters()).device}"])
+    dtype = str(getattr(model, "dtype", next(model.parameters()).dtype)).removeprefix("torch.")
+    return ",".join([*parts, f"dtype={dtype}"])
 
 
 def evaluate(model: Any, tokenizer: Any, specs: list, manager: Any, options: dict[str, Any], task: str) -> dict:
@@ -239,7 +240,7 @@ def run_harness(
         model = load_adapter(model, target.adapter).eval()
     say(f"peftcli: lm-eval {version}: the {'adapter' if target.adapter else 'model'} on {tasks}, {template}")
     results["adapter"] = evaluate(model, tokenizer, specs, manager, options, target.model.task)
-    config = {"lm_eval": version, "model_args": model_args(target, model), **options}
+    config = {"lm_eval": version, "model_args": model_args(target, model), "device": str(device), **options}
     record(target, results, config)
     return results if compare_base else results["adapter"]
 
