@@ -139,7 +139,9 @@ def point_at(folder: Path, repo_id: str) -> str | None:
 # --------------------------------------------------------------------------- the body
 
 
-def card_body(kind: Kind, recipe: dict[str, Any], results: dict[str, Any], recipe_text: str, folder: Path) -> str:
+def card_body(
+    kind: Kind, recipe: dict[str, Any], results: dict[str, Any], recipe_text: str, folder: Path
+) -> str:
     model, peft = recipe.get("model") or {}, recipe.get("peft") or {}
     base, method = str(model.get("name_or_path") or "?"), str(peft.get("method") or "?")
     objective = (recipe.get("training") or {}).get("objective") or "sft"
@@ -173,13 +175,20 @@ def usage(kind: Kind, model: dict[str, Any], method: str, folder: Path) -> list[
     auto = TASKS[model.get("task") or "causal_lm"].auto_class
     base, here = str(model.get("name_or_path")), json.dumps(str(folder))
     if kind == "merged":
-        code = [f"from transformers import {auto}, AutoTokenizer", "", f"model = {auto}.from_pretrained({here})"]
+        code = [
+            f"from transformers import {auto}, AutoTokenizer",
+            "",
+            f"model = {auto}.from_pretrained({here})",
+        ]
     else:
         shown = json.dumps(base) if not base.startswith("builtin:") else '"<the base model folder>"'
         code = [f"from transformers import {auto}, AutoTokenizer", "from peft import PeftModel", ""]
         if own_tuner(method):
             code += ["import peftcli.methods.tuners  # registers peftcli's own PEFT tuner", ""]
-        code += [f"base = {auto}.from_pretrained({shown})", f"model = PeftModel.from_pretrained(base, {here})"]
+        code += [
+            f"base = {auto}.from_pretrained({shown})",
+            f"model = PeftModel.from_pretrained(base, {here})",
+        ]
     code.append(f"tokenizer = AutoTokenizer.from_pretrained({here})")
     notes = []
     if base.startswith("builtin:"):
@@ -193,8 +202,7 @@ def usage(kind: Kind, model: dict[str, Any], method: str, folder: Path) -> list[
 
 def own_tuner(method: str) -> bool:
     """A method peftcli implements as its own PEFT tuner (loading needs its registration)."""
-    from peftcli.methods import METHODS
-    from peftcli.methods import tuners
+    from peftcli.methods import METHODS, tuners
 
     row = METHODS.get(method)
     return row is not None and hasattr(tuners, row.config_class)
@@ -224,10 +232,20 @@ def metrics_section(results: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     if final:
         lines += ["## Evaluation", "", "On the run's held-out split (`peftcli eval`):", ""]
-        lines += ["| metric | value |", "| --- | --- |", *[f"| {k} | {_fmt(v)} |" for k, v in final.items()], ""]
+        lines += [
+            "| metric | value |",
+            "| --- | --- |",
+            *[f"| {k} | {_fmt(v)} |" for k, v in final.items()],
+            "",
+        ]
     harness = results.get("harness") or {}
     if harness:
-        lines += ["## lm-evaluation-harness", "", "| task | metric | base | this model |", "| --- | --- | --- | --- |"]
+        lines += [
+            "## lm-evaluation-harness",
+            "",
+            "| task | metric | base | this model |",
+            "| --- | --- | --- | --- |",
+        ]
         for task, entry in harness.items():
             base = entry.get("base") or {}
             for metric, value in (entry.get("adapter") or {}).items():

@@ -238,7 +238,9 @@ def generate(
     seed: Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1, help="Seed for sampling.")] = 0,
     chat: Annotated[
         bool,
-        typer.Option("--chat", help="Render the prompt through the chat template (a chat run does by default)."),
+        typer.Option(
+            "--chat", help="Render the prompt through the chat template (a chat run does by default)."
+        ),
     ] = False,
     raw: Annotated[
         bool, typer.Option("--raw", help="Use the prompt as plain text, even for a run trained on chat data.")
@@ -259,13 +261,16 @@ def generate(
 @app.command()
 def push(
     target: Annotated[
-        Path, typer.Argument(help="A finished run folder, or a folder `peftcli merge` wrote.", show_default=False)
+        Path,
+        typer.Argument(help="A finished run folder, or a folder `peftcli merge` wrote.", show_default=False),
     ],
     repo_id: Annotated[str, typer.Argument(help="The Hub repo, owner/name.", show_default=False)],
     private: Annotated[
         bool, typer.Option("--private/--public", help="The repo's visibility when push creates it.")
     ] = True,
-    merged: Annotated[bool, typer.Option("--merged", help="Push a merged model folder (library transformers).")] = False,
+    merged: Annotated[
+        bool, typer.Option("--merged", help="Push a merged model folder (library transformers).")
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Upload to the Hugging Face Hub with its model card; the token is never printed or written."""

@@ -56,7 +56,9 @@ def parse_args(text: str | None) -> dict[str, Any]:
         key = key.strip()
         if not sep or key not in ARGS:
             known = ", ".join(ARGS)
-            raise UserError(f"--harness-args: `{item}` is not KEY=VALUE with KEY one of {known}{did_you_mean(key, ARGS)}")
+            raise UserError(
+                f"--harness-args: `{item}` is not KEY=VALUE with KEY one of {known}{did_you_mean(key, ARGS)}"
+            )
         kind = ARGS[key]
         try:
             if kind is bool:
@@ -185,7 +187,9 @@ def model_args(target: Any, model: Any) -> str:
     return ",".join([*parts, f"dtype={dtype}"])
 
 
-def evaluate(model: Any, tokenizer: Any, specs: list, manager: Any, options: dict[str, Any], task: str) -> dict:
+def evaluate(
+    model: Any, tokenizer: Any, specs: list, manager: Any, options: dict[str, Any], task: str
+) -> dict:
     """One model through lm_eval.simple_evaluate, as lm-eval's own `hf` model would run it."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -193,8 +197,12 @@ def evaluate(model: Any, tokenizer: Any, specs: list, manager: Any, options: dic
     options = dict(options)
     backend = "seq2seq" if task == "seq2seq_lm" else "causal"
     with quiet():
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, backend=backend, batch_size=options.pop("batch_size"))
-        output = lm_eval.simple_evaluate(model=lm, tasks=specs, task_manager=manager, log_samples=False, **options)
+        lm = HFLM(
+            pretrained=model, tokenizer=tokenizer, backend=backend, batch_size=options.pop("batch_size")
+        )
+        output = lm_eval.simple_evaluate(
+            model=lm, tasks=specs, task_manager=manager, log_samples=False, **options
+        )
     return metrics_of(output)
 
 

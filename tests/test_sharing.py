@@ -60,7 +60,7 @@ def shared(tmp_path_factory, peftcli_home):
     return {"root": root, "run": root / "run", "env": env, **done}
 
 
-DIRECT = """
+DIRECT = f"""
 import json, sys
 import lm_eval
 from lm_eval.tasks import TaskManager
@@ -68,19 +68,21 @@ folder, batch_size, *all_args = sys.argv[1:]
 out = []
 for args in all_args:
     results = lm_eval.simple_evaluate(
-        model="hf", model_args=args, tasks=["%s"], batch_size=int(batch_size), log_samples=False,
+        model="hf", model_args=args, tasks=["{TASK}"], batch_size=int(batch_size), log_samples=False,
         task_manager=TaskManager(include_path=folder, include_defaults=False),
-    )["results"]["%s"]
-    out.append({"acc": results["acc,none"], "acc_norm": results["acc_norm,none"]})
+    )["results"]["{TASK}"]
+    out.append({{"acc": results["acc,none"], "acc_norm": results["acc_norm,none"]}})
 print(json.dumps(out))
-""" % (TASK, TASK)
+"""
 
 
 def test_harness_equals_lm_eval_run_directly(shared):
     """peftcli's numbers are lm-eval's own on the shipped task, with the adapter and with the
     base: `simple_evaluate(model="hf", model_args=...)` with the model_args eval.json records,
     run in a process of its own (the base comes from the module's Hub cache)."""
-    pytest.importorskip("lm_eval", reason="lm-eval is the optional `harness` extra (pip install '.[harness]')")
+    pytest.importorskip(
+        "lm_eval", reason="lm-eval is the optional `harness` extra (pip install '.[harness]')"
+    )
     import subprocess
     import sys
 
@@ -92,7 +94,15 @@ def test_harness_equals_lm_eval_run_directly(shared):
     adapter_args = config["model_args"]
     base_args = ",".join(p for p in adapter_args.split(",") if not p.startswith("peft="))
     proc = subprocess.run(
-        [sys.executable, "-c", DIRECT, str(TASK_FILE.parent), str(config["batch_size"]), adapter_args, base_args],
+        [
+            sys.executable,
+            "-c",
+            DIRECT,
+            str(TASK_FILE.parent),
+            str(config["batch_size"]),
+            adapter_args,
+            base_args,
+        ],
         capture_output=True,
         text=True,
         cwd=TASK_FILE.parent,  # the task's data_files are relative to its folder
@@ -182,7 +192,9 @@ def test_push_uploads_the_adapter_its_card_and_the_run_files(shared, monkeypatch
     assert {"peftcli/recipe.yaml", "peftcli/eval.json", "peftcli/metrics.jsonl"} <= names
     assert names == set(result["files"]) and not any(n.startswith(".") for n in names)
     contents = {
-        op.path_in_repo: op.path_or_fileobj if isinstance(op.path_or_fileobj, bytes) else Path(op.path_or_fileobj).read_bytes()
+        op.path_in_repo: op.path_or_fileobj
+        if isinstance(op.path_or_fileobj, bytes)
+        else Path(op.path_or_fileobj).read_bytes()
         for op in operations
     }
     assert not [n for n, data in contents.items() if FAKE_TOKEN.encode() in data]
@@ -229,14 +241,18 @@ def test_harness_refusals_in_a_fresh_process(shared):
 
 
 def test_generate_follows_the_run_template_and_reports_empty_output(tmp_path, capsys, messages_data):
-    recipe = write_recipe(tmp_path / "chat.yaml", data={"train": str(messages_data), "eval": 0.25, "max_length": 128})
+    recipe = write_recipe(
+        tmp_path / "chat.yaml", data={"train": str(messages_data), "eval": 0.25, "max_length": 128}
+    )
     code, _, err = cli("train", str(recipe), capsys=capsys)
     assert code == 0, err[-3000:]
     run = str(tmp_path / "run")
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["train"]["chat"] is True
     code, out, err = cli("generate", run, "-p", "say cat", "--max-new-tokens", "4", "--json", capsys=capsys)
     assert code == 0 and json.loads(out)["template"] == "chat" and "chat template" in err
-    code, out, err = cli("generate", run, "-p", "say cat", "--raw", "--max-new-tokens", "4", "--json", capsys=capsys)
+    code, out, err = cli(
+        "generate", run, "-p", "say cat", "--raw", "--max-new-tokens", "4", "--json", capsys=capsys
+    )
     assert code == 0 and json.loads(out)["template"] == "raw" and "plain text (--raw)" in err
     code, _, err = cli("generate", run, "-p", "x", "--chat", "--raw", capsys=capsys)
     assert code == 2 and "contradict" in err
@@ -258,5 +274,7 @@ def test_generate_follows_the_run_template_and_reports_empty_output(tmp_path, ca
 
 
 def test_system_message_needs_a_chat_run_or_chat(shared):
-    line = one_error_line(run_cli("generate", str(shared["run"]), "-p", "x", "--system", "s", env=shared["env"]))
+    line = one_error_line(
+        run_cli("generate", str(shared["run"]), "-p", "x", "--system", "s", env=shared["env"])
+    )
     assert "--system needs --chat" in line

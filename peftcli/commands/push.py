@@ -30,13 +30,17 @@ def what_to_push(path: Path, merged: bool) -> tuple[str, Path, list[tuple[str, P
         path = path.parent
     if is_run(path):
         if is_unfinished(path) or not (path / "adapter" / "adapter_config.json").is_file():
-            raise UserError(f"{path} is not a finished run (it has no saved adapter yet)", "let it finish, or --resume it")
+            raise UserError(
+                f"{path} is not a finished run (it has no saved adapter yet)", "let it finish, or --resume it"
+            )
         if merged:
             raise UserError(
                 f"{path} is a run: --merged pushes a merged model folder",
                 f"merge it first: `peftcli merge {path} -o OUT`, then `peftcli push OUT REPO_ID`",
             )
-        files = _files(path / "adapter") + [(f"peftcli/{n}", path / n) for n in RUN_FILES if (path / n).is_file()]
+        files = _files(path / "adapter") + [
+            (f"peftcli/{n}", path / n) for n in RUN_FILES if (path / n).is_file()
+        ]
         return "adapter", path / "adapter", files
     if path.is_dir() and outputs.kind_of(path) == "merge" and (path / "config.json").is_file():
         return "merged", path, _files(path)
@@ -71,12 +75,16 @@ def token() -> str:
 def check_no_token(files: list[tuple[str, Path]], secret: str) -> None:
     """Refuse to upload a file that holds the token (it should never be in one)."""
     needle = secret.encode()
-    for name, local in files:
+    for _, local in files:
         if needle in local.read_bytes():
-            raise UserError(f"{local} contains your Hugging Face token; refusing to upload it", "remove it first")
+            raise UserError(
+                f"{local} contains your Hugging Face token; refusing to upload it", "remove it first"
+            )
 
 
-def push(path: Path, repo_id: str, private: bool = True, merged: bool = False, api: Any = None) -> dict[str, Any]:
+def push(
+    path: Path, repo_id: str, private: bool = True, merged: bool = False, api: Any = None
+) -> dict[str, Any]:
     """Upload; `api` is an `HfApi` (or a stand-in with create_repo/create_commit, for tests)."""
     import os
 
@@ -101,14 +109,18 @@ def push(path: Path, repo_id: str, private: bool = True, merged: bool = False, a
     check_no_token(files, secret)
     card = point_at(folder, repo_id)
     operations = [
-        CommitOperationAdd(path_in_repo=name, path_or_fileobj=card.encode() if name == "README.md" and card else local)
+        CommitOperationAdd(
+            path_in_repo=name, path_or_fileobj=card.encode() if name == "README.md" and card else local
+        )
         for name, local in files
     ]
     if api is None:
         from huggingface_hub import HfApi
 
         api = HfApi(token=secret)
-    say(f"peftcli: pushing {len(files)} files from {folder} to {repo_id} ({'private' if private else 'public'})")
+    say(
+        f"peftcli: pushing {len(files)} files from {folder} to {repo_id} ({'private' if private else 'public'})"
+    )
     try:
         url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         commit = api.create_commit(
