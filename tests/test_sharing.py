@@ -64,11 +64,12 @@ DIRECT = f"""
 import json, sys
 import lm_eval
 from lm_eval.tasks import TaskManager
-folder, batch_size, *all_args = sys.argv[1:]
+folder, batch_size, device, *all_args = sys.argv[1:]
 out = []
 for args in all_args:
     results = lm_eval.simple_evaluate(
-        model="hf", model_args=args, tasks=["{TASK}"], batch_size=int(batch_size), log_samples=False,
+        model="hf", model_args=args, tasks=["{TASK}"], batch_size=int(batch_size), device=device,
+        log_samples=False,
         task_manager=TaskManager(include_path=folder, include_defaults=False),
     )["results"]["{TASK}"]
     out.append({{"acc": results["acc,none"], "acc_norm": results["acc_norm,none"]}})
@@ -100,6 +101,7 @@ def test_harness_equals_lm_eval_run_directly(shared):
             DIRECT,
             str(TASK_FILE.parent),
             str(config["batch_size"]),
+            config["device"],
             adapter_args,
             base_args,
         ],
