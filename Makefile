@@ -49,7 +49,7 @@ test-gpu: setup
 	$(BIN)/python -m pytest -q -m gpu $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test-gpu: no tests marked gpu"; exit 0; fi; exit $$rc
 
-# `make lock`: resolve pyproject.toml's dependencies plus the test and bench extras to the newest
+# `make lock`: resolve pyproject.toml's dependencies plus the test, bench and harness extras to the newest
 # releases that satisfy them, for Python 3.11 on Linux x86_64, with the sha256 of every file of
 # each pinned release. torch is resolved as the CPU wheel (from TORCH_WHEELS: this machine's pip
 # find-links folder; elsewhere e.g. TORCH_WHEELS=https://download.pytorch.org/whl/torch/), so its
@@ -72,17 +72,17 @@ lock:
 	mkdir -p $(dir $(LOCK))
 	echo "$(TORCH_LOCK)" > $(LOCK_TOOLS)/torch-override.txt
 	$(LOCK_TOOLS)/bin/uv pip compile --quiet --no-config --upgrade pyproject.toml \
-	    --extra test --extra bench --generate-hashes \
+	    --extra test --extra bench --extra harness --generate-hashes \
 	    --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 	    --find-links $(TORCH_WHEELS) --override $(LOCK_TOOLS)/torch-override.txt --no-emit-package torch \
 	    --exclude-newer $(LOCK_DATE) --custom-compile-command "make lock LOCK_DATE=$(LOCK_DATE)" \
 	    --output-file $(LOCK)
 	! grep -Ein '^(nvidia|triton|cuda|torch)[a-z0-9._-]*==' $(LOCK)
-	grep -Eo '^(transformers|peft|accelerate|datasets|bitsandbytes|trl)==[^ ]+' $(LOCK)
+	grep -Eo '^(transformers|peft|accelerate|datasets|bitsandbytes|trl|lm-eval)==[^ ]+' $(LOCK)
 
 # The suite against the newest release of every dependency, no lock, in its own venv: the early
 # warning that an upstream release breaks peftcli. The names come from pyproject.toml (its
-# dependencies, test and bench extras) without their version ranges, since the upper bounds there
+# dependencies, test, bench and harness extras) without their version ranges, since the upper bounds there
 # stop at what the lock tested; --upgrade --upgrade-strategy eager takes the newest each run.
 # torch stays at TORCH_SPEC: a newer torch on PyPI is the multi-GB CUDA build.
 # `make test-latest PYTEST_ARGS="-x tests/test_recipe.py"` runs a part of the suite.
@@ -91,7 +91,7 @@ define UNBOUNDED_REQUIREMENTS
 import re, tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
 extras = project["optional-dependencies"]
-for req in project["dependencies"] + extras["test"] + extras["bench"]:
+for req in project["dependencies"] + extras["test"] + extras["bench"] + extras["harness"]:
     name, marker = re.match(r"\s*([A-Za-z0-9._-]+(?:\[[^\]]*\])?)[^;]*(;.*)?", req).groups()
     if name.lower() != "torch":
         print(name + (marker or ""))

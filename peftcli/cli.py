@@ -150,13 +150,28 @@ def eval_cmd(
     compare_base: Annotated[
         bool, typer.Option("--compare-base", help="Also evaluate the base model without the adapter.")
     ] = False,
+    harness: Annotated[
+        str | None,
+        typer.Option(
+            "--harness",
+            help="lm-evaluation-harness tasks instead: names or task YAML files, comma-separated "
+            "(e.g. data/harness/uppercase.yaml); needs the harness extra.",
+        ),
+    ] = None,
+    harness_args: Annotated[
+        str | None,
+        typer.Option("--harness-args", help="For lm-eval, e.g. num_fewshot=5,limit=100,batch_size=8."),
+    ] = None,
     trust_remote_code: TrustOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Loss, perplexity and exact match (where the data has reference answers)."""
+    """Loss, perplexity and exact match (where the data has reference answers), or lm-eval tasks."""
     from peftcli.commands.eval import format_result, run_eval
 
-    emit(run_eval(target, data, compare_base, trust_remote_code), json_out, format_result)
+    result = run_eval(target, data, compare_base, trust_remote_code, harness, harness_args)
+    if harness is not None:
+        from peftcli.harness import format_result
+    emit(result, json_out, format_result)
 
 
 @app.command()
@@ -250,17 +265,47 @@ def generate(
     ] = 0.0,
     seed: Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1, help="Seed for sampling.")] = 0,
     chat: Annotated[
-        bool, typer.Option("--chat", help="Render the prompt through the chat template the run trained with.")
+        bool,
+        typer.Option(
+            "--chat", help="Render the prompt through the chat template (a chat run does by default)."
+        ),
     ] = False,
-    system: Annotated[str | None, typer.Option("--system", help="A system message (with --chat).")] = None,
+    raw: Annotated[
+        bool, typer.Option("--raw", help="Use the prompt as plain text, even for a run trained on chat data.")
+    ] = False,
+    system: Annotated[str | None, typer.Option("--system", help="A system message (chat template).")] = None,
     trust_remote_code: TrustOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Continue a prompt with the fine-tuned model (classifiers: the label and class probabilities)."""
     from peftcli.commands.generate import format_result, run_generate
 
-    result = run_generate(target, prompt, max_new_tokens, temperature, seed, chat, system, trust_remote_code)
+    result = run_generate(
+        target, prompt, max_new_tokens, temperature, seed, chat, system, trust_remote_code, raw
+    )
     emit(result, json_out, format_result)
+
+
+@app.command()
+def push(
+    target: Annotated[
+        Path,
+        typer.Argument(help="A finished run folder, or a folder `peftcli merge` wrote.", show_default=False),
+    ],
+    repo_id: Annotated[str, typer.Argument(help="The Hub repo, owner/name.", show_default=False)],
+    private: Annotated[
+        bool, typer.Option("--private/--public", help="The repo's visibility when push creates it.")
+    ] = True,
+    merged: Annotated[
+        bool, typer.Option("--merged", help="Push a merged model folder (library transformers).")
+    ] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Upload to the Hugging Face Hub with its model card; the token is never printed or written."""
+    from peftcli.commands.push import push as run_push
+
+    result = run_push(target, repo_id, private, merged)
+    emit(result, json_out, lambda r: f"pushed {len(r['files'])} files to {r['url']}")
 
 
 @app.command("data")

@@ -25,6 +25,7 @@ class TaskSpec:
     formats: tuple[str, ...]  # data formats, in the order `data.format: auto` tries them
     metrics: tuple[str, ...]  # what evaluation computes
     default_metrics: tuple[str, ...]  # what it reports when eval.metrics is null
+    pipeline_tag: str = "text-generation"  # the Hub's pipeline_tag, in a model card
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -47,6 +48,7 @@ TASKS: dict[str, TaskSpec] = {
             ("completion", "alpaca"),
             ("loss", "perplexity", "exact_match"),
             ("loss", "perplexity"),
+            "text2text-generation",
         ),
         TaskSpec(
             "seq_cls",
@@ -56,6 +58,7 @@ TASKS: dict[str, TaskSpec] = {
             ("classification",),
             ("loss", "accuracy", "f1"),
             ("loss", "accuracy", "f1"),
+            "text-classification",
         ),
     ]
 }

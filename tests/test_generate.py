@@ -116,12 +116,16 @@ def test_greedy_chat_output_is_deterministic_and_equals_generate_answers(chat_ru
     run = str(chat_run.run_dir)
     args = (run, "--prompt", "say cat", "--chat", "--system", SYSTEM, "--max-new-tokens", "12")
     out, err = generated(capsys, *args)
-    assert generated(capsys, *args)[0] == out and not err.strip()
+    assert generated(capsys, *args)[0] == out
+    assert err.strip() == "peftcli: prompt rendered with the chat template (--chat)"
+    # The run trained on chat data: without --chat its template is used all the same.
+    default, err = generated(capsys, *(a for a in args if a != "--chat"))
+    assert default == out and "chat template (the run trained on chat data" in err
     ids = prompt_ids(chat_run.tokenizer, "say cat", "causal_lm", chat=True, system=SYSTEM)
     expected = generate_answers(chat_run.model, chat_run.tokenizer, [ids], 12)[0]
     assert out == expected + "\n"
     result = json.loads(generated(capsys, *args, "--json")[0])
-    assert result == {"prompt": "say cat", "output": expected}
+    assert result == {"prompt": "say cat", "output": expected, "template": "chat", "empty": not expected}
     # The adapter folder alone and the merged model folder say the same.
     assert generated(capsys, str(chat_run.run_dir / "adapter"), *args[1:])[0] == out
     merged = chat_run.run_dir.parent / "merged"
@@ -164,7 +168,7 @@ def test_changed_base_template_warns_and_the_recorded_one_is_used(chat_run, root
                 path.unlink()
         for name, content in saved.items():
             (base / name).write_bytes(content)
-    lines = err.strip().splitlines()
+    lines = [line for line in err.strip().splitlines() if "warning" in line]
     assert (
         len(lines) == 1
         and lines[0].startswith("peftcli: warning: the chat template of")
@@ -210,7 +214,8 @@ def test_seq2seq_and_classifier_targets(root, capsys):
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["-p", "x", "--system", "s"], "--system needs --chat"),
+        (["-p", "x", "--raw", "--system", "s"], "--raw turns it off"),
+        (["-p", "x", "--raw", "--chat"], "--chat and --raw contradict each other"),
         (["-p", "x", "--temperature", "-1"], "--temperature"),
         (["-p", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
         ([], "Missing option '--prompt'"),

@@ -191,6 +191,11 @@ def test_dtype_option_sets_the_saved_dtype(runs, tmp_path):
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
     report = json.loads((tmp_path / "bf16" / "merge_report.json").read_text())
     assert report["dtype"] == "bfloat16" and report["method"] == "lora" and report["dequantized"] is None
+    # The merged folder's card parses with huggingface_hub and says what the folder is.
+    from huggingface_hub import ModelCard
+
+    meta = ModelCard.load(tmp_path / "bf16" / "README.md").data.to_dict()
+    assert meta["library_name"] == "transformers" and {"peftcli", "lora", "merged"} <= set(meta["tags"])
 
 
 # --------------------------------------------------------------------------- quantized bases
@@ -381,7 +386,7 @@ def test_methods_that_cannot_merge_are_refused(unmergeable, method, tmp_path, ca
         "--json",
         capsys=capsys,
     )
-    assert code == 0 and set(json.loads(stdout)) == {"prompt", "output"}
+    assert code == 0 and set(json.loads(stdout)) == {"prompt", "output", "template", "empty"}
 
 
 def test_refusal_in_a_real_process_has_no_traceback(unmergeable, tmp_path):

@@ -16,12 +16,27 @@ from peftcli.training.evaluate import eval_split
 
 
 def run_eval(
-    path: Path, data: Path | None = None, compare_base: bool = False, trust_remote_code: bool = False
+    path: Path,
+    data: Path | None = None,
+    compare_base: bool = False,
+    trust_remote_code: bool = False,
+    harness: str | None = None,
+    harness_args: str | None = None,
 ) -> dict[str, Any]:
     from peftcli.console import quiet_libraries, say
     from peftcli.model.load import load_model
     from peftcli.training.evaluate import evaluate
 
+    if harness_args is not None and harness is None:
+        raise UserError("--harness-args needs --harness TASKS")
+    if harness is not None and data is not None:
+        raise UserError("--harness scores its tasks' own data; --data does not apply to it", "drop --data")
+    if harness is not None:
+        from peftcli.harness import require_lm_eval, run_harness
+
+        require_lm_eval()  # before anything heavy loads
+        quiet_libraries()
+        return run_harness(open_target(path, trust_remote_code), harness, harness_args, compare_base)
     quiet_libraries()
     target = open_target(path, trust_remote_code)
     if compare_base and target.adapter is None:
@@ -81,6 +96,9 @@ def record(target: Any, metrics: dict[str, Any]) -> None:
     eval_file = target.run_dir / "eval.json"
     previous = json.loads(eval_file.read_text()) if eval_file.is_file() else {}
     write_json(eval_file, {**previous, **metrics})
+    from peftcli.cards import write_run_card
+
+    write_run_card(target.run_dir)
 
 
 def target_tokenizer(target: Any) -> Any:

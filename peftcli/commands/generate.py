@@ -147,21 +147,31 @@ def run_generate(
     chat: bool = False,
     system: str | None = None,
     trust_remote_code: bool = False,
+    raw: bool = False,
 ) -> dict[str, Any]:
-    """`{"prompt", "output"}`; for classifiers `{"prompt", "label", "probabilities"}`."""
+    """`{"prompt", "output", "template", "empty"}`; for classifiers `{"prompt", "label",
+    "probabilities"}`. A run trained on chat data renders the prompt with its chat template
+    unless `raw`; `chat` asks for the template on any model that has one."""
     import torch
 
     from peftcli.console import quiet_libraries
     from peftcli.training.evaluate import generate_answers
 
-    if system is not None and not chat:
-        raise UserError("--system needs --chat (the system message goes into the chat template)")
+    if chat and raw:
+        raise UserError("--chat and --raw contradict each other", "pick one")
+    if system is not None and raw:
+        raise UserError("--system needs the chat template, and --raw turns it off", "drop one of them")
     target = open_target(path, trust_remote_code)  # a wrong path is refused before the heavy libraries load
-    quiet_libraries()
     task = target.model.task
     if chat and task == "seq_cls":
         raise UserError("--chat does not apply to a classifier: drop it to classify the raw text")
+    chat, why = prompt_style(target, chat, raw)
+    if system is not None and not chat:
+        raise UserError("--system needs --chat (the system message goes into the chat template)")
+    quiet_libraries()
     tokenizer = target_tokenizer(target)
+    if task != "seq_cls":
+        say(f"peftcli: prompt {'rendered with the chat template' if chat else 'used as plain text'} ({why})")
     if chat and (warning := check_template(target, tokenizer)):
         say(warning)
     section = target.recipe.data if target.recipe else None
@@ -196,7 +206,22 @@ def run_generate(
             )
         new = out[0] if getattr(model.config, "is_encoder_decoder", False) else out[0, len(ids) :]
         output = tokenizer.decode(new, skip_special_tokens=True)
-    return {"prompt": prompt, "output": output}
+    if not output:
+        say("peftcli: the generation is empty: the model ended it (end-of-sequence) before any text")
+    return {"prompt": prompt, "output": output, "template": "chat" if chat else "raw", "empty": not output}
+
+
+def prompt_style(target: Target, chat: bool, raw: bool) -> tuple[bool, str]:
+    """Whether to render the prompt with the chat template, and why (said on stderr)."""
+    from peftcli.rendering import run_is_chat
+
+    if chat:
+        return True, "--chat"
+    if raw:
+        return False, "--raw"
+    if target.model.task != "seq_cls" and run_is_chat(target):
+        return True, "the run trained on chat data; --raw for plain text"
+    return False, "the run did not train on chat data" if target.recipe else "no run recorded a chat template"
 
 
 def format_result(result: dict[str, Any]) -> str:

@@ -190,8 +190,24 @@ def merge(
     elif quantized_model is not None:  # no single adapter to compare the combination with
         report["eval"] = {"note": "skipped: several adapters were combined"}
     write_folder(out, merged, tokenizer, report, overwrite)
+    write_merged_card(out.expanduser(), first, report)
     say(f"peftcli: wrote {out} ({report['dtype']}); load it with {_auto_class(section.task)}.from_pretrained")
     return report
+
+
+def write_merged_card(out: Path, first: Source, report: dict[str, Any]) -> None:
+    """OUT/README.md: a Hub model card of the merged model (`library_name: transformers`), from
+    the run's recipe and results where the adapter came from a run."""
+    from peftcli.cards import write_card
+
+    target = first.target
+    recipe: Any = target.recipe or {
+        "model": {"name_or_path": target.model.name_or_path, "task": target.model.task},
+        "peft": {"method": first.method},
+    }
+    results_file = target.run_dir / "eval.json" if target.run_dir else None
+    results = json.loads(results_file.read_text()) if results_file and results_file.is_file() else {}
+    write_card(out, "merged", recipe, {**results, "merge": report})
 
 
 def compare_losses(

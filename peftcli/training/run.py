@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from peftcli import runs as run_folder
+from peftcli.cards import write_run_card
 from peftcli.console import is_main_process, say
 from peftcli.errors import Interrupted, UserError
 from peftcli.recipe import Recipe
@@ -290,6 +291,14 @@ def preference_objective(recipe: Recipe, where: run_folder.Plan, stages: Stages,
     return objective
 
 
+def rendering(recipe: Recipe, data_format: str) -> dict[str, Any]:
+    """How the data was rendered, for eval.json: `generate` and `eval --harness` follow it."""
+    from peftcli.rendering import data_is_chat
+
+    section = recipe.data.model_copy(update={"format": data_format})
+    return {"data_format": data_format, "chat": data_is_chat(section, recipe.model.task)}
+
+
 def trained_line(summary: dict[str, Any]) -> str:
     """`300 steps in 6.4s`; after a resume the seconds are only this session's, and it says so."""
     steps, seconds, resumed = summary["steps"], summary["seconds"], summary.get("resumed_from") or 0
@@ -312,7 +321,7 @@ def finish(
     from peftcli.training.tracking import plot_losses
 
     main, run_dir = accelerator.is_main_process, where.run_dir
-    result = {"train": {**summary, **stages.counts}}
+    result = {"train": {**summary, **stages.counts, **rendering(recipe, stages.data.format)}}
     gathered = adapter_state(stages.model)  # every process: a sharded adapter is gathered whole
     if main:
         save_adapter(
@@ -324,6 +333,7 @@ def finish(
         )
         write_json(where.work_dir / "eval.json", result)
         run_folder.finish(where)
+        write_run_card(run_dir)  # replaces PEFT's own adapter/README.md
         log.path = run_dir / "metrics.jsonl"  # an --overwrite run's folder was just renamed
         say(f"peftcli: saved {run_dir}/adapter (load with PeftModel.from_pretrained)")
     accelerator.wait_for_everyone()
@@ -340,6 +350,7 @@ def finish(
             log.log(row)
         if main:
             write_json(run_dir / "eval.json", {**metrics, **result})
+            write_run_card(run_dir)  # now with the final metrics
             plot_losses(
                 run_dir / "metrics.jsonl", run_dir / "loss.png", title=f"{recipe.name} ({recipe.peft.method})"
             )
