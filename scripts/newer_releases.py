@@ -31,10 +31,12 @@ def locked(lock: Path) -> dict[str, str]:
 
 
 def bounds() -> dict[str, Requirement]:
-    """pyproject.toml's dependencies and the extras the lock resolves (test, bench)."""
+    """pyproject.toml's dependencies and the extras the lock resolves (test, bench, harness)."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    reqs = [Requirement(r) for r in project["dependencies"] + extras["test"] + extras["bench"]]
+    reqs = [
+        Requirement(r) for r in project["dependencies"] + extras["test"] + extras["bench"] + extras["harness"]
+    ]
     return {canonicalize_name(r.name): r for r in reqs}
 
 
