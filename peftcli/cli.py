@@ -367,6 +367,13 @@ def compare(
             "--overwrite", help="Replace an output folder an earlier compare wrote (its table and runs)."
         ),
     ] = False,
+    harness: Annotated[
+        str | None,
+        typer.Option("--harness", help="Also run these lm-evaluation-harness tasks on each method's run."),
+    ] = None,
+    harness_args: Annotated[
+        str | None, typer.Option("--harness-args", help="For lm-eval, e.g. limit=100 (as eval's).")
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Train several methods on the same recipe (model, data, steps, seed) and tabulate them."""
@@ -375,8 +382,9 @@ def compare(
 
     if not methods_opt:
         raise UserError("compare needs --methods", "e.g. --methods lora,ia3,prompt-tuning (or all)")
+    methods = parse_methods(methods_opt)
     rows, out = run_compare(
-        recipe, overrides or [], parse_methods(methods_opt), max_steps, output_dir, overwrite
+        recipe, overrides or [], methods, max_steps, output_dir, overwrite, harness, harness_args
     )
     written = f"\n\nwrote {out}/compare.csv, compare.md, compare.png"
     emit({"rows": rows}, json_out, lambda result: format_table(result["rows"]) + written)

@@ -206,6 +206,15 @@ def evaluate(
     return metrics_of(output)
 
 
+def check_harness(tasks: str, args: str | None = None) -> None:
+    """What `run_harness` would refuse before loading a model: lm-eval missing, its arguments,
+    its tasks (unknown, or data that cannot be had offline)."""
+    require_lm_eval()
+    parse_args(args)
+    specs = task_specs(tasks)
+    load_tasks(task_manager(specs), specs)
+
+
 def run_harness(
     target: Any, tasks: str, args: str | None = None, compare_base: bool = False
 ) -> dict[str, Any]:

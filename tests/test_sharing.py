@@ -119,6 +119,28 @@ def test_harness_equals_lm_eval_run_directly(shared):
     assert ours[0] != ours[1]  # the adapter changed something lm-eval measures
 
 
+def test_compare_tabulates_harness_results(shared):
+    """`compare --harness` scores each method's run as `eval --harness` does (its eval.json
+    keeps them) and tabulates a column per task and metric; a harness mistake ends before
+    anything trains."""
+    pytest.importorskip("lm_eval", reason="lm-eval is the optional `harness` extra")
+    root, out = shared["root"], shared["root"] / "compare"
+    args = ("compare", str(root / "recipe.yaml"), "--methods", "lora,ia3", "--max-steps", "2")
+    proc = run_cli(*args, "--output-dir", str(out), "--harness", "no-such-task", env=shared["env"])
+    assert proc.returncode == 2 and "unknown lm-eval task `no-such-task`" in one_error_line(proc)
+    assert not out.exists()  # refused before any method trained
+    harness = ("--harness", str(TASK_FILE), "--harness-args", "limit=16")
+    proc = run_cli(*args, "--output-dir", str(out), *harness, "--json", env=shared["env"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout)["rows"]
+    for row in rows:
+        recorded = json.loads((out / row["method"] / "eval.json").read_text())["harness"][TASK]["adapter"]
+        assert row[f"harness:{TASK}:acc"] == recorded["acc"] and recorded["samples"] == 16
+    table = (out / "compare.md").read_text()
+    assert f"harness:{TASK}:acc_norm" in table.splitlines()[0]
+    assert f"harness:{TASK}:acc" in (out / "compare.csv").read_text().splitlines()[0]
+
+
 def test_run_card_is_a_hub_model_card(shared):
     from huggingface_hub import ModelCard
 

@@ -84,12 +84,23 @@ def compare(
     max_steps: int | None = None,
     output_dir: Path | None = None,
     overwrite: bool = False,
+    harness: str | None = None,
+    harness_args: str | None = None,
 ) -> tuple[list[dict[str, Any]], Path]:
-    """Train every method; returns the table's rows and the folder they were written to."""
+    """Train every method; returns the table's rows and the folder they were written to. With
+    `harness`, each trained run is also scored by lm-evaluation-harness (its eval.json keeps
+    the results, as `peftcli eval RUN --harness` would) and the table gains a column per task
+    and metric."""
     from peftcli.checks import check_recipe
 
     if max_steps is not None and max_steps < 1:
         raise UserError(f"--max-steps: {max_steps} must be at least 1")
+    if harness_args is not None and harness is None:
+        raise UserError("--harness-args needs --harness TASKS")
+    if harness is not None:  # lm-eval, its arguments and its tasks are checked before anything trains
+        from peftcli.harness import check_harness
+
+        check_harness(harness, harness_args)
     base = load_recipe(recipe_path, overrides)  # recipe mistakes end here, before anything trains
     out = Path(output_dir) if output_dir else Path("runs") / f"{base.name}-compare"
     # The folder follows the rule of every peftcli output (peftcli.outputs): new, empty, or an
@@ -111,6 +122,8 @@ def compare(
             rows.append(error_row(method, str(exc)))
             continue
         rows.append(run_method(recipe_path, these, method, out / method, overwrite, recipe.eval.metrics))
+        if harness is not None and not rows[-1]["error"]:
+            rows[-1].update(harness_cells(out / method, harness, harness_args))
     write_outputs(rows, out, title=f"{base.name}: {base.model.name_or_path}")
     return rows, out
 
@@ -173,6 +186,24 @@ def method_row(method: str, run_dir: Path, result: dict[str, Any], metrics: list
     return row
 
 
+def harness_cells(run_dir: Path, tasks: str, args: str | None) -> dict[str, Any]:
+    """`harness:TASK:METRIC` cells of one trained run (lm-eval's standard errors left out)."""
+    from peftcli.harness import run_harness
+    from peftcli.target import open_target
+
+    try:
+        results = run_harness(open_target(run_dir), tasks, args)
+    except UserError as exc:  # a method lm-eval cannot score: the row says so, the others go on
+        say(f"peftcli compare: {run_dir.name}: harness: {exc}")
+        return {"error": f"harness: {exc}"}
+    return {
+        f"harness:{task}:{metric}": value
+        for task, metrics in results.items()
+        for metric, value in metrics.items()
+        if metric != "samples" and not metric.endswith("_stderr")
+    }
+
+
 # --------------------------------------------------------------------------- output
 
 
@@ -186,22 +217,30 @@ def _human(value: Any, column: str) -> str:
     if column == "mergeable":
         return "yes" if value else "no"
     if isinstance(value, float):
-        return f"{value:.4f}" if column in ("eval_loss", *TASK_METRICS) else f"{value:,.1f}"
+        scores = column in ("eval_loss", *TASK_METRICS) or column.startswith("harness:")
+        return f"{value:.4f}" if scores else f"{value:,.1f}"
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
 
 
+def harness_columns(rows: list[dict[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(k for r in rows for k in r if k.startswith("harness:")))
+
+
 def shown_columns(rows: list[dict[str, Any]]) -> list[str]:
-    """Task metrics and the error column only where some row has them."""
+    """Task metrics and the error column only where some row has them; harness columns after
+    the task metrics."""
     optional = (*TASK_METRICS, "error")
-    return [c for c in COLUMNS if c not in optional or any(r.get(c) not in (None, "") for r in rows)]
+    shown = [c for c in COLUMNS if c not in optional or any(r.get(c) not in (None, "") for r in rows)]
+    at = shown.index("mergeable")
+    return shown[:at] + harness_columns(rows) + shown[at:]
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A plain-text table for the terminal; errors on their own lines below it."""
     columns = [c for c in shown_columns(rows) if c != "error"]
-    cells = [[_human(r[c], c) for c in columns] for r in rows]
+    cells = [[_human(r.get(c), c) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     lines = [
         "  ".join(
@@ -222,7 +261,7 @@ def format_markdown(rows: list[dict[str, Any]]) -> str:
     columns = shown_columns(rows)
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     for r in rows:
-        cells = [_human(r[c], c).replace("|", "\\|") if c != "method" else f"`{r[c]}`" for c in columns]
+        cells = [_human(r.get(c), c).replace("|", "\\|") if c != "method" else f"`{r[c]}`" for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -230,9 +269,10 @@ def format_markdown(rows: list[dict[str, Any]]) -> str:
 def write_outputs(rows: list[dict[str, Any]], out: Path, title: str) -> None:
     """The table as CSV, Markdown and a chart; each file appears whole or not at all."""
     table = io.StringIO(newline="")
-    writer = csv.DictWriter(table, fieldnames=COLUMNS)
+    fields = [*COLUMNS[:-1], *harness_columns(rows), COLUMNS[-1]]
+    writer = csv.DictWriter(table, fieldnames=fields)
     writer.writeheader()
-    writer.writerows([{c: ("" if r.get(c) is None else r[c]) for c in COLUMNS} for r in rows])
+    writer.writerows([{c: ("" if r.get(c) is None else r[c]) for c in fields} for r in rows])
     outputs.write_text(out / "compare.csv", table.getvalue())
     outputs.write_text(out / "compare.md", format_markdown(rows))
     chart = out / f".compare.png.tmp-{os.getpid()}.png"
