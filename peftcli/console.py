@@ -42,8 +42,36 @@ def emit(result: Any, json_out: bool, format_text: Callable[[Any], str] | None =
     typer.echo(format_text(result))
 
 
+# bitsandbytes (0.50) on a CPU with AVX512-BF16 fetches a CPU kernel for its packed 4-bit path from
+# the Hugging Face Hub when it is imported, through the `kernels` package (a dependency of
+# transformers since 5.25): online that downloads and runs code nobody asked for, offline it prints
+# a warning. peftcli keeps every 4-bit layer off that path (peftcli.model.quant), so the fetch is
+# refused and bitsandbytes uses its own kernels.
+HUB_KERNELS_REFUSED = ("kernels-community/quantization-bitsandbytes",)
+
+
+def refuse_hub_kernels() -> None:
+    """Make `kernels.get_kernel` refuse HUB_KERNELS_REFUSED (once; before bitsandbytes is imported)."""
+    try:
+        import kernels
+    except ImportError:
+        return
+    if getattr(kernels.get_kernel, "_peftcli_guard", False):
+        return
+    fetch = kernels.get_kernel
+
+    def get_kernel(repo_id: str, *args: Any, **kwargs: Any) -> Any:
+        if repo_id in HUB_KERNELS_REFUSED:
+            raise ImportError(f"peftcli does not fetch {repo_id} (its 4-bit layers do not use it)")
+        return fetch(repo_id, *args, **kwargs)
+
+    get_kernel._peftcli_guard = True  # type: ignore[attr-defined]
+    kernels.get_kernel = get_kernel
+
+
 def quiet_libraries() -> None:
     """peftcli reports progress itself; keep library chatter off the terminal."""
+    refuse_hub_kernels()
     import transformers
     from transformers.utils import logging as hf_logging
 

@@ -222,10 +222,11 @@ def run_harness(
     `{"base": {...}, "adapter": {...}}`. A run's eval.json keeps them under `harness`."""
     import torch
 
-    from peftcli.console import say
+    from peftcli.console import quiet_libraries, say
     from peftcli.model.load import load_model, load_tokenizer
     from peftcli.rendering import run_is_chat
 
+    quiet_libraries()  # also from compare, which calls it without eval
     version = require_lm_eval()
     if target.model.task == "seq_cls":
         raise UserError("--harness scores language models; a classifier (seq_cls) has no next-token head")

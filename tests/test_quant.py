@@ -106,3 +106,27 @@ def test_a_classifier_on_a_quantized_base_trains_its_full_precision_head(tmp_pat
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((run / "eval.json").read_text())["accuracy"] >= 0
+
+
+def test_loading_bitsandbytes_fetches_no_kernel_from_the_hub():
+    """transformers 5.25 brings the `kernels` package, and bitsandbytes 0.50 then fetches a CPU
+    kernel from the Hub when imported on an AVX512-BF16 CPU; peftcli refuses that fetch (its
+    4-bit layers stay off that path) and nothing is said about it."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("kernels")
+    code = (
+        "import kernels\n"
+        "asked = []\n"
+        "fetch = kernels.get_kernel\n"
+        "kernels.get_kernel = lambda repo, *a, **k: asked.append(repo) or fetch(repo, *a, **k)\n"
+        "from peftcli.console import quiet_libraries\n"
+        "quiet_libraries()\n"
+        "import bitsandbytes, peft\n"
+        "print(asked)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+    assert "kernels-community" not in proc.stderr and "publisher trust" not in proc.stderr

@@ -148,6 +148,9 @@ def _bitsandbytes() -> Any:
     probe: CPU, CUDA with the binary matching torch's CUDA, ROCm or XPU)."""
     if package_version("bitsandbytes") == NOT_INSTALLED:
         return NOT_INSTALLED
+    from peftcli.console import refuse_hub_kernels
+
+    refuse_hub_kernels()  # its import would fetch a CPU kernel from the Hub (see console)
     import bitsandbytes  # noqa: F401  (runs the probe)
     from bitsandbytes import cextension
 
