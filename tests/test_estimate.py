@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,10 @@ from peftcli.model.load import load_model
 from peftcli.recipe_file import load_recipe
 from peftcli.training.accelerator import trainable_summary
 
-from .conftest import cli, run_cli, write_jsonl, write_recipe
+from .conftest import ROOT, cli, run_cli, write_jsonl, write_recipe
+
+sys.path.insert(0, str(ROOT / "bench"))
+from bench_memory_plan import SIZES  # noqa: E402
 
 TASKS = {"tiny-llama": "causal_lm", "tiny-gpt2": "causal_lm", "tiny-t5": "seq2seq_lm", "tiny-bert": "seq_cls"}
 
@@ -215,58 +219,17 @@ def test_parse_memory():
 # benchmark figure: `make bench-memory` (bench/bench_memory_plan.py).
 
 
-# (hidden, intermediate, layers, vocabulary, batch, max_length)
-SIZES = {
-    "small": (256, 704, 4, 8000, 4, 128),  # 4.9 M parameters, 512 tokens: ~10 s a run
-    "llama-512": (512, 1408, 8, 32000, 8, 256),  # 58.5 M parameters, 2048 tokens
-}
-
-
 @pytest.fixture(scope="module")
 def llama_folders(tmp_path_factory):
-    """Random-init Llamas saved as ordinary model folders (tiny-llama's tokenizer), built once
-    per size, with 16 rows of text longer than max_length."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from peftcli.model.builtin import materialise
+    """Random-init Llamas saved as ordinary model folders (tiny-llama's tokenizer) with 16 rows of
+    text longer than max_length, built once per size: the models `make bench-memory` measures."""
+    import bench_memory_plan
 
     made: dict[str, Path] = {}
 
     def make(size: str) -> Path:
-        if size in made:
-            return made[size]
-        hidden, intermediate, layers, vocab, batch, length = SIZES[size]
-        tmp_path = tmp_path_factory.mktemp(size)
-        config = LlamaConfig(
-            hidden_size=hidden,
-            intermediate_size=intermediate,
-            num_hidden_layers=layers,
-            num_attention_heads=8,
-            num_key_value_heads=8,
-            vocab_size=vocab,
-            tie_word_embeddings=False,
-        )
-        torch.manual_seed(0)
-        LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
-        AutoTokenizer.from_pretrained(materialise("tiny-llama")).save_pretrained(tmp_path / "model")
-        letters = "abcdefghijklmnopqrstuvwxyz     "
-        text = [
-            "".join(letters[(i * 7 + j * j) % len(letters)] for j in range(length + 100)) for i in range(16)
-        ]
-        write_jsonl(tmp_path / "long.jsonl", [{"text": t} for t in text])
-        made[size] = write_recipe(
-            tmp_path / "r.yaml",
-            model={"name_or_path": str(tmp_path / "model")},
-            peft={"method": "lora", "target_modules": "all-linear", "r": 8, "dropout": 0.0},
-            data={
-                "train": "long.jsonl",
-                "eval": 0,
-                "max_length": length,
-                "train_on": "all",
-                "format": "text",
-            },
-            training={"max_steps": 1, "batch_size": batch},
-        )
+        if size not in made:
+            made[size] = bench_memory_plan.make_model(size, tmp_path_factory.mktemp(size))
         return made[size]
 
     return make
@@ -397,7 +360,7 @@ def test_memory_plan_matches_the_tensors_training_holds(llama_folders, tmp_path,
     counted["true"] = count_training_step(recipe, checkpointed)
 
     section = load_recipe(recipe)
-    _, _, _, _, batch, length = SIZES[size]
+    _, _, _, _, batch, length = SIZES[size]  # (hidden, intermediate, layers, vocab, batch, length)
     tokens = batch * length
     for flag in ("false", "true"):
         plan, c = plans[flag], counted[flag]
