@@ -54,6 +54,8 @@ def rows(pins: dict[str, str], reqs: dict[str, Requirement], have: dict[str, str
         outside = req is not None and not req.specifier.contains(Version(newest), prereleases=True)
         if newest != was or outside:
             note = f"outside pyproject's {req.specifier}" if outside else ""
+            if was != "-" and Version(newest) < Version(was):  # the newest of others asked for less
+                note = "older than the lock: another package's newest release bounds it"
             out.append((name, was, newest, note))
     return out
 
