@@ -64,7 +64,7 @@ def check_sharded(run: Path) -> dict:
 def kill_everything_after(proc: subprocess.Popen, checkpoint: Path) -> None:
     """SIGKILL the launching peftcli, Accelerate's launcher and every training process at once,
     as a lost machine would, once `checkpoint` is complete."""
-    from peftcli.commands.train import training_processes
+    from peftcli.training.launch import training_processes
 
     deadline = time.time() + 240
     while not (checkpoint / "state.json").exists():
