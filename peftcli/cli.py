@@ -65,7 +65,8 @@ def train(
         int | None, typer.Option(help="Data-parallel processes on this machine (via accelerate launch).")
     ] = None,
     launch_config: Annotated[
-        Path | None, typer.Option(help="An Accelerate config (configs/*.yaml): DDP, FSDP, DeepSpeed, multi-node.")
+        Path | None,
+        typer.Option(help="An Accelerate config (configs/*.yaml): DDP, FSDP, DeepSpeed, multi-node."),
     ] = None,
     max_restarts: Annotated[
         int, typer.Option(min=0, help="Restart a failed group up to N times, from its newest checkpoint.")

@@ -35,7 +35,9 @@ def run_train(
 
         check_can_start(recipe, overwrite, resume)  # refuse before starting processes
         check_recipe(recipe)
-        how = launch.Launch(recipe_path, [*(overrides or []), *flags], num_processes, launch_config, max_restarts)
+        how = launch.Launch(
+            recipe_path, [*(overrides or []), *flags], num_processes, launch_config, max_restarts
+        )
         how.join_timeout = join_timeout or launch.JOIN_TIMEOUT
         if launch_config is not None:
             from peftcli.model.load import resolve_dtype

@@ -87,6 +87,9 @@ def reported() -> Iterator[None]:
             },
         )
         sys.stderr.flush()
+        # A moment before going, so that the launcher's agent sees first the process that
+        # really failed (it names only the first failure it sees).
+        time.sleep(1)
         os._exit(LOST)  # interpreter teardown could wait on the broken process group
 
 
@@ -114,25 +117,46 @@ def restart_flags(run_dir: Path, overwrite: bool, resume: bool) -> tuple[bool, b
     return overwrite, resume
 
 
+def what_ended(where: Path) -> tuple[int, float, str] | None:
+    """What ended this machine's part of its last group, as (priority, time, words): a local
+    process killed by a signal, one that vanished without a word (no record of a lost peer),
+    one that exited with an error, else the peer its processes lost. None when unknown."""
+    groups = read(where, ROSTER)
+    if not groups:
+        return None
+    since, ranks = groups[-1]["time"], groups[-1]["ranks"]
+    local = {r["pid"]: r for r in ranks if r.get("faults") == str(where)}
+    exits = [e for e in read(where, "exit-*.json") if e["time"] >= since and e["pid"] in local]
+    losses = [x for x in read(where, "lost-*.json") if x["time"] >= since]
+    named = lambda r: f"rank {r['rank']} on {r['host']}"  # noqa: E731
+    for e in exits:
+        if e["exitcode"] < 0:
+            return 3, e["time"], f"{named(local[e['pid']])} exited with signal {-e['exitcode']}"
+    crashed = [e for e in exits if e["exitcode"] != LOST]
+    if crashed:
+        return (
+            1,
+            crashed[0]["time"],
+            f"{named(local[crashed[0]['pid']])} exited with status {crashed[0]['exitcode']}",
+        )
+    spoke = {x["rank"] for x in losses}
+    silent = [r for r in local.values() if r["rank"] not in spoke]
+    if losses and silent:
+        return 2, losses[-1]["time"], f"{named(silent[0])} exited without a word (killed?)"
+    if losses:
+        mine = losses[-1]
+        others = [r for r in ranks if r["machine"] != mine["machine"]]
+        who = ", ".join(named(r) for r in others) or "a peer"
+        peer = f" at {mine['peer']}" if mine.get("peer") else ""
+        return 0, mine["time"], f"lost {who}{peer} ({mine['error'][:60].rstrip('. ')})"
+    return None
+
+
 def local_cause() -> tuple[int, float, str] | None:
-    """What ended this machine's part of the last group, as (priority, time, words): a process
-    that died by a signal or exited, else a peer it lost."""
     where = folder()
     if where is None or os.environ.get("LOCAL_RANK", "0") != "0":
         return None
-    roster = {r["pid"]: r for group in read(where, ROSTER) for r in group["ranks"]}
-    for record in reversed(read(where, "exit-*.json")):
-        who = roster.get(record["pid"])
-        name = f"rank {who['rank']} on {who['host']}" if who else f"local rank {record['local_rank']}"
-        code = record["exitcode"]
-        if code < 0:
-            return 2, record["time"], f"{name} exited with signal {-code}"
-        if code != LOST:
-            return 1, record["time"], f"{name} exited with status {code}"
-    lost = read(where, "lost-*.json")
-    if lost:
-        return 0, lost[-1]["time"], f"rank {lost[-1]['rank']} lost its peers ({lost[-1]['error'][:80]})"
-    return None
+    return what_ended(where)
 
 
 def note_group(accelerator: Any, restarts: int) -> str | None:
@@ -152,6 +176,7 @@ def note_group(accelerator: Any, restarts: int) -> str | None:
         "machine": int(os.environ.get("GROUP_RANK", "0")),
         "host": socket.gethostname(),
         "pid": os.getpid(),
+        "faults": str(folder()),
     }
     ranks = gather_object([me]) if many else [me]
     if os.environ.get("LOCAL_RANK", "0") == "0":

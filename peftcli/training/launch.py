@@ -91,7 +91,12 @@ def launch_command(how: Launch) -> list[str]:
         # together; the main machine hosts its store (on one host standing in for several,
         # every launcher would otherwise try to).
         host = int(how.cluster.get("machine_rank", 0) or 0) == 0
-        cmd += ["--rdzv_backend", "c10d", "--rdzv_conf", f"join_timeout={how.join_timeout},is_host={int(host)}"]
+        cmd += [
+            "--rdzv_backend",
+            "c10d",
+            "--rdzv_conf",
+            f"join_timeout={how.join_timeout},is_host={int(host)}",
+        ]
     elif how.machines > 1:
         cmd += ["--rdzv_conf", f"timeout={how.join_timeout}"]
     if how.max_restarts:
@@ -206,17 +211,16 @@ def training_processes(launcher: int) -> list[int]:
 
 def diagnose(how: Launch, relay: Relay, where: Path) -> UserError | None:
     """The one line for a group that failed as groups do (a machine that never joined, a process
-    or machine lost); None for anything else, whose tracebacks are then shown."""
-    roster = [r for group in faults.read(where, faults.ROSTER) for r in group["ranks"]]
-    if not roster:  # no process of this machine ever started: the machines never met
+    or machine lost); None for anything else (a real error), whose tracebacks are then shown."""
+    if not faults.read(where, faults.ROSTER):  # no process of this machine ever started
         said = "".join(relay.seen)
         if how.machines > 1 and NOT_JOINED.search(said):
             return not_joined(how, JOINED.search(said))
         return None
-    what = lost(roster, faults.read(where, "exit-*.json"), faults.read(where, "lost-*.json"))
-    if what is None:
+    ended = faults.what_ended(where)
+    if ended is None or ended[0] == 1:  # an error in the program: its traceback says more
         return None
-    return GroupFailed(f"{what}; {continue_with(how)}")
+    return GroupFailed(f"{ended[2]}, and the group stopped; {continue_with(how)}")
 
 
 def not_joined(how: Launch, joined: re.Match | None) -> UserError:
@@ -227,27 +231,6 @@ def not_joined(how: Launch, joined: re.Match | None) -> UserError:
         f"start `peftcli train ... --launch-config` on every machine, machine_rank 0 to {how.machines - 1}, "
         f"each able to reach {how.address}",
     )
-
-
-def lost(roster: list[dict], exits: list[dict], losses: list[dict]) -> str | None:
-    """Who was lost, as far as this machine knows: a local process that died, or the other
-    machines' ranks its processes lost contact with."""
-    by_pid = {r["pid"]: r for r in roster if r["host"] == socket.gethostname()}
-    for record in exits:
-        who = by_pid.get(record["pid"])
-        if who is not None and record["exitcode"] != faults.LOST:
-            code = record["exitcode"]
-            how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
-            return f"rank {who['rank']} on {who['host']} {how}, and the group stopped"
-    if not losses:
-        return None
-    mine = losses[-1]
-    others = [r for r in roster if r["machine"] != mine["machine"]]
-    machines = sorted({r["machine"] for r in others})
-    ranks = ", ".join(f"rank {r['rank']} on {r['host']}" for r in others) or "another process"
-    peer = f" at {mine['peer']}" if mine.get("peer") else ""
-    where = f"machine {', '.join(map(str, machines))}" if machines else "a peer"
-    return f"lost {where} ({ranks}{peer}: {mine['error'][:80].rstrip('. ')}), and this machine's processes stopped"
 
 
 def continue_with(how: Launch) -> str:
@@ -261,7 +244,9 @@ def continue_with(how: Launch) -> str:
     for folder in folders(how):
         if is_run(folder) and is_unfinished(folder):
             checkpoint = latest(folder / "checkpoints")
-            newest = f"the newest complete checkpoint is {checkpoint}" if checkpoint else "no checkpoint was saved"
+            newest = (
+                f"the newest complete checkpoint is {checkpoint}" if checkpoint else "no checkpoint was saved"
+            )
             again = re.sub(r" --overwrite\b| --resume\b", "", command)
             machines = " on every machine" if how.machines > 1 else ""
             return f"{newest}; continue with `{again} {' '.join(flags)} --resume`{machines}"
