@@ -89,7 +89,7 @@ def reported() -> Iterator[None]:
         sys.stderr.flush()
         # A moment before going, so that the launcher's agent sees first the process that
         # really failed (it names only the first failure it sees).
-        time.sleep(1)
+        time.sleep(float(os.environ.get("PEFTCLI_LOST_WAIT", "1")))
         os._exit(LOST)  # interpreter teardown could wait on the broken process group
 
 

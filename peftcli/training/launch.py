@@ -76,6 +76,25 @@ def read_config(path: Path) -> dict[str, Any]:
 
 
 def launch_command(how: Launch) -> list[str]:
+    tail = ["-m", "peftcli.cli", "train", str(how.recipe), *how.args]
+    if how.config is None and how.max_restarts:
+        # Accelerate's one-machine launch rendezvous statically, and torch's static store keeps
+        # the failed group's addresses: a restarted group would dial them. torch's standalone
+        # (c10d) rendezvous gives every group a fresh store (and finds its own free port).
+        run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--monitor_interval", "0.1"]
+        return [
+            *run,
+            "--nproc_per_node",
+            str(how.num_processes),
+            "--max_restarts",
+            str(how.max_restarts),
+            *tail,
+        ]
+    if how.machines < 2 and how.max_restarts:
+        raise UserError(
+            f"--max-restarts with a one-machine launch config ({how.config}) is not supported",
+            "use --num-processes N --max-restarts, or a config with num_machines > 1",
+        )
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if how.config is not None:
         cmd += ["--config_file", str(how.config)]
@@ -101,7 +120,7 @@ def launch_command(how: Launch) -> list[str]:
         cmd += ["--rdzv_conf", f"timeout={how.join_timeout}"]
     if how.max_restarts:
         cmd += ["--max_restarts", str(how.max_restarts)]
-    return [*cmd, "-m", "peftcli.cli", "train", str(how.recipe), *how.args]
+    return [*cmd, *tail]
 
 
 class Relay(threading.Thread):
@@ -147,6 +166,9 @@ def launch(how: Launch) -> int:
     with tempfile.TemporaryDirectory(prefix="peftcli-faults-") as faults_dir:
         env = {**os.environ, "PEFTCLI_LAUNCHED": "1", faults.FAULTS: faults_dir}
         env[faults.RESTARTS] = str(how.max_restarts)
+        # torch's elastic rendezvous lends the workers its own store, shared by every round, so a
+        # restarted group would read the failed one's addresses: each group gets a fresh store.
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
         print("peftcli: launching " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
         # The launcher runs in a session of its own, so a Ctrl-C reaches this process only: it is
         # passed to the training processes themselves, which finish their step, checkpoint and end;
