@@ -135,7 +135,7 @@ def checkpointed(run: Path):
     return lambda: any((run / "checkpoints").glob("step-*/state.json")) and not (run / "adapter").exists()
 
 
-def finish(procs: list[subprocess.Popen], seconds: float = 300) -> list[str]:
+def finish(procs: list[subprocess.Popen], seconds: float = 150) -> list[str]:
     """Wait for every process (bounded); kill whatever is left; their stderr."""
     said = []
     try:

@@ -205,8 +205,12 @@ def wait(process: subprocess.Popen) -> tuple[int, list[int]]:
             signal.signal(sig, handler)
 
 
+LAUNCHERS = (b"accelerate.commands.launch", b"torch.distributed.run")
+
+
 def training_processes(launcher: int) -> list[int]:
-    """The launcher's descendants that run peftcli (Linux /proc; elsewhere the launcher itself)."""
+    """The launcher's descendants that run peftcli, not the launchers that start them (Linux
+    /proc; elsewhere the launcher itself)."""
     proc = Path("/proc")
     if not proc.is_dir():
         return [launcher]
@@ -221,7 +225,8 @@ def training_processes(launcher: int) -> list[int]:
     found = []
     for pid in family - {launcher}:
         try:
-            if b"peftcli.cli" in (proc / str(pid) / "cmdline").read_bytes():
+            line = (proc / str(pid) / "cmdline").read_bytes()
+            if b"peftcli.cli" in line and not any(x in line for x in LAUNCHERS):
                 found.append(pid)
         except OSError:
             continue
