@@ -56,10 +56,7 @@ def train(
         bool, typer.Option("--resume", help="Continue an unfinished run from its newest checkpoint.")
     ] = False,
     overwrite: Annotated[
-        bool,
-        typer.Option(
-            "--overwrite", help="Replace an existing run (swapped in only when the new one finishes)."
-        ),
+        bool, typer.Option("--overwrite", help="Replace an existing run (swapped in when the new one ends).")
     ] = False,
     num_processes: Annotated[
         int | None, typer.Option(help="Data-parallel processes on this machine (via accelerate launch).")
