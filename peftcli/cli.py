@@ -45,6 +45,7 @@ def _main(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for every error.")] = False,
 ) -> None:
     _state["debug"] = debug or os.environ.get("PEFTCLI_DEBUG", "") not in ("", "0")
+    os.environ["PEFTCLI_DEBUG"] = "1" if _state["debug"] else ""  # launched processes too
 
 
 @app.command()
@@ -55,28 +56,27 @@ def train(
         bool, typer.Option("--resume", help="Continue an unfinished run from its newest checkpoint.")
     ] = False,
     overwrite: Annotated[
-        bool,
-        typer.Option(
-            "--overwrite", help="Replace an existing run (swapped in only when the new one finishes)."
-        ),
+        bool, typer.Option("--overwrite", help="Replace an existing run (swapped in when the new one ends).")
     ] = False,
     num_processes: Annotated[
-        int | None,
-        typer.Option(
-            "--num-processes", help="Data-parallel processes on this machine (via accelerate launch)."
-        ),
+        int | None, typer.Option(help="Data-parallel processes on this machine (via accelerate launch).")
     ] = None,
     launch_config: Annotated[
         Path | None,
-        typer.Option(
-            "--launch-config", help="An Accelerate config (configs/*.yaml): DDP, FSDP, DeepSpeed, multi-node."
-        ),
+        typer.Option(help="An Accelerate config (configs/*.yaml): DDP, FSDP, DeepSpeed, multi-node."),
+    ] = None,
+    max_restarts: Annotated[
+        int, typer.Option(min=0, help="Restart a failed group up to N times, from its newest checkpoint.")
+    ] = 0,
+    join_timeout: Annotated[
+        int | None, typer.Option(min=1, help="Seconds to wait for every machine to join [default: 900].")
     ] = None,
 ) -> None:
     """Train a recipe; the run folder gets adapter/, metrics.jsonl, eval.json, loss.png."""
     from peftcli.commands.train import run_train
 
-    raise typer.Exit(run_train(recipe, overrides, resume, overwrite, num_processes, launch_config))
+    how = (num_processes, launch_config, max_restarts, join_timeout)
+    raise typer.Exit(run_train(recipe, overrides, resume, overwrite, *how))
 
 
 @app.command()
@@ -414,7 +414,7 @@ def main() -> None:
         if _state["debug"]:
             raise
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(exc, "exit_code", 2))
     except _ClickException as exc:
         known = {c.name or c.callback.__name__ for c in app.registered_commands}
         command = next((a for a in sys.argv[1:] if a in known), "")

@@ -22,6 +22,13 @@ class UserError(Exception):
         return self.message if not self.hint else f"{self.message} ({self.hint})"
 
 
+class GroupFailed(UserError):
+    """A launched group that lost a process or a machine: reported in one line, exit status 1
+    (not a mistake in what was asked, so not 2)."""
+
+    exit_code = 1
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """' (did you mean `x`?)' for the closest choice, or '' when nothing is close."""
     match = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)

@@ -232,6 +232,12 @@ class TrainingSection(_Section):
     )
     save_every: int | None = Field(None, gt=0, description="Optimizer steps between resumable checkpoints.")
     keep_checkpoints: int = Field(2, gt=0, description="Newest complete checkpoints kept.")
+    collective_timeout: int | None = Field(
+        None,
+        gt=0,
+        description="Seconds a process waits in one collective (a lost peer) before failing; "
+        "null = torch's default (30 min on gloo, 10 min on NCCL).",
+    )
     report_to: list[Literal["jsonl", "tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=lambda: ["jsonl"], description="Where metrics go (jsonl is always written)."
     )

@@ -64,14 +64,14 @@ def check_sharded(run: Path) -> dict:
 def kill_everything_after(proc: subprocess.Popen, checkpoint: Path) -> None:
     """SIGKILL the launching peftcli, Accelerate's launcher and every training process at once,
     as a lost machine would, once `checkpoint` is complete."""
-    from peftcli.commands.train import training_processes
+    from .test_faults import family as descendants
 
     deadline = time.time() + 240
     while not (checkpoint / "state.json").exists():
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         assert time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.01)
-    family = [*training_processes(proc.pid), proc.pid]
+    family = descendants(proc.pid)
     for pid in family:
         try:
             os.kill(pid, signal.SIGKILL)

@@ -24,11 +24,15 @@ def resolve_precision(section: TrainingSection) -> str:
 
 
 def make_accelerator(section: TrainingSection, project_dir: Path) -> Any:
+    from datetime import timedelta
+
     import torch
     from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.utils import InitProcessGroupKwargs
 
     precision = resolve_precision(section)
     trackers = [t for t in section.report_to if t != "jsonl"]
+    wait = section.collective_timeout
     accelerator = Accelerator(
         # Without a GPU, processes started by a launcher talk over gloo.
         cpu=not torch.cuda.is_available(),
@@ -36,6 +40,7 @@ def make_accelerator(section: TrainingSection, project_dir: Path) -> Any:
         log_with=trackers or None,
         project_dir=str(project_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=wait))] if wait else None,
     )
     if asked_for() == "FSDP" and accelerator.distributed_type.value == "MULTI_CPU":
         shard_on_cpu(accelerator, precision)
@@ -59,6 +64,14 @@ def check_launch_config(
     except (OSError, yaml.YAMLError) as exc:
         raise UserError(f"--launch-config {path}: cannot read it: {exc}") from None
     kind, gpus = str(config.get("distributed_type", "NO")), torch.cuda.is_available()
+    if kind == "MULTI_CPU" and int(config.get("num_machines", 1)) > 1:
+        # Accelerate starts MULTI_CPU with its simple launcher: each machine's process alone.
+        raise UserError(
+            f"--launch-config {path}: distributed_type: MULTI_CPU on several machines starts each "
+            "machine's processes alone, never as one group",
+            "use distributed_type: MULTI_GPU with use_cpu: true, as configs/multi-node-cpu.yaml does "
+            "(without GPUs its processes train on the CPU over gloo)",
+        )
     if kind == "DEEPSPEED" and not (gpus and importlib.util.find_spec("deepspeed")):
         raise UserError(
             f"--launch-config {path}: DeepSpeed needs CUDA GPUs and the deepspeed package"

@@ -37,6 +37,7 @@ RESUMABLE_CHANGES = {
     "training.keep_checkpoints",
     "training.report_to",
     "training.gradient_checkpointing",
+    "training.collective_timeout",
 }
 
 

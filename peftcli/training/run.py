@@ -62,7 +62,15 @@ def train(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Trai
     `resume`). The main process holds the run's lock from before it looks at the folder until
     it returns."""
     from peftcli.checks import check_recipe
+    from peftcli.console import quiet_libraries
+    from peftcli.training import faults
 
+    accelerator, restarts = None, 0
+    if faults.may_restart():  # a restarted group continues its run: every process agrees first
+        quiet_libraries()
+        accelerator = make_accelerator(recipe.training, recipe.output_dir)
+        if restarts := faults.agreed_restarts(accelerator):
+            overwrite, resume = faults.restart_flags(recipe.output_dir, overwrite, resume)
     # The main process (accelerate launch sets RANK; a plain run is rank 0) claims the run
     # before it looks at the folder, and before anything heavy is imported: a second `train`
     # of the same folder is refused at once.
@@ -78,11 +86,9 @@ def train(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Trai
         notes = [
             x for x in check_recipe(recipe) if x.endswith(": ignored") or x.startswith("peft: starts from")
         ]
-        from peftcli.console import quiet_libraries
-
         quiet_libraries()
-        accelerator = make_accelerator(recipe.training, recipe.output_dir)
-        return _train(recipe, where, accelerator, notes)
+        accelerator = accelerator or make_accelerator(recipe.training, recipe.output_dir)
+        return _train(recipe, where, accelerator, notes, restarts)
     finally:
         if lock is not None:
             lock.release()
@@ -101,20 +107,28 @@ class Stages:
     objective: Any = None  # training.preference.Objective; None for sft
 
 
-def _train(recipe: Recipe, where: run_folder.Plan, accelerator: Any, notes: list[str]) -> Trained:
+def _train(
+    recipe: Recipe, where: run_folder.Plan, accelerator: Any, notes: list[str], restarts: int = 0
+) -> Trained:
+    from peftcli.training import faults
+
     accelerator.project_configuration.set_directories(str(where.work_dir))
+    cause = faults.note_group(accelerator, restarts)
     stages = load_stages(recipe, where, accelerator)
     how = distribution(accelerator)
     # The run folder is made (or reopened) only now that everything it needs has loaded: a
     # recipe, data or model that fails leaves nothing behind.
     if accelerator.is_main_process:
         run_folder.open_run(where, dump_recipe(recipe), stages.start)
+        if restarts:
+            say(faults.restart_line(restarts, cause, stages.start))
         report_start(recipe, where, stages, notes)
         say(f"peftcli: running on {describe(how)}")
     accelerator.wait_for_everyone()
     log = MetricsLog(where.work_dir / "metrics.jsonl", accelerator, recipe.training.report_to)
     summary = run_loop(recipe, where, stages, log, accelerator)
     summary["distributed"] = {**how, **held(stages.model, accelerator)}
+    summary["restarts"] = restarts
     metrics = finish(recipe, where, stages, summary, log, accelerator)
     accelerator.wait_for_everyone()
     # The DDP wrapper (with gloo work it holds) goes before the process group it talks over;
