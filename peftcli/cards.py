@@ -20,19 +20,24 @@ PEFT's `save_pretrained` writes a card of its own into adapter/; `train` replace
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any, Literal
+
+from peftcli import outputs
 
 Kind = Literal["adapter", "merged"]
 CARD = "README.md"
 SIGNATURE = "<!-- written by peftcli -->"
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def is_hub_id(name: str | None) -> bool:
-    """`org/name` that is not a local path (what the Hub accepts as base_model or a dataset)."""
-    return bool(name) and HUB_ID.match(name) is not None and not Path(name).expanduser().exists()
+    """`org/name` that is not a local path (what the Hub accepts as base_model or a dataset);
+    the repo-id rule is the recipe's (peftcli.recipe.HUB_ID)."""
+    from peftcli.recipe import HUB_ID
+
+    if not name or "/" not in name or len(name) > 96 or not HUB_ID.fullmatch(name):
+        return False
+    return not Path(name).expanduser().exists()
 
 
 def base_license(model: dict[str, Any]) -> str | None:
@@ -107,15 +112,13 @@ def write_card(
     body = card_body(kind, raw, results or {}, recipe_text or "", folder)
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{SIGNATURE}\n{body}")
     path = Path(folder) / CARD
-    tmp = path.with_name(f".{CARD}.tmp")
-    tmp.write_text(str(card), encoding="utf-8")
-    tmp.replace(path)
+    outputs.write_text(path, str(card))
     return path
 
 
 def write_run_card(run_dir: Path) -> Path | None:
     """A run's adapter/README.md from its recipe.yaml and eval.json (replacing PEFT's card)."""
-    from peftcli.recipe_file import read_yaml
+    from peftcli.recipe_file import parse_yaml
 
     adapter = run_dir / "adapter"
     if not (adapter / "adapter_config.json").is_file() or not (run_dir / "recipe.yaml").is_file():
@@ -123,7 +126,7 @@ def write_run_card(run_dir: Path) -> Path | None:
     text = (run_dir / "recipe.yaml").read_text(encoding="utf-8")
     results_file = run_dir / "eval.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
-    return write_card(adapter, "adapter", read_yaml(run_dir / "recipe.yaml"), results, text)
+    return write_card(adapter, "adapter", parse_yaml(text) or {}, results, text)
 
 
 def point_at(folder: Path, repo_id: str) -> str | None:

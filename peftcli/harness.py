@@ -223,11 +223,12 @@ def run_harness(
     import torch
 
     from peftcli.console import quiet_libraries, say
-    from peftcli.model.load import load_model, load_tokenizer
+    from peftcli.model.load import load_model
     from peftcli.rendering import run_is_chat
+    from peftcli.target import target_tokenizer
 
-    quiet_libraries()  # also from compare, which calls it without eval
     version = require_lm_eval()
+    quiet_libraries()
     if target.model.task == "seq_cls":
         raise UserError("--harness scores language models; a classifier (seq_cls) has no next-token head")
     if compare_base and target.adapter is None:
@@ -239,9 +240,7 @@ def run_harness(
     manager = task_manager(specs)
     load_tasks(manager, specs)
 
-    saved = target.adapter is not None and (target.adapter / "tokenizer_config.json").is_file()
-    where = target.model.model_copy(update={"name_or_path": str(target.adapter)}) if saved else target.model
-    tokenizer = load_tokenizer(where)
+    tokenizer = target_tokenizer(target)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(target.model, device=device)
     if target.model.quantization == "none":
@@ -266,23 +265,17 @@ def run_harness(
 def record(target: Any, results: dict[str, Any], config: dict[str, Any]) -> None:
     """A run's eval.json keeps each task under `harness`: the adapter's metrics, the base's
     (with --compare-base) and how lm-eval ran; other tasks measured before are kept."""
-    import json
+    from peftcli.runs import update_results
 
-    from peftcli.runs import is_run, write_json
+    def change(previous: dict[str, Any]) -> dict[str, Any]:
+        harness = dict(previous.get("harness") or {})
+        for task, metrics in results["adapter"].items():
+            harness[task] = {"adapter": metrics, "config": config}
+            if "base" in results and task in results["base"]:
+                harness[task]["base"] = results["base"][task]
+        return {**previous, "harness": harness}
 
-    if target.run_dir is None or not is_run(target.run_dir):
-        return
-    eval_file = target.run_dir / "eval.json"
-    previous = json.loads(eval_file.read_text()) if eval_file.is_file() else {}
-    harness = dict(previous.get("harness") or {})
-    for task, metrics in results["adapter"].items():
-        harness[task] = {"adapter": metrics, "config": config}
-        if "base" in results and task in results["base"]:
-            harness[task]["base"] = results["base"][task]
-    write_json(eval_file, {**previous, "harness": harness})
-    from peftcli.cards import write_run_card
-
-    write_run_card(target.run_dir)
+    update_results(target.run_dir, change)
 
 
 def format_result(result: dict[str, Any]) -> str:

@@ -154,12 +154,9 @@ def merged_model(
 def load_tokenizer_of(source: Source) -> Any:
     """The tokenizer the run trained with (saved with its adapter, chat template included);
     the base model's when the adapter folder has none."""
-    from peftcli.model.load import load_tokenizer
+    from peftcli.target import target_tokenizer
 
-    section = source.target.model
-    if (source.adapter / "tokenizer_config.json").is_file():
-        section = section.model_copy(update={"name_or_path": str(source.adapter)})
-    return load_tokenizer(section)
+    return target_tokenizer(source.target)
 
 
 def merged_in_memory(source: Source) -> Any:

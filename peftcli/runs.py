@@ -19,6 +19,7 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,8 +61,8 @@ def is_run(path: Path) -> bool:
     """A folder peftcli made for a run (by its marker; older runs by their contents)."""
     if not path.is_dir():
         return False
-    if outputs.kind_of(path) is not None:
-        return outputs.kind_of(path) == "run"
+    if (kind := outputs.kind_of(path)) is not None:
+        return kind == "run"
     names = {p.name for p in path.iterdir()}
     return "recipe.yaml" in names and bool(names & TRAINED_ENTRIES) and names <= RUN_ENTRIES
 
@@ -333,6 +334,17 @@ def save_adapter(
 
 
 def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    outputs.write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def update_results(run_dir: Path | None, change: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    """A later evaluation's results into a run's eval.json (`change(previous) -> new`), written
+    whole, and its model card with them; only in a folder peftcli made for a run."""
+    if run_dir is None or not is_run(run_dir):
+        return
+    eval_file = run_dir / "eval.json"
+    previous = json.loads(eval_file.read_text()) if eval_file.is_file() else {}
+    write_json(eval_file, change(previous))
+    from peftcli.cards import write_run_card
+
+    write_run_card(run_dir)

@@ -121,3 +121,17 @@ def labels_of(target: Target) -> list[str] | None:
     if not _is_classifier(config) or not id2label:
         return None  # a base encoder: its head is new, its classes come from the data
     return [id2label[k] for k in sorted(id2label, key=int)]
+
+
+def saved_tokenizer(target: Target) -> bool:
+    """The run or adapter saved its tokenizer (with the chat template it trained with)."""
+    return target.adapter is not None and (target.adapter / "tokenizer_config.json").is_file()
+
+
+def target_tokenizer(target: Target) -> Any:
+    """The tokenizer a run or adapter saved (its chat template included), else the base model's."""
+    from peftcli.model.load import load_tokenizer
+
+    if saved_tokenizer(target):
+        return load_tokenizer(target.model.model_copy(update={"name_or_path": str(target.adapter)}))
+    return load_tokenizer(target.model)

@@ -25,6 +25,19 @@ def peftcli_home(tmp_path_factory):
     return Path(home)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module's tests (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    tiny models gain nothing from threads, and on a shared CPU the spinning threads of several
+    processes slow each other down 10-50x."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")

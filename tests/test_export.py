@@ -43,11 +43,8 @@ MEASURED: dict[str, float] = {}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def report_measured(one_thread):
     yield
-    torch.set_num_threads(before)
     if MEASURED:  # the README's numbers: pytest -s tests/test_export.py
         print("\nmax |logit difference| per model and type:", json.dumps(MEASURED, indent=1))
 

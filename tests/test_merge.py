@@ -37,14 +37,7 @@ MERGE_ATOL = 1e-4
 EXTRA = {"t5-lora": ("tiny-t5", "seq2seq_lm"), "bert-lora": ("tiny-bert", "seq_cls")}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU the spinning threads of
-    several processes slow each other down 10-50x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def probe(model, task: str = "causal_lm") -> torch.Tensor:

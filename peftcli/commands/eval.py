@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,7 @@ from peftcli.recipe import (
     EvalSection,
     TrainingSection,
 )
-from peftcli.target import labels_of, open_target
+from peftcli.target import labels_of, open_target, target_tokenizer
 from peftcli.training.evaluate import eval_split
 
 
@@ -34,8 +33,7 @@ def run_eval(
     if harness is not None:
         from peftcli.harness import require_lm_eval, run_harness
 
-        require_lm_eval()  # before anything heavy loads
-        quiet_libraries()
+        require_lm_eval()  # before the run is opened
         return run_harness(open_target(path, trust_remote_code), harness, harness_args, compare_base)
     quiet_libraries()
     target = open_target(path, trust_remote_code)
@@ -87,28 +85,10 @@ def run_eval(
 
 
 def record(target: Any, metrics: dict[str, Any]) -> None:
-    """The run's own eval split: the metrics go into its eval.json — only in a folder peftcli
-    made for a run (the rule of peftcli.outputs), and whole or not at all."""
-    from peftcli.runs import is_run, write_json
+    """The run's own eval split: the metrics go into its eval.json (see runs.update_results)."""
+    from peftcli.runs import update_results
 
-    if target.run_dir is None or not is_run(target.run_dir):
-        return
-    eval_file = target.run_dir / "eval.json"
-    previous = json.loads(eval_file.read_text()) if eval_file.is_file() else {}
-    write_json(eval_file, {**previous, **metrics})
-    from peftcli.cards import write_run_card
-
-    write_run_card(target.run_dir)
-
-
-def target_tokenizer(target: Any) -> Any:
-    """The tokenizer a run or adapter saved (its chat template included), else the base model's."""
-    from peftcli.model.load import load_tokenizer
-
-    saved = target.adapter is not None and (target.adapter / "tokenizer_config.json").is_file()
-    return load_tokenizer(
-        target.model.model_copy(update={"name_or_path": str(target.adapter)}) if saved else target.model
-    )
+    update_results(target.run_dir, lambda previous: {**previous, **metrics})
 
 
 def eval_accelerator(training: TrainingSection) -> Any:

@@ -13,17 +13,7 @@ from typing import Any
 from peftcli.console import say
 from peftcli.errors import UserError
 from peftcli.recipe import DataSection
-from peftcli.target import Target, labels_of, open_target
-
-
-def target_tokenizer(target: Target) -> Any:
-    """The tokenizer saved with the adapter (it carries the chat template the run trained
-    with), else the model folder's."""
-    from peftcli.model.load import load_tokenizer
-
-    if target.adapter is not None and (target.adapter / "tokenizer_config.json").is_file():
-        return load_tokenizer(target.model.model_copy(update={"name_or_path": str(target.adapter)}))
-    return load_tokenizer(target.model)
+from peftcli.target import Target, labels_of, open_target, saved_tokenizer, target_tokenizer
 
 
 def check_template(target: Target, tokenizer: Any) -> str | None:
@@ -31,7 +21,7 @@ def check_template(target: Target, tokenizer: Any) -> str | None:
     (not when the recipe chose its own with data.chat_template)."""
     from peftcli.model.load import load_tokenizer
 
-    if target.adapter is None or not (target.adapter / "tokenizer_config.json").is_file():
+    if not saved_tokenizer(target):
         return None
     if target.recipe is not None and target.recipe.data.chat_template is not None:
         return None

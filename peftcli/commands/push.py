@@ -86,9 +86,7 @@ def push(
     path: Path, repo_id: str, private: bool = True, merged: bool = False, api: Any = None
 ) -> dict[str, Any]:
     """Upload; `api` is an `HfApi` (or a stand-in with create_repo/create_commit, for tests)."""
-    import os
-
-    from huggingface_hub import CommitOperationAdd
+    from huggingface_hub import CommitOperationAdd, constants
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     from peftcli.cards import point_at, write_run_card
@@ -102,7 +100,7 @@ def push(
         raise UserError(f"REPO_ID {repo_id!r} is not a Hub repo id: {str(exc).splitlines()[0]}") from None
     kind, folder, files = what_to_push(path, merged)
     secret = token()
-    if api is None and os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+    if api is None and constants.HF_HUB_OFFLINE:
         raise UserError("push needs the network, and HF_HUB_OFFLINE is set", "unset HF_HUB_OFFLINE")
     if kind == "adapter":
         write_run_card(folder.parent)

@@ -22,6 +22,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from peftcli import outputs
+
 FAULTS = "PEFTCLI_FAULTS"  # the launcher's folder for this machine
 RESTARTS = "PEFTCLI_MAX_RESTARTS"  # --max-restarts, as every launcher was given it
 LOST = 3  # exit status of a process that lost a peer
@@ -36,9 +38,7 @@ def folder() -> Path | None:
 def write(name: str, record: dict[str, Any], where: Path | None = None) -> None:
     where = where or folder()
     if where is not None:
-        tmp = where / f".{name}.tmp"
-        tmp.write_text(json.dumps({**record, "time": time.time()}), encoding="utf-8")
-        os.replace(tmp, where / name)
+        outputs.write_text(where / name, json.dumps({**record, "time": time.time()}))
 
 
 def read(where: Path, pattern: str) -> list[dict[str, Any]]:

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from peftcli import outputs
+
 
 class MetricsLog:
     """Appends one JSON object per logged step; the main process owns the file."""
@@ -49,9 +51,7 @@ def keep_metrics_until(path: Path, step: int) -> None:
     last line it tore while writing."""
     if path.is_file():
         rows = [r for r in read_metrics(path) if r.get("step", 0) <= step]
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        tmp.replace(path)
+        outputs.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def plot_losses(metrics_path: Path, out: Path, title: str = "") -> None:
