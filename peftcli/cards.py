@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from peftcli import outputs
+from peftcli.run_folder.layout import CARD, Layout, has_adapter
 
 Kind = Literal["adapter", "merged"]
-CARD = "README.md"
 SIGNATURE = "<!-- written by peftcli -->"
 
 
@@ -120,13 +120,12 @@ def write_run_card(run_dir: Path) -> Path | None:
     """A run's adapter/README.md from its recipe.yaml and eval.json (replacing PEFT's card)."""
     from peftcli.recipe_file import parse_yaml
 
-    adapter = run_dir / "adapter"
-    if not (adapter / "adapter_config.json").is_file() or not (run_dir / "recipe.yaml").is_file():
+    layout = Layout(run_dir)
+    adapter = layout.adapter
+    if not has_adapter(adapter) or not layout.recipe.is_file():
         return None
-    text = (run_dir / "recipe.yaml").read_text(encoding="utf-8")
-    results_file = run_dir / "eval.json"
-    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
-    return write_card(adapter, "adapter", parse_yaml(text) or {}, results, text)
+    text = layout.recipe.read_text(encoding="utf-8")
+    return write_card(adapter, "adapter", parse_yaml(text) or {}, layout.read_results(), text)
 
 
 def point_at(folder: Path, repo_id: str) -> str | None:

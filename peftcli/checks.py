@@ -12,6 +12,7 @@ from typing import Any
 
 from peftcli.errors import UserError
 from peftcli.recipe import Recipe
+from peftcli.run_folder.layout import Layout
 from peftcli.tasks import ENCODER_ONLY
 
 # Architectures whose position embeddings are a learned table: a longer input fails with an
@@ -136,11 +137,9 @@ def check_positions(recipe: Recipe, config: dict[str, Any]) -> None:
 def check_targets(recipe: Recipe, folder: Path | None) -> str | None:
     """Target modules from the checkpoint's weight names; None when they cannot be read."""
     from peftcli.methods import METHODS
-    from peftcli.methods.apply import config_kwargs
     from peftcli.methods.targets import LinearIndex, resolve_targets
 
-    method = METHODS[recipe.peft.method]
-    config_kwargs(method, recipe.peft)
+    method = METHODS[recipe.peft.method]  # its peft.options were checked with the schema
     if method.kind != "targets":
         return f"peft: {method.name} ({method.kind} method: adds virtual tokens, no target modules)"
     index = LinearIndex.from_weights(folder) if folder else None
@@ -260,7 +259,7 @@ def _trained_on(folder: Path, adapter: dict[str, Any]) -> str:
     """The model an adapter was trained on, as its run's recipe names it (builtin:tiny-bert),
     else as its adapter_config.json does."""
     for run in (folder.parent, folder.parent.parent.parent):  # run/adapter, run/checkpoints/step-N/adapter
-        recorded = run / "recipe.yaml"
+        recorded = Layout(run).recipe
         if recorded.is_file():
             try:
                 from peftcli.recipe_file import parse_yaml

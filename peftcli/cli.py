@@ -82,11 +82,11 @@ def train(
 @app.command()
 def validate(recipe: RecipeArg, overrides: OverridesArg = None) -> None:
     """Check a recipe — schema, model config, target modules, data — without training."""
-    from peftcli.checks import check_recipe
     from peftcli.recipe_file import load_recipe
+    from peftcli.validation import validate
 
     r = load_recipe(recipe, overrides)
-    for line in check_recipe(r):
+    for line in validate(r):
         typer.echo(line)
     typer.echo(f"ok: {recipe} is valid")
 

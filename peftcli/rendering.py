@@ -8,7 +8,6 @@ render prompts the same way unless told otherwise. `train` records the answer in
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from peftcli.errors import UserError
@@ -44,8 +43,10 @@ def run_is_chat(target: Any) -> bool:
     """The run trained on conversations: as recorded at training, else from its data."""
     if target.recipe is None:
         return False
-    if target.run_dir is not None and (target.run_dir / "eval.json").is_file():
-        recorded = json.loads((target.run_dir / "eval.json").read_text()).get("train", {}).get("chat")
+    if target.run_dir is not None:
+        from peftcli.run_folder.layout import Layout
+
+        recorded = Layout(target.run_dir).read_results().get("train", {}).get("chat")
         if isinstance(recorded, bool):
             return recorded
     return data_is_chat(target.recipe.data, target.model.task)

@@ -12,6 +12,7 @@ from typing import Any
 from peftcli.errors import UserError
 from peftcli.model import builtin
 from peftcli.recipe import ModelSection, Recipe
+from peftcli.run_folder.layout import LABELS, Layout, adapter_file, has_adapter
 from peftcli.tasks import ENCODER_ONLY, task_of_peft_type
 
 
@@ -79,17 +80,16 @@ def _open_target(path: Path) -> Target:
         return Target(ModelSection(name_or_path=spec, task=_model_task(folder)), None, None, None)
     if not path.exists():
         raise UserError(f"no such run, adapter or model folder: {path}")
-    if (path / "recipe.yaml").is_file() and (path / "adapter" / "adapter_config.json").is_file():
+    run = Layout(path)
+    if run.recipe.is_file() and has_adapter(run.adapter):
         from peftcli.recipe_file import load_recipe
 
-        recipe = load_recipe(
-            path / "recipe.yaml", _recorded_default_metrics(path / "recipe.yaml"), recorded=True
-        )
-        return Target(recipe.model, path / "adapter", recipe, path)
-    if (path / "adapter_config.json").is_file():
-        if (path.parent / "recipe.yaml").is_file():
+        recipe = load_recipe(run.recipe, _recorded_default_metrics(run.recipe), recorded=True)
+        return Target(recipe.model, run.adapter, recipe, path)
+    if has_adapter(path):
+        if Layout(path.parent).recipe.is_file():
             return _open_target(path.parent)
-        cfg = json.loads((path / "adapter_config.json").read_text())
+        cfg = json.loads(adapter_file(path).read_text())
         base = cfg.get("base_model_name_or_path")
         if not base:
             raise UserError(f"{path}/adapter_config.json names no base model (base_model_name_or_path)")
@@ -97,7 +97,7 @@ def _open_target(path: Path) -> Target:
         return Target(ModelSection(name_or_path=base, task=task), path, None, None)
     if (path / "config.json").is_file():
         return Target(ModelSection(name_or_path=str(path), task=_model_task(path)), None, None, None)
-    if (path / "recipe.yaml").is_file():
+    if run.recipe.is_file():
         raise UserError(f"{path} holds no adapter yet: the run did not finish", "train it again, or --resume")
     raise UserError(
         f"{path} is not a run, adapter or model folder",
@@ -109,10 +109,9 @@ def labels_of(target: Target) -> list[str] | None:
     """Class names in the order of the classifier's outputs: the run's labels.json, or the
     id2label of a (merged) classifier folder; None when the target has none."""
     from peftcli.model.load import source
-    from peftcli.runs import LABELS_FILE  # the run folder's layout
 
     if target.adapter is not None:
-        path = target.adapter / LABELS_FILE
+        path = target.adapter / LABELS
         return json.loads(path.read_text()) if path.is_file() else None
     if target.model.task != "seq_cls":
         return None

@@ -27,7 +27,10 @@ from peftcli.console import human_bytes, say
 from peftcli.errors import UserError, did_you_mean
 from peftcli.methods import METHODS, canonical_method
 from peftcli.recipe_file import load_recipe
-from peftcli.runs import recipe_files, writable
+from peftcli.run_folder.layout import Layout, adapter_file
+from peftcli.run_folder.lifecycle import read_metrics
+from peftcli.run_folder.lock import writable
+from peftcli.run_folder.plan import protected_paths
 
 RESULT_ENV = "PEFTCLI_COMPARE_RESULT"  # where a worker writes its JSON result
 TASK_METRICS = ("exact_match", "accuracy", "preference_accuracy", "reward_accuracy")
@@ -91,7 +94,7 @@ def compare(
     `harness`, each trained run is also scored by lm-evaluation-harness (its eval.json keeps
     the results, as `peftcli eval RUN --harness` would) and the table gains a column per task
     and metric."""
-    from peftcli.checks import check_recipe
+    from peftcli.validation import validate
 
     if max_steps is not None and max_steps < 1:
         raise UserError(f"--max-steps: {max_steps} must be at least 1")
@@ -106,7 +109,7 @@ def compare(
     # The folder follows the rule of every peftcli output (peftcli.outputs): new, empty, or an
     # earlier compare's with --overwrite; its runs are replaced by train's own rule.
     hint = "choose another --output-dir"
-    outputs.check_location(out, "--output-dir", recipe_files(base), hint=hint, reader="the recipe")
+    outputs.check_location(out, "--output-dir", protected_paths(base), hint=hint, reader="the recipe")
     outputs.check_replace(out, "compare", "--output-dir", overwrite, hint=hint)
     writable(out)
     outputs.mark(out, "compare")
@@ -116,7 +119,7 @@ def compare(
         these = method_overrides(overrides, method, out / method, max_steps)
         try:
             recipe = load_recipe(recipe_path, these)
-            check_recipe(recipe)  # a method that cannot work here is a row, found in a second
+            validate(recipe)  # a method that cannot work here is a row, found in a second
         except UserError as exc:
             say(f"peftcli compare: {method}: {exc}")
             rows.append(error_row(method, str(exc)))
@@ -161,11 +164,10 @@ def run_method(
 
 
 def method_row(method: str, run_dir: Path, result: dict[str, Any], metrics: list[str]) -> dict[str, Any]:
-    from peftcli.training.tracking import read_metrics
-
-    evals = json.loads((run_dir / "eval.json").read_text())
+    run = Layout(run_dir)
+    evals = run.read_results()
     train = evals["train"]
-    speeds = [r["tokens_per_s"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+    speeds = [r["tokens_per_s"] for r in read_metrics(run.metrics) if "loss" in r]
     row = error_row(method, "")
     row.update(
         trainable_params=train["trainable_params"],
@@ -175,7 +177,7 @@ def method_row(method: str, run_dir: Path, result: dict[str, Any], metrics: list
         tokens_per_s=round(statistics.median(speeds), 1) if speeds else None,
         peak_memory_bytes=result["peak_memory_bytes"],
         memory_kind=result["memory_kind"],
-        adapter_bytes=(run_dir / "adapter" / "adapter_model.safetensors").stat().st_size,
+        adapter_bytes=adapter_file(run.adapter, weights=True).stat().st_size,
         eval_loss=evals.get("loss"),
         steps=train["steps"],
         seconds=train["seconds"],

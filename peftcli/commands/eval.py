@@ -10,6 +10,7 @@ from peftcli.recipe import (
     EvalSection,
     TrainingSection,
 )
+from peftcli.run_folder.layout import Layout
 from peftcli.target import labels_of, open_target, target_tokenizer
 from peftcli.training.evaluate import eval_split
 
@@ -85,8 +86,8 @@ def run_eval(
 
 
 def record(target: Any, metrics: dict[str, Any]) -> None:
-    """The run's own eval split: the metrics go into its eval.json (see runs.update_results)."""
-    from peftcli.runs import update_results
+    """The run's own eval split: the metrics go into its eval.json (see run_folder.save.update_results)."""
+    from peftcli.run_folder.save import update_results
 
     update_results(target.run_dir, lambda previous: {**previous, **metrics})
 
@@ -151,7 +152,7 @@ def run_preference_eval(target: Any, data: Path | None, compare_base: bool, name
     pad, batch = tokenizer.pad_token_id, training.batch_size
     if OBJECTIVES[name].reference:
         start = recipe.peft.init_from if recipe else None
-        saved = target.run_dir / objectives.REFERENCE_FILE if target.run_dir and data is None else None
+        saved = Layout(target.run_dir).reference if target.run_dir and data is None else None
         if saved is not None and saved.is_file():
             from safetensors.torch import load_file
 

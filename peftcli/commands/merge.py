@@ -26,6 +26,7 @@ from peftcli.merging import (
     open_sources,
 )
 from peftcli.methods import METHODS
+from peftcli.run_folder.layout import Layout
 from peftcli.target import Target, labels_of
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -114,11 +115,11 @@ def reads_of(sources: list[Source]) -> list[Path]:
     """What a merge reads, or must not replace: the adapters, their runs, the base model folder,
     and the local files each run's recipe was trained on."""
     from peftcli.model.load import source as model_source
-    from peftcli.runs import recipe_files
+    from peftcli.run_folder.plan import protected_paths
 
     paths = [s.adapter for s in sources] + [s.target.run_dir for s in sources if s.target.run_dir]
     paths += [Path(m) for s in sources if Path(m := model_source(s.target.model)).exists()]
-    paths += [p for s in sources if s.target.recipe is not None for p in recipe_files(s.target.recipe)]
+    paths += [p for s in sources if s.target.recipe is not None for p in protected_paths(s.target.recipe)]
     return paths
 
 
@@ -205,8 +206,7 @@ def write_merged_card(out: Path, first: Source, report: dict[str, Any]) -> None:
         "model": {"name_or_path": target.model.name_or_path, "task": target.model.task},
         "peft": {"method": first.method},
     }
-    results_file = target.run_dir / "eval.json" if target.run_dir else None
-    results = json.loads(results_file.read_text()) if results_file and results_file.is_file() else {}
+    results = Layout(target.run_dir).read_results() if target.run_dir else {}
     write_card(out, "merged", recipe, {**results, "merge": report})
 
 

@@ -17,19 +17,18 @@ from typing import Any
 
 from peftcli import outputs
 from peftcli.errors import UserError
-from peftcli.runs import is_run, is_unfinished
-
-RUN_FILES = ("recipe.yaml", "eval.json", "metrics.jsonl", "loss.png")
+from peftcli.run_folder.layout import ADAPTER, Layout, has_adapter, is_run, is_unfinished
 
 
 def what_to_push(path: Path, merged: bool) -> tuple[str, Path, list[tuple[str, Path]]]:
     """(kind, model folder, [(path in repo, local file)]); refuses anything but a finished run
     or a folder `peftcli merge` wrote."""
     path = path.expanduser()
-    if path.name == "adapter" and is_run(path.parent):
+    if path.name == ADAPTER and is_run(path.parent):
         path = path.parent
     if is_run(path):
-        if is_unfinished(path) or not (path / "adapter" / "adapter_config.json").is_file():
+        run = Layout(path)
+        if is_unfinished(path) or not has_adapter(run.adapter):
             raise UserError(
                 f"{path} is not a finished run (it has no saved adapter yet)", "let it finish, or --resume it"
             )
@@ -38,10 +37,8 @@ def what_to_push(path: Path, merged: bool) -> tuple[str, Path, list[tuple[str, P
                 f"{path} is a run: --merged pushes a merged model folder",
                 f"merge it first: `peftcli merge {path} -o OUT`, then `peftcli push OUT REPO_ID`",
             )
-        files = _files(path / "adapter") + [
-            (f"peftcli/{n}", path / n) for n in RUN_FILES if (path / n).is_file()
-        ]
-        return "adapter", path / "adapter", files
+        files = _files(run.adapter) + [(f"peftcli/{f.name}", f) for f in run.shared_files() if f.is_file()]
+        return "adapter", run.adapter, files
     if path.is_dir() and outputs.kind_of(path) == "merge" and (path / "config.json").is_file():
         return "merged", path, _files(path)
     raise UserError(

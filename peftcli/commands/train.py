@@ -25,29 +25,24 @@ def run_train(
     """Train the recipe; returns the exit status. An interrupted run leaves `Interrupted` carrying
     the command that resumes it."""
     from peftcli.recipe_file import load_recipe
-    from peftcli.training.run import check_can_start, train
+    from peftcli.training.run import train
 
     recipe = load_recipe(recipe_path, overrides)
     flags = [f for f, on in (("--resume", resume), ("--overwrite", overwrite)) if on]
     if num_processes is not None or launch_config is not None:
-        from peftcli.checks import check_recipe
+        from peftcli.run_folder.plan import check_can_start
         from peftcli.training import launch
+        from peftcli.validation import validate
 
-        check_can_start(recipe, overwrite, resume)  # refuse before starting processes
-        check_recipe(recipe)
+        # Refused before any process starts; each launched process validates its own copy.
+        validate(recipe, launch_config)
+        check_can_start(recipe, overwrite, resume)
         how = launch.Launch(
             recipe_path, [*(overrides or []), *flags], num_processes, launch_config, max_restarts
         )
         how.join_timeout = join_timeout or launch.JOIN_TIMEOUT
         if launch_config is not None:
-            from peftcli.model.load import resolve_dtype
-            from peftcli.training.accelerator import check_launch_config
-
             how.cluster = launch.read_config(launch_config)
-            model, method = recipe.model, recipe.peft.method
-            check_launch_config(
-                launch_config, recipe.training, method, model.quantization, resolve_dtype(model)
-            )
         launched = {"--num-processes": num_processes, "--launch-config": launch_config}
         used = [x for flag, value in launched.items() if value is not None for x in (flag, str(value))]
         code = launch.launch(how)
@@ -78,14 +73,13 @@ def again_command(stopped: Interrupted, recipe_path: Path, args: list[str], over
 
 def interrupted_run(run_dir: Path, code: int) -> Interrupted | None:
     """After a launched run: the interruption to report, or None when it finished or failed."""
-    from peftcli.runs import is_unfinished, partial_of
-    from peftcli.training.checkpoint import latest, read_state
+    from peftcli.run_folder.layout import Layout, is_unfinished, latest, read_state
 
     if code not in (0, 130, 143):
         return None
-    for folder in (partial_of(run_dir), run_dir):
+    for folder in (Layout(run_dir).partial, run_dir):
         if folder.is_dir() and is_unfinished(folder):
-            checkpoint = latest(folder / "checkpoints")
+            checkpoint = latest(Layout(folder).checkpoints)
             step = read_state(checkpoint)["step"] if checkpoint else None
             return Interrupted(step, code - 128 if code else signal.SIGTERM, checkpoint)
     return None

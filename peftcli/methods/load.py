@@ -6,6 +6,14 @@ from pathlib import Path
 from typing import Any
 
 from peftcli.errors import UserError
+from peftcli.run_folder.layout import (
+    Layout,
+    adapter_file,
+    all_checkpoints,
+    checkpoint_adapter,
+    has_adapter,
+    is_checkpoints,
+)
 
 
 def load_adapter(
@@ -34,20 +42,18 @@ def adapter_folder(path: Path | str, key: str = "peft.init_from") -> Path:
     """The adapter folder of a run folder or of one of its checkpoints (their adapter/), or of
     an adapter folder itself."""
     path = Path(path).expanduser()
-    for folder in (path / "adapter", path):
-        if (folder / "adapter_config.json").is_file():
+    for folder in (Layout(path).adapter, path):
+        if has_adapter(folder):
             return folder
     if not path.exists():
-        steps = (
-            sorted(p.name for p in path.parent.glob("step-*")) if path.parent.name == "checkpoints" else []
-        )
+        steps = [p.name for p in all_checkpoints(path.parent)] if is_checkpoints(path.parent) else []
         hint = f"the run's checkpoints are {', '.join(steps)}" if steps else None
         raise UserError(f"{key}: no such run, checkpoint or adapter folder: {path}", hint)
-    if (path / "checkpoints").is_dir() and any((path / "checkpoints").glob("step-*/adapter")):
-        newest = max((path / "checkpoints").glob("step-*/adapter"), key=lambda p: int(p.parent.name[5:] or 0))
+    started = [p for p in all_checkpoints(Layout(path).checkpoints) if has_adapter(checkpoint_adapter(p))]
+    if started:
         raise UserError(
             f"{key}: the run {path} has not finished (it holds no adapter/)",
-            f"start from one of its checkpoints, e.g. {newest.parent}",
+            f"start from one of its checkpoints, e.g. {started[-1]}",
         )
     raise UserError(
         f"{key}: {path} holds no adapter (adapter_config.json)",
@@ -61,7 +67,7 @@ def adapter_config(path: Path | str) -> tuple[Path, dict[str, Any]]:
 
     folder = adapter_folder(path)
     try:
-        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+        config = json.loads(adapter_file(folder).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"peft.init_from: {folder}/adapter_config.json is not valid JSON ({exc})") from None
     if not isinstance(config, dict):

@@ -9,98 +9,29 @@ complete checkpoints behind.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from peftcli.run_folder.layout import (
+    Layout,
+    adapter_file,
+    checkpoint_adapter,
+    complete,
+    latest,
+    read_state,
+    state_file,
+)
 from peftcli.training import sharded
 
-STATE = "state.json"
 # The trainable tensors, exactly as training holds them: PEFT's save_pretrained may reshape what
 # it saves (AdaLoRA trims pruned ranks), which a fresh model could not load back mid-run.
 TRAINABLE = "trainable.safetensors"
-_STEP_RE = re.compile(r"^step-(\d+)$")
-# Recipe keys that may change between a run and its resumption: they do not change the math.
-RESUMABLE_CHANGES = {
-    "name",
-    "training.output_dir",
-    "training.log_every",
-    "training.eval_every",
-    "training.save_every",
-    "training.keep_checkpoints",
-    "training.report_to",
-    "training.gradient_checkpointing",
-    "training.collective_timeout",
-}
-
-
-def complete(root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    if not root.is_dir():
-        return []
-    found = [
-        (int(m[1]), p) for p in root.iterdir() if (m := _STEP_RE.match(p.name)) and (p / STATE).is_file()
-    ]
-    return [p for _, p in sorted(found)]
-
-
-def latest(root: Path) -> Path | None:
-    found = complete(root)
-    return found[-1] if found else None
-
-
-def file_digest(path: str | None) -> str | None:
-    """sha256 of a local data file or folder (None for hub datasets)."""
-    if not path or not Path(path).exists():
-        return None
-    h = hashlib.sha256()
-    files = [Path(path)] if Path(path).is_file() else sorted(p for p in Path(path).rglob("*") if p.is_file())
-    for f in files:
-        with f.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def fingerprint(recipe_dump: dict[str, Any], num_processes: int) -> dict[str, Any]:
-    data = recipe_dump["data"]
-    return {
-        "recipe": recipe_dump,
-        "train_data": file_digest(data["train"]),
-        "eval_data": file_digest(data["eval"]) if isinstance(data["eval"], str) else None,
-        "num_processes": num_processes,
-    }
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
-    return out
-
-
-def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """What changed since the checkpoint, in ways that would make the resumed run differ."""
-    changes = []
-    old, new = _flatten(saved["recipe"]), _flatten(current["recipe"])
-    # Keys only one side has come from a different peftcli version and keep their defaults.
-    for key in sorted(set(old) & set(new)):
-        if key not in RESUMABLE_CHANGES and old[key] != new[key]:
-            changes.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
-    for key, what in (("train_data", "the data.train file"), ("eval_data", "the data.eval file")):
-        if saved.get(key) != current.get(key):
-            changes.append(f"{what} changed content")
-    if saved["num_processes"] != current["num_processes"]:
-        changes.append(f"number of processes: {saved['num_processes']} -> {current['num_processes']}")
-    return changes
 
 
 def _save_rng(path: Path) -> None:
@@ -159,8 +90,8 @@ def save(
 
     from peftcli.outputs import follow_umask
 
-    target = root / f"step-{step}"
-    tmp = root / f".step-{step}.tmp"
+    layout = Layout(root.parent)  # root: the run's checkpoints/
+    target, tmp = layout.checkpoint(step), layout.checkpoint_tmp(step)
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -173,7 +104,7 @@ def save(
         optimizer_state = sharded.local_optimizer_state(optimizer)
         torch.save(optimizer_state, tmp / f"optimizer-{accelerator.process_index}.pt")
     if accelerator.is_main_process:
-        peft_model.save_pretrained(tmp / "adapter", state_dict=adapter)  # loadable with PEFT as it is
+        peft_model.save_pretrained(checkpoint_adapter(tmp), state_dict=adapter)  # loadable with PEFT as it is
         save_file(trainable, tmp / TRAINABLE)
         if adapter is None:
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -183,7 +114,7 @@ def save(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = {"step": step, "progress": progress, "fingerprint": fingerprint_}
-        (tmp / STATE).write_text(json.dumps(state, indent=1), encoding="utf-8")
+        state_file(tmp).write_text(json.dumps(state, indent=1), encoding="utf-8")
         follow_umask(tmp)  # safetensors writes its files 0600
         shutil.rmtree(target, ignore_errors=True)
         os.rename(tmp, target)
@@ -212,10 +143,6 @@ def _device(accelerator: Any) -> torch.device:
     return torch.device("cpu") if device.type == "cpu" else device
 
 
-def read_state(checkpoint: Path) -> dict[str, Any]:
-    return json.loads((checkpoint / STATE).read_text(encoding="utf-8"))
-
-
 def load(
     checkpoint: Path, peft_model: Any, optimizer: Any, scheduler: Any, accelerator: Any
 ) -> dict[str, Any]:
@@ -227,7 +154,7 @@ def load(
         restore_trainable(peft_model, load_file(checkpoint / TRAINABLE))
     else:  # a checkpoint of an earlier peftcli
         weights = load_file(
-            checkpoint / "adapter" / "adapter_model.safetensors", device=str(_device(accelerator))
+            adapter_file(checkpoint_adapter(checkpoint), weights=True), device=str(_device(accelerator))
         )
         set_peft_model_state_dict(peft_model, weights)
     # weights_only: tensors and plain containers, never arbitrary pickled objects.

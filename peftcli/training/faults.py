@@ -109,9 +109,9 @@ def agreed_restarts(accelerator: Any) -> int:
 def restart_flags(run_dir: Path, overwrite: bool, resume: bool) -> tuple[bool, bool]:
     """A restarted group continues what the failed one left, as `--resume` would; where it left
     nothing to continue (it failed before opening the run folder), it starts as first asked."""
-    from peftcli.runs import has_checkpoints, is_run, is_unfinished, partial_of
+    from peftcli.run_folder.layout import Layout, has_checkpoints, is_run, is_unfinished
 
-    partial = partial_of(run_dir)
+    partial = Layout(run_dir).partial
     if (is_run(partial) and has_checkpoints(partial)) or (is_run(run_dir) and is_unfinished(run_dir)):
         return False, True
     return overwrite, resume

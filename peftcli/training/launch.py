@@ -261,8 +261,7 @@ def not_joined(how: Launch, joined: re.Match | None) -> UserError:
 
 
 def continue_with(how: Launch) -> str:
-    from peftcli.runs import is_run, is_unfinished
-    from peftcli.training.checkpoint import latest
+    from peftcli.run_folder.layout import Layout, is_run, is_unfinished, latest
 
     command = f"peftcli train {how.recipe} {' '.join(how.args)}".strip()
     flags = [f"--launch-config {how.config}"] if how.config else [f"--num-processes {how.num_processes}"]
@@ -270,7 +269,7 @@ def continue_with(how: Launch) -> str:
         flags.append(f"--max-restarts {how.max_restarts}")
     for folder in folders(how):
         if is_run(folder) and is_unfinished(folder):
-            checkpoint = latest(folder / "checkpoints")
+            checkpoint = latest(Layout(folder).checkpoints)
             newest = (
                 f"the newest complete checkpoint is {checkpoint}" if checkpoint else "no checkpoint was saved"
             )
@@ -282,8 +281,8 @@ def continue_with(how: Launch) -> str:
 
 def folders(how: Launch) -> list[Path]:
     from peftcli.recipe_file import load_recipe
-    from peftcli.runs import partial_of
+    from peftcli.run_folder.layout import Layout
 
     overrides = [a for a in how.args if not a.startswith("--")]
     run_dir = load_recipe(how.recipe, overrides).output_dir
-    return [partial_of(run_dir), run_dir]
+    return [Layout(run_dir).partial, run_dir]

@@ -349,9 +349,6 @@ def reference_table(
     return table.cpu()
 
 
-REFERENCE_FILE = "reference.safetensors"
-
-
 def load_or_compute_reference(
     objective: Objective,
     peft_model: Any,

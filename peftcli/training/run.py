@@ -10,43 +10,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from peftcli import runs as run_folder
 from peftcli.cards import write_run_card
 from peftcli.console import is_main_process, say
-from peftcli.errors import Interrupted, UserError
+from peftcli.errors import Interrupted
 from peftcli.recipe import Recipe
 from peftcli.recipe_file import dump_recipe
-from peftcli.runs import save_adapter, write_json
+from peftcli.run_folder import lifecycle
+from peftcli.run_folder.layout import read_state
+from peftcli.run_folder.lock import RunLock
+from peftcli.run_folder.plan import Plan, fingerprint, plan_folder, resume_point
+from peftcli.run_folder.save import save_adapter, write_json
 from peftcli.training.accelerator import describe, distribution, make_accelerator, trainable_summary
 from peftcli.training.tracking import MetricsLog
-
-
-def plan_folder(recipe: Recipe, overwrite: bool, resume: bool) -> run_folder.Plan:
-    """Where the run writes; refuses what would replace or mix anything. Touches nothing."""
-    return run_folder.plan(recipe.output_dir, overwrite, resume, run_folder.recipe_files(recipe))
-
-
-def check_can_start(recipe: Recipe, overwrite: bool, resume: bool) -> None:
-    """What refuses a `train` before any process starts: the folder, and another `train` in it."""
-    run_folder.check_location(recipe.output_dir, run_folder.recipe_files(recipe))
-    run_folder.check_free(recipe.output_dir)
-    plan_folder(recipe, overwrite, resume)
-
-
-def resume_point(run_dir: Path, fingerprint_: dict[str, Any]) -> Path | None:
-    """The newest complete checkpoint, refusing one made under a different recipe or data."""
-    from peftcli.training.checkpoint import differences, latest, read_state
-
-    checkpoint = latest(run_dir / "checkpoints")
-    if checkpoint is None:
-        return None
-    changes = differences(read_state(checkpoint)["fingerprint"], fingerprint_)
-    if changes:
-        raise UserError(
-            f"cannot resume {run_dir} from {checkpoint.name}: " + "; ".join(changes),
-            "restore the original recipe and data, or pass --overwrite to start again",
-        )
-    return checkpoint
 
 
 @dataclass
@@ -61,9 +36,9 @@ def train(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Trai
     """Train the recipe into its run folder (continuing it from its newest checkpoint with
     `resume`). The main process holds the run's lock from before it looks at the folder until
     it returns."""
-    from peftcli.checks import check_recipe
     from peftcli.console import quiet_libraries
     from peftcli.training import faults
+    from peftcli.validation import validate
 
     accelerator, restarts = None, 0
     if faults.may_restart():  # a restarted group continues its run: every process agrees first
@@ -71,21 +46,17 @@ def train(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Trai
         accelerator = make_accelerator(recipe.training, recipe.output_dir)
         if restarts := faults.agreed_restarts(accelerator):
             overwrite, resume = faults.restart_flags(recipe.output_dir, overwrite, resume)
+    # Fail fast, before anything heavy is imported or loaded (the folder's location included);
+    # say what the method ignores.
+    notes = [x for x in validate(recipe) if x.endswith(": ignored") or x.startswith("peft: starts from")]
     # The main process (accelerate launch sets RANK; a plain run is rank 0) claims the run
     # before it looks at the folder, and before anything heavy is imported: a second `train`
     # of the same folder is refused at once.
-    main = is_main_process()
-    # Refused at once: a run another peftcli trains, a folder that can never be a run.
-    check_can_start(recipe, overwrite, resume) if main else plan_folder(recipe, overwrite, resume)
-    lock = run_folder.RunLock(recipe.output_dir) if main else None
+    lock = RunLock(recipe.output_dir) if is_main_process() else None
     try:
         if lock is not None:
             lock.acquire()
-        where = plan_folder(recipe, overwrite, resume)
-        # Fail fast, before anything heavy is imported or loaded; say what the method ignores.
-        notes = [
-            x for x in check_recipe(recipe) if x.endswith(": ignored") or x.startswith("peft: starts from")
-        ]
+        where = plan_folder(recipe.output_dir, overwrite, resume)
         quiet_libraries()
         accelerator = accelerator or make_accelerator(recipe.training, recipe.output_dir)
         return _train(recipe, where, accelerator, notes, restarts)
@@ -107,9 +78,7 @@ class Stages:
     objective: Any = None  # training.preference.Objective; None for sft
 
 
-def _train(
-    recipe: Recipe, where: run_folder.Plan, accelerator: Any, notes: list[str], restarts: int = 0
-) -> Trained:
+def _train(recipe: Recipe, where: Plan, accelerator: Any, notes: list[str], restarts: int = 0) -> Trained:
     from peftcli.training import faults
 
     accelerator.project_configuration.set_directories(str(where.work_dir))
@@ -119,13 +88,15 @@ def _train(
     # The run folder is made (or reopened) only now that everything it needs has loaded: a
     # recipe, data or model that fails leaves nothing behind.
     if accelerator.is_main_process:
-        run_folder.open_run(where, dump_recipe(recipe), stages.start)
+        lifecycle.open_run(
+            where, dump_recipe(recipe), read_state(stages.start)["step"] if stages.start else 0
+        )
         if restarts:
             say(faults.restart_line(restarts, cause, stages.start))
         report_start(recipe, where, stages, notes)
         say(f"peftcli: running on {describe(how)}")
     accelerator.wait_for_everyone()
-    log = MetricsLog(where.work_dir / "metrics.jsonl", accelerator, recipe.training.report_to)
+    log = MetricsLog(where.work.metrics, accelerator, recipe.training.report_to)
     summary = run_loop(recipe, where, stages, log, accelerator)
     summary["distributed"] = {**how, **held(stages.model, accelerator)}
     summary["restarts"] = restarts
@@ -150,7 +121,7 @@ def held(model: Any, accelerator: Any) -> dict[str, int]:
     return measured
 
 
-def load_stages(recipe: Recipe, where: run_folder.Plan, accelerator: Any) -> Stages:
+def load_stages(recipe: Recipe, where: Plan, accelerator: Any) -> Stages:
     """recipe → model (tokenizer) → data → model weights → method, each with its own section."""
     from accelerate.utils import set_seed
 
@@ -158,7 +129,6 @@ def load_stages(recipe: Recipe, where: run_folder.Plan, accelerator: Any) -> Sta
     from peftcli.methods.apply import apply_method
     from peftcli.methods.load import start_from
     from peftcli.model.load import load_model, load_tokenizer
-    from peftcli.training.checkpoint import fingerprint
     from peftcli.training.loop import plan
 
     print_ = fingerprint(recipe.model_dump(mode="json"), accelerator.num_processes)
@@ -177,7 +147,7 @@ def load_stages(recipe: Recipe, where: run_folder.Plan, accelerator: Any) -> Sta
     return Stages(tokenizer, data, model, trainable_summary(model), print_, start)
 
 
-def report_start(recipe: Recipe, where: run_folder.Plan, stages: Stages, notes: list[str]) -> None:
+def report_start(recipe: Recipe, where: Plan, stages: Stages, notes: list[str]) -> None:
     if where.continuing:
         say(
             f"peftcli: resuming {where.run_dir} from {stages.start.name}"
@@ -232,7 +202,7 @@ def evaluator(recipe: Recipe, stages: Stages, accelerator: Any, final: bool = Fa
 
 
 def run_loop(
-    recipe: Recipe, where: run_folder.Plan, stages: Stages, log: MetricsLog, accelerator: Any
+    recipe: Recipe, where: Plan, stages: Stages, log: MetricsLog, accelerator: Any
 ) -> dict[str, Any]:
     """The training loop, stopped cleanly by Ctrl-C/SIGTERM; a run that fails before its first
     step leaves the folder as it was found."""
@@ -242,7 +212,7 @@ def run_loop(
 
     section = recipe.training
     checkpoints = Checkpointer(
-        where.work_dir / "checkpoints",
+        where.work.checkpoints,
         section.save_every,
         section.keep_checkpoints,
         stages.fingerprint,
@@ -272,11 +242,11 @@ def run_loop(
         raise
     except BaseException:
         if accelerator.is_main_process and control.step == 0 and not where.continuing:
-            run_folder.forget(where)  # nothing was trained
+            lifecycle.forget(where)  # nothing was trained
         raise
 
 
-def preference_objective(recipe: Recipe, where: run_folder.Plan, stages: Stages, accelerator: Any) -> Any:
+def preference_objective(recipe: Recipe, where: Plan, stages: Stages, accelerator: Any) -> Any:
     """The preference objective of a dpo/orpo/simpo/kto run, with its reference computed (or,
     resuming, read back from the run folder); None for sft."""
     from peftcli.objectives import OBJECTIVES
@@ -298,7 +268,7 @@ def preference_objective(recipe: Recipe, where: run_folder.Plan, stages: Stages,
             stages.tokenizer.pad_token_id,
             accelerator,
             adapter=recipe.peft.init_from is not None,
-            saved=where.work_dir / preference.REFERENCE_FILE,
+            saved=where.work.reference,
             must_exist=stages.start is not None and recipe.peft.init_from is not None,
         )
         accelerator.wait_for_everyone()
@@ -323,7 +293,7 @@ def trained_line(summary: dict[str, Any]) -> str:
 
 def finish(
     recipe: Recipe,
-    where: run_folder.Plan,
+    where: Plan,
     stages: Stages,
     summary: dict[str, Any],
     log: MetricsLog,
@@ -342,14 +312,14 @@ def finish(
             accelerator.unwrap_model(stages.model),
             stages.tokenizer,
             stages.data.labels,
-            where.work_dir / "adapter",
+            where.work.adapter,
             gathered,
         )
-        write_json(where.work_dir / "eval.json", result)
-        run_folder.finish(where)
+        write_json(where.work.results, result)
+        lifecycle.finish(where)
         write_run_card(run_dir)  # replaces PEFT's own adapter/README.md
-        log.path = run_dir / "metrics.jsonl"  # an --overwrite run's folder was just renamed
-        say(f"peftcli: saved {run_dir}/adapter (load with PeftModel.from_pretrained)")
+        log.path = where.run.metrics  # an --overwrite run's folder was just renamed
+        say(f"peftcli: saved {where.run.adapter} (load with PeftModel.from_pretrained)")
     accelerator.wait_for_everyone()
     try:
         final = evaluator(recipe, stages, accelerator, final=True)
@@ -363,17 +333,15 @@ def finish(
             }
             log.log(row)
         if main:
-            write_json(run_dir / "eval.json", {**metrics, **result})
+            write_json(where.run.results, {**metrics, **result})
             write_run_card(run_dir)  # now with the final metrics
-            plot_losses(
-                run_dir / "metrics.jsonl", run_dir / "loss.png", title=f"{recipe.name} ({recipe.peft.method})"
-            )
+            plot_losses(where.run.metrics, where.run.plot, title=f"{recipe.name} ({recipe.peft.method})")
             shown = ", ".join(f"{k} {v:.4f}" for k, v in floats.items())
             say(f"peftcli: {trained_line(summary)}; eval: {shown or 'none'}")
     except BaseException:
         if main:
             say(
-                f"peftcli: training finished and its adapter is saved in {run_dir}/adapter; what failed "
+                f"peftcli: training finished and its adapter is saved in {where.run.adapter}; what failed "
                 f"came after it (evaluate it again with `peftcli eval {run_dir}`)"
             )
         raise
