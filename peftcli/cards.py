@@ -20,11 +20,13 @@ PEFT's `save_pretrained` writes a card of its own into adapter/; `train` replace
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 from peftcli import outputs
-from peftcli.run_folder.layout import CARD, Layout, has_adapter
+from peftcli.run_folder.layout import CARD, Layout, has_adapter, is_run
+from peftcli.run_folder.save import write_json
 
 Kind = Literal["adapter", "merged"]
 SIGNATURE = "<!-- written by peftcli -->"
@@ -126,6 +128,16 @@ def write_run_card(run_dir: Path) -> Path | None:
         return None
     text = layout.recipe.read_text(encoding="utf-8")
     return write_card(adapter, "adapter", parse_yaml(text) or {}, layout.read_results(), text)
+
+
+def update_results(run_dir: Path | None, change: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    """A later evaluation's results into a run's eval.json (`change(previous) -> new`), written
+    whole, and its model card with them; only in a folder peftcli made for a run."""
+    if run_dir is None or not is_run(run_dir):
+        return
+    layout = Layout(run_dir)
+    write_json(layout.results, change(layout.read_results()))
+    write_run_card(run_dir)
 
 
 def point_at(folder: Path, repo_id: str) -> str | None:

@@ -223,7 +223,7 @@ def check_init_from(recipe: Recipe, config: dict[str, Any] | None) -> str:
     """The adapter `peft.init_from` names exists, is of the recipe's method and fits the model
     and task; says which settings the run takes from it."""
     from peftcli.methods import METHODS
-    from peftcli.methods.load import adapter_config, check_method
+    from peftcli.methods.saved import adapter_config, check_method
     from peftcli.tasks import task_of_peft_type
 
     peft = recipe.peft

@@ -265,7 +265,7 @@ def run_harness(
 def record(target: Any, results: dict[str, Any], config: dict[str, Any]) -> None:
     """A run's eval.json keeps each task under `harness`: the adapter's metrics, the base's
     (with --compare-base) and how lm-eval ran; other tasks measured before are kept."""
-    from peftcli.run_folder.save import update_results
+    from peftcli.cards import update_results
 
     def change(previous: dict[str, Any]) -> dict[str, Any]:
         harness = dict(previous.get("harness") or {})

@@ -34,11 +34,12 @@ class Source:
 def adapter_method(target: Target) -> str:
     """The peftcli method of an adapter: the run's recipe says it; else its adapter_config."""
     from peftcli.methods import method_of
+    from peftcli.run_folder.layout import adapter_file
 
     if target.recipe is not None:
         return target.recipe.peft.method
     assert target.adapter is not None
-    config = json.loads((target.adapter / "adapter_config.json").read_text())
+    config = json.loads(adapter_file(target.adapter).read_text())
     peft_type = str(config.get("peft_type"))
     method = method_of(peft_type, config)
     if method is None:

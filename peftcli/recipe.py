@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from peftcli.methods import METHODS, canonical_method
+from peftcli.methods.table import METHODS, canonical_method
 from peftcli.objectives import OBJECTIVES, DpoLoss, Objective, objective_problem
 from peftcli.tasks import TASKS, Task
 
@@ -137,9 +137,9 @@ class PeftSection(_Section):
 
     @model_validator(mode="after")
     def _options_fit(self) -> PeftSection:
-        from peftcli.methods.apply import options_problems
+        from peftcli.methods.options import options_problems
 
-        if problems := options_problems(METHODS[self.method], self):
+        if problems := options_problems(METHODS[self.method], self.options):
             raise ValueError("; ".join(problems))
         return self
 

@@ -197,7 +197,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, recorded: 
         if isinstance(value, str) and not (key == "chat_template" and "{" in value):  # a path
             setattr(recipe.data, key, _resolve_data_path(value, path.parent))
     if recipe.peft.init_from is not None:
-        from peftcli.methods.load import adopt_settings
+        from peftcli.methods.saved import adopt_settings
 
         recipe.peft.init_from = _resolve_data_path(recipe.peft.init_from, path.parent)
         adopt_settings(recipe.peft, refuse=not recorded)  # the recipe says what the adapter is

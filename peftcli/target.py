@@ -134,3 +134,22 @@ def target_tokenizer(target: Target) -> Any:
     if saved_tokenizer(target):
         return load_tokenizer(target.model.model_copy(update={"name_or_path": str(target.adapter)}))
     return load_tokenizer(target.model)
+
+
+def eval_split(target: Target, tokenizer: Any, data: Path | None, labels: list[str] | None) -> Any:
+    """The examples to evaluate `target` on: a given file, or the eval split of its run."""
+    from peftcli.data import cache, encode
+    from peftcli.recipe import DataSection
+
+    task = target.model.task
+    if data is not None:
+        section = target.recipe.data if target.recipe else DataSection(train=str(data))
+        return encode.prepare_file(str(data), section, tokenizer, task, labels)
+    if target.recipe is None:
+        raise UserError("this target has no recipe to take eval data from", "pass --data FILE")
+    prepared = cache.prepare(target.recipe.data, tokenizer, target.recipe.training.seed, task)
+    if prepared.eval is None:
+        raise UserError(
+            f"the run's recipe has no eval split (data.eval: {target.recipe.data.eval})", "pass --data FILE"
+        )
+    return prepared.eval

@@ -1,11 +1,13 @@
-"""The package's own import graph: circles, depth, and module sizes (issue #14's measures).
+"""The package's own import graph: circles, upward imports, depth (issues #14 and #22).
 
-    python scripts/import_graph.py              # prints the layers; exits 1 on a circle
+    python scripts/import_graph.py              # the strict reading: every import counts
+    python scripts/import_graph.py --runtime    # without the imports under `if TYPE_CHECKING:`
     python scripts/import_graph.py --load-time  # only imports that run at module import
 
-Every `import`/`from ... import` of a peftcli module counts, lazy ones (inside functions) too;
-those under `if TYPE_CHECKING:` (annotations only, never run) do not.
-A package's __init__ counts as the package.
+The strict reading counts every `import`/`from ... import` of a peftcli module: at module level,
+inside functions (lazy), and under `if TYPE_CHECKING:` (annotations only). A module that names
+another, even only to type against it, depends on it. A package's __init__ counts as the package.
+Exits 1 on a circle or an upward import.
 """
 
 from __future__ import annotations
@@ -24,6 +26,54 @@ def module_name(path: Path) -> str:
 
 
 MODULES = {module_name(p): p for p in ROOT.rglob("*.py")}
+READINGS = ("strict", "runtime", "load-time")
+READING = next((r for r in READINGS if f"--{r}" in sys.argv), "strict")
+
+# The stages, in the order data flows through them (README "Architecture"). A module may import
+# its own stage and earlier ones, never a later one. The first prefix that matches decides.
+STAGES: list[tuple[str, tuple[str, ...]]] = [
+    # What every stage shares: errors and output, the tables a recipe names (tasks, objectives,
+    # the method rows with their hooks, options and PEFT tuners), the run folder's file names.
+    (
+        "base",
+        (
+            "peftcli.errors",
+            "peftcli.console",
+            "peftcli.home",
+            "peftcli.outputs",
+            "peftcli.tasks",
+            "peftcli.objectives",
+            "peftcli.methods.table",
+            "peftcli.methods.hooks",
+            "peftcli.methods.options",
+            "peftcli.methods.tuners",
+            "peftcli.run_folder.layout",
+        ),
+    ),
+    # Reading a recipe: the schema, the file, the adapter its peft.init_from names.
+    ("recipe", ("peftcli.recipe", "peftcli.recipe_file", "peftcli.methods.saved")),
+    ("run folder", ("peftcli.run_folder",)),
+    ("model", ("peftcli.model",)),
+    ("methods", ("peftcli.methods",)),
+    ("data", ("peftcli.data", "peftcli.rendering")),
+    ("training", ("peftcli.training",)),
+    ("results", ("peftcli.cards",)),
+    ("validation", ("peftcli.checks", "peftcli.validation")),
+    ("train", ("peftcli.training.run", "peftcli.training.launch", "peftcli.training.faults")),
+    ("use", ("peftcli.target", "peftcli.merging", "peftcli.harness", "peftcli.export")),
+    ("commands", ("peftcli.commands", "peftcli.cli", "peftcli")),
+]
+
+
+def stage(module: str) -> int:
+    """The index in STAGES of `module`'s stage (the longest matching prefix)."""
+    best = max(
+        (len(p), i)
+        for i, (_, prefixes) in enumerate(STAGES)
+        for p in prefixes
+        if module == p or module.startswith(p + ".")
+    )
+    return best[1]
 
 
 def resolve(name: str) -> str | None:
@@ -33,25 +83,22 @@ def resolve(name: str) -> str | None:
     return name or None
 
 
-LOAD_TIME = "--load-time" in sys.argv  # only imports that run when the module is imported
-
-
-def runtime_nodes(tree: ast.AST):
-    """Every node, except those under `if TYPE_CHECKING:` (never executed) and, with
-    --load-time, those inside functions (run only when the function is called)."""
+def nodes(tree: ast.AST, reading: str):
+    """Every node the reading counts: all of them (strict); not those under `if TYPE_CHECKING:`
+    (runtime); nor those inside functions, which run only when called (load-time)."""
     for node in ast.iter_child_nodes(tree):
-        if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING":
-            yield from (n for child in node.orelse for n in [child, *runtime_nodes(child)])
+        if reading != "strict" and isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING":
+            yield from (n for child in node.orelse for n in [child, *nodes(child, reading)])
             continue
-        if LOAD_TIME and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        if reading == "load-time" and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             continue
         yield node
-        yield from runtime_nodes(node)
+        yield from nodes(node, reading)
 
 
-def imports(module: str) -> set[str]:
+def imports(module: str, reading: str = READING) -> set[str]:
     found = set()
-    for node in runtime_nodes(ast.parse(MODULES[module].read_text())):
+    for node in nodes(ast.parse(MODULES[module].read_text()), reading):
         names = []
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("peftcli"):
             names = [f"{node.module}.{a.name}" for a in node.names]
@@ -61,10 +108,14 @@ def imports(module: str) -> set[str]:
     return found
 
 
-GRAPH = {m: imports(m) for m in MODULES}
+def graph(reading: str = READING) -> dict[str, set[str]]:
+    return {m: imports(m, reading) for m in MODULES}
 
 
-def circles() -> list[list[str]]:
+GRAPH = graph()
+
+
+def circles(g: dict[str, set[str]] = GRAPH) -> list[list[str]]:
     seen, stack, found = set(), [], []
 
     def visit(m: str) -> None:
@@ -75,35 +126,54 @@ def circles() -> list[list[str]]:
             return
         seen.add(m)
         stack.append(m)
-        for n in sorted(GRAPH[m]):
+        for n in sorted(g[m]):
             visit(n)
         stack.pop()
 
-    for m in sorted(GRAPH):
+    for m in sorted(g):
         visit(m)
     return found
 
 
-@cache
-def level(m: str) -> int:
-    """1 for a module that imports no peftcli module, else 1 + the deepest it imports."""
-    return 1 + max((level(n) for n in GRAPH[m]), default=0)
+def upward(g: dict[str, set[str]] = GRAPH) -> list[str]:
+    """Imports of a later stage: `module (stage) -> imported (stage)`."""
+    name = [s for s, _ in STAGES]
+    return [
+        f"{m} ({name[stage(m)]}) -> {n} ({name[stage(n)]})"
+        for m in sorted(g)
+        for n in sorted(g[m])
+        if stage(n) > stage(m)
+    ]
+
+
+def levels(g: dict[str, set[str]] = GRAPH) -> dict[str, int]:
+    """1 for a module that imports no peftcli module, else 1 + the deepest it imports (the
+    graph has no circle)."""
+
+    @cache
+    def level(m: str) -> int:
+        return 1 + max((level(n) for n in g[m]), default=0)
+
+    return {m: level(m) for m in g}
 
 
 if __name__ == "__main__":
-    loops = circles()
+    loops, up = circles(), upward()
     for loop in loops:
         print("circle:", " -> ".join(loop))
-    if loops:
+    for line in up:
+        print("upward:", line)
+    if loops or up:
         sys.exit(1)
+    level = levels()
     by_level: dict[int, list[str]] = {}
     for m in GRAPH:
-        by_level.setdefault(level(m), []).append(m)
+        by_level.setdefault(level[m], []).append(m)
     for lv in sorted(by_level):
         print(f"level {lv}: {', '.join(sorted(by_level[lv]))}")
-    chain = [max(GRAPH, key=level)]
+    chain = [max(GRAPH, key=level.get)]
     while GRAPH[chain[-1]]:
-        chain.append(max(GRAPH[chain[-1]], key=level))
-    print("deepest:", " -> ".join(chain))
+        chain.append(max(GRAPH[chain[-1]], key=level.get))
+    print(f"deepest ({READING}):", " -> ".join(chain))
     biggest = max(MODULES, key=lambda m: len(MODULES[m].read_text().splitlines()))
     print(f"levels: {max(by_level)}; largest module: {biggest} ({len(MODULES[biggest].read_text().splitlines())} lines)")

@@ -27,8 +27,7 @@ from peftcli.console import human_bytes, say
 from peftcli.errors import UserError, did_you_mean
 from peftcli.methods import METHODS, canonical_method
 from peftcli.recipe_file import load_recipe
-from peftcli.run_folder.layout import Layout, adapter_file
-from peftcli.run_folder.lifecycle import read_metrics
+from peftcli.run_folder.layout import Layout, adapter_file, read_metrics
 from peftcli.run_folder.lock import writable
 from peftcli.run_folder.plan import protected_paths
 

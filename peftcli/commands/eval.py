@@ -11,8 +11,7 @@ from peftcli.recipe import (
     TrainingSection,
 )
 from peftcli.run_folder.layout import Layout
-from peftcli.target import labels_of, open_target, target_tokenizer
-from peftcli.training.evaluate import eval_split
+from peftcli.target import eval_split, labels_of, open_target, target_tokenizer
 
 
 def run_eval(
@@ -86,8 +85,8 @@ def run_eval(
 
 
 def record(target: Any, metrics: dict[str, Any]) -> None:
-    """The run's own eval split: the metrics go into its eval.json (see run_folder.save.update_results)."""
-    from peftcli.run_folder.save import update_results
+    """The run's own eval split: the metrics go into its eval.json (see cards.update_results)."""
+    from peftcli.cards import update_results
 
     update_results(target.run_dir, lambda previous: {**previous, **metrics})
 

@@ -217,8 +217,9 @@ def compare_losses(
     split: what dequantizing and merging changed."""
     from peftcli.console import say
     from peftcli.recipe import TrainingSection
+    from peftcli.target import eval_split
     from peftcli.training.accelerator import make_accelerator
-    from peftcli.training.evaluate import eval_split, loss_metrics
+    from peftcli.training.evaluate import loss_metrics
 
     if source.target.recipe is None:
         note = "skipped: the target is an adapter folder without a run, so there is no eval split"

@@ -14,18 +14,15 @@ if TYPE_CHECKING:
     import torch
     import torch.nn as nn
 
-    from peftcli.methods.targets import LinearIndex
-    from peftcli.recipe import PeftSection
-
 
 @dataclass(frozen=True)
 class Context:
     """What a method's `derive` reads: config values that depend on the loaded model or on the
     run's length, not on the recipe alone."""
 
-    section: PeftSection
+    section: Any  # the recipe's PeftSection (the recipe imports the method table, not back)
     model: nn.Module
-    index: LinearIndex  # the model's linear layers
+    index: Any  # methods.targets.LinearIndex: the model's linear layers
     targets: dict[str, Any]  # resolve_targets' answer ({"names": []} for virtual-token methods)
     total_steps: int | None  # the run's number of optimizer steps
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from peftcli import outputs
+from peftcli.errors import UserError
 
 MARKER = outputs.MARKER
 INCOMPLETE = ".incomplete"
@@ -196,3 +197,29 @@ def is_unfinished(path: Path) -> bool:
 
 def has_checkpoints(path: Path) -> bool:
     return latest(Layout(path).checkpoints) is not None
+
+
+# --------------------------------------------------------------------------- metrics.jsonl
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of `metrics.jsonl`; a last line torn by a killed process is left out."""
+    if not path.is_file():
+        return []
+    rows = []
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise UserError(f"{path}: line {number} is not JSON", "repair or delete the line") from None
+    return rows
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """Drop rows a killed run logged after its last checkpoint (each step appears once), and a
+    last line it tore while writing."""
+    if path.is_file():
+        rows = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+        outputs.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))

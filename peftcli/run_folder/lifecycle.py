@@ -4,16 +4,17 @@ needs has loaded, reopened to resume, forgotten if it fails before its first ste
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from peftcli import outputs
 from peftcli.errors import UserError
-from peftcli.run_folder.layout import Layout, is_run
+from peftcli.run_folder.layout import Layout, is_run, keep_metrics_until
 from peftcli.run_folder.lock import writable
-from peftcli.run_folder.plan import Plan
+
+if TYPE_CHECKING:
+    from peftcli.run_folder.plan import Plan
 
 
 def create(work_dir: Path) -> None:
@@ -60,29 +61,3 @@ def finish(plan_: Plan) -> None:
     if plan_.work_dir == plan_.run_dir:
         return
     outputs.swap_in(plan_.work_dir, plan_.run_dir)
-
-
-# --------------------------------------------------------------------------- metrics.jsonl
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The rows of `metrics.jsonl`; a last line torn by a killed process is left out."""
-    if not path.is_file():
-        return []
-    rows = []
-    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
-    for number, line in enumerate(lines, 1):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number < len(lines):
-                raise UserError(f"{path}: line {number} is not JSON", "repair or delete the line") from None
-    return rows
-
-
-def keep_metrics_until(path: Path, step: int) -> None:
-    """Drop rows a killed run logged after its last checkpoint (each step appears once), and a
-    last line it tore while writing."""
-    if path.is_file():
-        rows = [r for r in read_metrics(path) if r.get("step", 0) <= step]
-        outputs.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))

@@ -7,13 +7,14 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from peftcli import outputs
 from peftcli.errors import UserError
-from peftcli.recipe import Recipe
 from peftcli.run_folder.layout import Layout, has_checkpoints, is_run, is_unfinished, latest, read_state
-from peftcli.run_folder.lock import check_free
+
+if TYPE_CHECKING:
+    from peftcli.recipe import Recipe
 
 # Recipe keys that may change between a run and its resumption: they do not change the math.
 RESUMABLE_CHANGES = {
@@ -109,6 +110,8 @@ def plan_folder(run_dir: Path, overwrite: bool, resume: bool) -> Plan:
 def check_can_start(recipe: Recipe, overwrite: bool, resume: bool) -> Plan:
     """What refuses a launched `train` before any process starts: another `train` in the folder,
     and a folder it may not use (the location was validated with the recipe)."""
+    from peftcli.run_folder.lock import check_free
+
     check_free(recipe.output_dir)
     return plan_folder(recipe.output_dir, overwrite, resume)
 

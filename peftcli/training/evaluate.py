@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from peftcli.data.batching import collate
 from peftcli.data.splits import Reference, Split
-from peftcli.errors import UserError
 from peftcli.training.losses import example_losses, forward
 
 if TYPE_CHECKING:
     from peftcli.recipe import EvalSection
-    from peftcli.target import Target
 
 
 @torch.no_grad()
@@ -136,22 +133,3 @@ def evaluate(
         metrics["samples"] = result["samples"]
     metrics["examples"] = len(split.examples)
     return metrics
-
-
-def eval_split(target: Target, tokenizer: Any, data: Path | None, labels: list[str] | None) -> Any:
-    """The examples to evaluate `target` on: a given file, or the eval split of its run."""
-    from peftcli.data import cache, encode
-    from peftcli.recipe import DataSection
-
-    task = target.model.task
-    if data is not None:
-        section = target.recipe.data if target.recipe else DataSection(train=str(data))
-        return encode.prepare_file(str(data), section, tokenizer, task, labels)
-    if target.recipe is None:
-        raise UserError("this target has no recipe to take eval data from", "pass --data FILE")
-    prepared = cache.prepare(target.recipe.data, tokenizer, target.recipe.training.seed, task)
-    if prepared.eval is None:
-        raise UserError(
-            f"the run's recipe has no eval split (data.eval: {target.recipe.data.eval})", "pass --data FILE"
-        )
-    return prepared.eval

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from peftcli.run_folder.lifecycle import read_metrics
+from peftcli.run_folder.layout import read_metrics
 
 
 class MetricsLog:
