@@ -61,19 +61,32 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("validation", ("peftcli.checks", "peftcli.validation")),
     ("train", ("peftcli.training.run", "peftcli.training.launch", "peftcli.training.faults")),
     ("use", ("peftcli.target", "peftcli.merging", "peftcli.harness", "peftcli.export")),
-    ("commands", ("peftcli.commands", "peftcli.cli", "peftcli")),
+    # The command line: the app, the commands registered on it, and the package itself.
+    (
+        "commands",
+        (
+            "peftcli.commands",
+            "peftcli.cli",
+            "peftcli.cli_app",
+            "peftcli.cli_train",
+            "peftcli.cli_use",
+            "peftcli.cli_plan",
+            "peftcli",
+        ),
+    ),
 ]
 
 
 def stage(module: str) -> int:
-    """The index in STAGES of `module`'s stage (the longest matching prefix)."""
-    best = max(
+    """The index in STAGES of `module`'s stage (the longest matching prefix; the package
+    `peftcli` itself only by name); -1 for a module no stage names."""
+    found = [
         (len(p), i)
         for i, (_, prefixes) in enumerate(STAGES)
         for p in prefixes
-        if module == p or module.startswith(p + ".")
-    )
-    return best[1]
+        if module == p or (p != "peftcli" and module.startswith(p + "."))
+    ]
+    return max(found)[1] if found else -1
 
 
 def resolve(name: str) -> str | None:
@@ -87,7 +100,11 @@ def nodes(tree: ast.AST, reading: str):
     """Every node the reading counts: all of them (strict); not those under `if TYPE_CHECKING:`
     (runtime); nor those inside functions, which run only when called (load-time)."""
     for node in ast.iter_child_nodes(tree):
-        if reading != "strict" and isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING":
+        if (
+            reading != "strict"
+            and isinstance(node, ast.If)
+            and getattr(node.test, "id", "") == "TYPE_CHECKING"
+        ):
             yield from (n for child in node.orelse for n in [child, *nodes(child, reading)])
             continue
         if reading == "load-time" and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -176,4 +193,6 @@ if __name__ == "__main__":
         chain.append(max(GRAPH[chain[-1]], key=level.get))
     print(f"deepest ({READING}):", " -> ".join(chain))
     biggest = max(MODULES, key=lambda m: len(MODULES[m].read_text().splitlines()))
-    print(f"levels: {max(by_level)}; largest module: {biggest} ({len(MODULES[biggest].read_text().splitlines())} lines)")
+    print(
+        f"levels: {max(by_level)}; largest module: {biggest} ({len(MODULES[biggest].read_text().splitlines())} lines)"
+    )

@@ -250,7 +250,7 @@ class Counted:
 def count_training_step(recipe: Path, overrides: list[str]) -> Counted:
     """Trains the recipe for its steps through the real `train`, counting as it goes."""
     import peftcli.training.loop as loop
-    from peftcli.commands.estimate import _LAYER_PREFIX
+    from peftcli.commands.estimate_activations import _LAYER_PREFIX
     from peftcli.training.run import train
 
     counts: dict[str, Any] = {"saved": defaultdict(int)}
@@ -326,7 +326,7 @@ def unmodelled_bytes(model: Any, r: int, tokens: int, length: int, kept_layers: 
     - T5's relative position bias, heads × L × L per attention, shared by the batch.
 
     Each is a float (4 bytes) at most: everything runs in float32 here."""
-    from peftcli.commands.estimate import _LAYER_PREFIX
+    from peftcli.commands.estimate_activations import _LAYER_PREFIX
 
     config = model.config
     blocks = len({m[1] for n, _ in model.named_modules() if (m := _LAYER_PREFIX.match(n))})
