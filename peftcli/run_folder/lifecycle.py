@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from peftcli import outputs
 from peftcli.errors import UserError
-from peftcli.run_folder.layout import Layout, is_run, keep_metrics_until
+from peftcli.run_folder.layout import Layout, is_run, keep_metrics_until, read_state
 from peftcli.run_folder.lock import writable
-
-if TYPE_CHECKING:
-    from peftcli.run_folder.plan import Plan
+from peftcli.run_folder.plan import Plan
 
 
 def create(work_dir: Path) -> None:
@@ -34,7 +31,7 @@ def discard_partial(plan_: Plan) -> None:
         shutil.rmtree(plan_.work_dir)
 
 
-def open_run(plan_: Plan, recipe_yaml: str, resumed_step: int) -> None:
+def open_run(plan_: Plan, recipe_yaml: str, start: Path | None) -> None:
     """Make (or reopen) the run folder for training: the marker, `.incomplete`, the resolved
     recipe, and a metrics.jsonl holding only the steps up to the checkpoint it resumes from."""
     if not plan_.continuing:
@@ -42,7 +39,7 @@ def open_run(plan_: Plan, recipe_yaml: str, resumed_step: int) -> None:
         writable(plan_.work_dir.parent)
         create(plan_.work_dir)
     plan_.work.recipe.write_text(recipe_yaml, encoding="utf-8")
-    keep_metrics_until(plan_.work.metrics, resumed_step)
+    keep_metrics_until(plan_.work.metrics, read_state(start)["step"] if start else 0)
 
 
 def forget(plan_: Plan) -> None:

@@ -15,10 +15,9 @@ from peftcli.console import is_main_process, say
 from peftcli.errors import Interrupted
 from peftcli.recipe import Recipe
 from peftcli.recipe_file import dump_recipe
-from peftcli.run_folder import lifecycle
-from peftcli.run_folder.layout import read_state
+from peftcli.run_folder import lifecycle as run_folder
 from peftcli.run_folder.lock import RunLock
-from peftcli.run_folder.plan import Plan, fingerprint, plan_folder, resume_point
+from peftcli.run_folder.plan import fingerprint, plan_folder, resume_point
 from peftcli.run_folder.save import save_adapter, write_json
 from peftcli.training.accelerator import describe, distribution, make_accelerator, trainable_summary
 from peftcli.training.tracking import MetricsLog
@@ -78,7 +77,9 @@ class Stages:
     objective: Any = None  # training.preference.Objective; None for sft
 
 
-def _train(recipe: Recipe, where: Plan, accelerator: Any, notes: list[str], restarts: int = 0) -> Trained:
+def _train(
+    recipe: Recipe, where: run_folder.Plan, accelerator: Any, notes: list[str], restarts: int = 0
+) -> Trained:
     from peftcli.training import faults
 
     accelerator.project_configuration.set_directories(str(where.work_dir))
@@ -88,9 +89,7 @@ def _train(recipe: Recipe, where: Plan, accelerator: Any, notes: list[str], rest
     # The run folder is made (or reopened) only now that everything it needs has loaded: a
     # recipe, data or model that fails leaves nothing behind.
     if accelerator.is_main_process:
-        lifecycle.open_run(
-            where, dump_recipe(recipe), read_state(stages.start)["step"] if stages.start else 0
-        )
+        run_folder.open_run(where, dump_recipe(recipe), stages.start)
         if restarts:
             say(faults.restart_line(restarts, cause, stages.start))
         report_start(recipe, where, stages, notes)
@@ -121,7 +120,7 @@ def held(model: Any, accelerator: Any) -> dict[str, int]:
     return measured
 
 
-def load_stages(recipe: Recipe, where: Plan, accelerator: Any) -> Stages:
+def load_stages(recipe: Recipe, where: run_folder.Plan, accelerator: Any) -> Stages:
     """recipe → model (tokenizer) → data → model weights → method, each with its own section."""
     from accelerate.utils import set_seed
 
@@ -147,7 +146,7 @@ def load_stages(recipe: Recipe, where: Plan, accelerator: Any) -> Stages:
     return Stages(tokenizer, data, model, trainable_summary(model), print_, start)
 
 
-def report_start(recipe: Recipe, where: Plan, stages: Stages, notes: list[str]) -> None:
+def report_start(recipe: Recipe, where: run_folder.Plan, stages: Stages, notes: list[str]) -> None:
     if where.continuing:
         say(
             f"peftcli: resuming {where.run_dir} from {stages.start.name}"
@@ -202,7 +201,7 @@ def evaluator(recipe: Recipe, stages: Stages, accelerator: Any, final: bool = Fa
 
 
 def run_loop(
-    recipe: Recipe, where: Plan, stages: Stages, log: MetricsLog, accelerator: Any
+    recipe: Recipe, where: run_folder.Plan, stages: Stages, log: MetricsLog, accelerator: Any
 ) -> dict[str, Any]:
     """The training loop, stopped cleanly by Ctrl-C/SIGTERM; a run that fails before its first
     step leaves the folder as it was found."""
@@ -242,11 +241,11 @@ def run_loop(
         raise
     except BaseException:
         if accelerator.is_main_process and control.step == 0 and not where.continuing:
-            lifecycle.forget(where)  # nothing was trained
+            run_folder.forget(where)  # nothing was trained
         raise
 
 
-def preference_objective(recipe: Recipe, where: Plan, stages: Stages, accelerator: Any) -> Any:
+def preference_objective(recipe: Recipe, where: run_folder.Plan, stages: Stages, accelerator: Any) -> Any:
     """The preference objective of a dpo/orpo/simpo/kto run, with its reference computed (or,
     resuming, read back from the run folder); None for sft."""
     from peftcli.objectives import OBJECTIVES
@@ -293,7 +292,7 @@ def trained_line(summary: dict[str, Any]) -> str:
 
 def finish(
     recipe: Recipe,
-    where: Plan,
+    where: run_folder.Plan,
     stages: Stages,
     summary: dict[str, Any],
     log: MetricsLog,
@@ -316,7 +315,7 @@ def finish(
             gathered,
         )
         write_json(where.work.results, result)
-        lifecycle.finish(where)
+        run_folder.finish(where)
         write_run_card(run_dir)  # replaces PEFT's own adapter/README.md
         log.path = where.run.metrics  # an --overwrite run's folder was just renamed
         say(f"peftcli: saved {where.run.adapter} (load with PeftModel.from_pretrained)")
