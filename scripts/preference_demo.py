@@ -34,7 +34,7 @@ def greedy(run: Path) -> tuple[float, float]:
     from peftcli.console import quiet_libraries
     from peftcli.methods.load import load_adapter
     from peftcli.model.load import load_model, load_tokenizer
-    from peftcli.runs import open_target
+    from peftcli.target import open_target
     from peftcli.training.evaluate import generate_answers
 
     quiet_libraries()
