@@ -70,7 +70,7 @@ from typing import TYPE_CHECKING, Any
 
 from peftcli.console import parse_memory, quiet_libraries
 from peftcli.errors import UserError
-from peftcli.objectives import sequences_per_example
+from peftcli.objectives import OBJECTIVES, sequences_per_example
 
 if TYPE_CHECKING:
     from peftcli.methods.targets import LinearIndex
@@ -263,7 +263,7 @@ def head_bytes(recipe: Recipe, config: Any, peft_model: Any, tokens: int, act_by
         return {"logits": 12 * recipe.training.batch_size * config.num_labels, "saved": 0}
     vocab = config.vocab_size
     head = peft_model.get_output_embeddings()
-    if task == "causal_lm" and head is not None and fusable(head) and recipe.training.objective == "sft":
+    if task == "causal_lm" and head is not None and fusable(head) and OBJECTIVES[recipe.training.objective].task_loss:
         # Fused head + cross-entropy: the gradient of the head's input is kept; one chunk
         # of logits (in the activation dtype, then float32 in place) lives at a time.
         saved = tokens * config.hidden_size * act_bytes
