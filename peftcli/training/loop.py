@@ -140,26 +140,29 @@ class Window:
         }
 
 
-def fit(
+@dataclass
+class Setup:
+    """What the loop works with: the prepared model, optimizer, schedule and data, resumed."""
+
+    model: Any  # wrapped by Accelerate (DDP, FSDP)
+    optimizer: Any
+    scheduler: Any
+    peft_model: Any  # the unwrapped PeftModel
+    params: list[torch.Tensor]  # the trainable ones, for gradient clipping
+    plan: Plan
+    done: int  # optimizer steps taken before (a resumed run)
+    window: Window
+    groups: Iterator[list[dict[str, torch.Tensor]]]
+
+
+def set_up(
     model: Any,
     data: Prepared,
     section: TrainingSection,
     accelerator: Any,
     objective: Objective,
-    log: MetricsLog,
-    evaluate: Callable[[Any], dict[str, Any]] | None = None,
-    on_step: Callable[[Any, int], None] | None = None,
-    penalty: Callable[[Any], torch.Tensor] | None = None,
-    checkpoints: Checkpointer | None = None,
-    control: Control | None = None,
-) -> dict[str, Any]:
-    """Train; returns a summary (steps, tokens, seconds, last loss).
-
-    `objective` batches the examples, and turns each micro-batch into its loss and sums;
-    `on_step(peft_model, step)` runs after each optimizer step while gradients still exist;
-    `penalty(peft_model)` is a loss term added once per optimizer step; `checkpoints` saves
-    resumable state every `save_every` steps and resumes from the newest one; `control` counts
-    the steps taken and stops the loop, checkpointed, after Ctrl-C or SIGTERM."""
+    checkpoints: Checkpointer | None,
+) -> Setup:
     from transformers import get_scheduler
 
     if section.gradient_checkpointing:
@@ -180,42 +183,63 @@ def fit(
     window = Window(accelerator, objective.sums, objective.counted, saved)
     shard = Shard.of(len(data.train.examples), section.batch_size, accelerator)
     groups = micro_batch_groups(loader, section.grad_accum, p.steps_per_epoch, done, shard)
+    return Setup(model, optimizer, scheduler, peft_model, params, p, done, window, groups)
+
+
+def fit(
+    model: Any,
+    data: Prepared,
+    section: TrainingSection,
+    accelerator: Any,
+    objective: Objective,
+    log: MetricsLog,
+    evaluate: Callable[[Any], dict[str, Any]] | None = None,
+    on_step: Callable[[Any, int], None] | None = None,
+    penalty: Callable[[Any], torch.Tensor] | None = None,
+    checkpoints: Checkpointer | None = None,
+    control: Control | None = None,
+) -> dict[str, Any]:
+    """Train; returns a summary (steps, tokens, seconds, last loss).
+
+    `objective` batches the examples, and turns each micro-batch into its loss and sums;
+    `on_step(peft_model, step)` runs after each optimizer step while gradients still exist;
+    `penalty(peft_model)` is a loss term added once per optimizer step; `checkpoints` saves
+    resumable state every `save_every` steps and resumes from the newest one; `control` counts
+    the steps taken and stops the loop, checkpointed, after Ctrl-C or SIGTERM."""
+    t = set_up(model, data, section, accelerator, objective, checkpoints)
+    model, p, window, done = t.model, t.plan, t.window, t.done
     progress = Progress(p.total_steps, done, accelerator.is_main_process)
     control = control or Control()
 
     def state(step: int) -> tuple:  # what a checkpoint of this step holds
-        return step, peft_model, optimizer, scheduler, {"step": step, **window.state()}
+        return step, t.peft_model, t.optimizer, t.scheduler, {"step": step, **window.state()}
 
     model.train()
     started = time.perf_counter()
     last: dict[str, Any] = {}
     for step in range(done + 1, p.total_steps + 1):
-        group = next(groups)
-        sums = backward(model, group, objective, accelerator, penalty, peft_model)
+        group = next(t.groups)
+        sums = backward(model, group, objective, accelerator, penalty, t.peft_model)
         window.add(sums, sum(int(b["num_tokens"]) for b in group))
         grad_norm = (
-            accelerator.clip_grad_norm_(params, section.max_grad_norm) if section.max_grad_norm else None
+            accelerator.clip_grad_norm_(t.params, section.max_grad_norm) if section.max_grad_norm else None
         )
         if grad_norm is not None and not torch.isfinite(grad_norm):
             diverged(step, f"the gradient norm is {float(grad_norm)}", checkpoints)
-        optimizer.step()
-        scheduler.step()
+        t.optimizer.step()
+        t.scheduler.step()
         if on_step is not None:
-            on_step(peft_model, step)
-        optimizer.zero_grad(set_to_none=True)
+            on_step(t.peft_model, step)
+        t.optimizer.zero_grad(set_to_none=True)
         progress.update()
 
         epoch = round(step / p.steps_per_epoch, 4)
         if step % section.log_every == 0 or step == p.total_steps:
-            last = log_row(step, epoch, window, objective, scheduler, grad_norm, checkpoints)
+            last = log_row(step, epoch, window, objective, t.scheduler, grad_norm, checkpoints)
             log.log(last)
             progress.show(last)
-        if (
-            evaluate is not None
-            and section.eval_every
-            and step % section.eval_every == 0
-            and step != p.total_steps
-        ):
+        eval_due = section.eval_every and step % section.eval_every == 0 and step != p.total_steps
+        if evaluate is not None and eval_due:
             metrics = {f"eval_{k}": v for k, v in evaluate(model).items() if isinstance(v, float)}
             log.log({"step": step, "epoch": epoch, **metrics})
         saved_now = checkpoints is not None and checkpoints.due(step, p.total_steps)
