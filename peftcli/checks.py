@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from peftcli.errors import UserError
+from peftcli.objectives import OBJECTIVES
 from peftcli.recipe import Recipe
 from peftcli.run_folder.layout import Layout
 from peftcli.tasks import ENCODER_ONLY
@@ -157,7 +158,7 @@ def check_data(recipe: Recipe, folder: Path | None) -> list[str]:
     task, section = recipe.model.task, recipe.data
     if sources.is_hub_dataset(section.train):
         return [f"data: hub dataset {section.train} (read when training starts)"]
-    if recipe.training.objective != "sft":
+    if not OBJECTIVES[recipe.training.objective].task_loss:
         return check_preference_data(recipe)
     found = formats.scan(section.train, section.format, task)
     how = (

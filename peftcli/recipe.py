@@ -351,7 +351,7 @@ class Recipe(_Section):
         task, fits = self.model.task, TASKS[self.model.task].metrics
         defaults = TASKS[task].default_metrics
         what = f"model.task: {task}"
-        if objective != "sft":
+        if not OBJECTIVES[objective].task_loss:
             fits = defaults = OBJECTIVES[objective].metrics
             what = f"training.objective: {objective}"
         if self.eval.metrics is None:

@@ -57,6 +57,13 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("methods", ("peftcli.methods",)),
     ("data", ("peftcli.data", "peftcli.rendering")),
     ("training", ("peftcli.training",)),
+    # Each objective's class (the row and its interface, objectives/__init__ and base, are base).
+    (
+        "objectives",
+        tuple(
+            f"peftcli.objectives.{m}" for m in ("preference", "sft", "pairs", "kto", "reference", "build")
+        ),
+    ),
     ("results", ("peftcli.cards",)),
     ("validation", ("peftcli.checks", "peftcli.validation")),
     ("train", ("peftcli.training.run", "peftcli.training.launch", "peftcli.training.faults")),

@@ -1,7 +1,7 @@
 """The layout stays walkable (issues #14, #22): no import circle and no stage importing a later one
 (on the strict reading: lazy and TYPE_CHECKING imports count), commands depend only downward, a
-method's knowledge stays in its row, one module names the run folder's files, files and functions
-stay short."""
+method's and an objective's knowledge stay in their rows, one module names the run folder's files,
+files and functions stay short."""
 
 from __future__ import annotations
 
@@ -116,6 +116,37 @@ def test_method_knowledge_stays_in_the_methods_package():
         str(p.relative_to(ROOT))
         for p, text in sources().items()
         if "methods" not in p.relative_to(PACKAGE).parts and pattern.search(text)
+    ]
+    assert not found, found
+
+
+def objective_name_tests(tree: ast.AST, names: set[str]) -> list[int]:
+    """Lines comparing something with an objective's name: `== "dpo"`, `!= "sft"`,
+    `in ("dpo", "kto")`, either side."""
+
+    def named(node: ast.expr) -> bool:
+        if isinstance(node, ast.Constant):
+            return node.value in names
+        return isinstance(node, (ast.Tuple, ast.List, ast.Set)) and any(named(e) for e in node.elts)
+
+    return [
+        node.lineno
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Compare) and any(named(x) for x in [node.left, *node.comparators])
+    ]
+
+
+def test_objective_knowledge_stays_in_the_objectives_package():
+    """What differs between objectives is read from their rows (objectives.OBJECTIVES) or done
+    by their classes; no module elsewhere asks which objective it has (issue #22)."""
+    from peftcli.objectives import OBJECTIVES
+
+    assert objective_name_tests(ast.parse('x = o in ("dpo", "kto") or "sft" != o'), set(OBJECTIVES)) == [1, 1]
+    found = [
+        f"{p.relative_to(ROOT)}:{line}"
+        for p, text in sources().items()
+        if "objectives" not in p.relative_to(PACKAGE).parts
+        for line in objective_name_tests(ast.parse(text), set(OBJECTIVES))
     ]
     assert not found, found
 

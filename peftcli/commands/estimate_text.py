@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from peftcli.console import human_bytes
+from peftcli.objectives import OBJECTIVES
 
 
 def format_estimate(result: dict[str, Any]) -> str:
@@ -43,13 +44,14 @@ def format_estimate(result: dict[str, Any]) -> str:
             f"with {human_bytes(result['reserve_bytes'])} for the CUDA context; {margin}"
         )
     lines += [f"note: {n}" for n in result["notes"]]
-    if plan.get("objective", "sft") != "sft":
+    objective = OBJECTIVES[plan.get("objective", "sft")]
+    if not objective.task_loss:
         lines.append(
-            f"note: {plan['objective']} scores the log-probabilities of whole answers (no fused head)"
+            f"note: {objective.name} scores the log-probabilities of whole answers (no fused head)"
             + (
                 "; its reference is the same model with the adapter disabled (or the starting adapter), "
                 "scored once before training without gradients: no second copy of the weights"
-                if plan["objective"] in ("dpo", "kto")
+                if objective.reference
                 else "; no reference model"
             )
         )

@@ -100,34 +100,32 @@ def eval_accelerator(training: TrainingSection) -> Any:
 
 def preference_objective_of(target: Any, data: Path | None) -> str | None:
     """The preference objective to evaluate with: the run's, or, for --data, the one the file's
-    columns call for (pairs: dpo's metrics against the base); None for SFT evaluation."""
-    from peftcli.data import preference
+    columns call for (see objectives.eval_objective); None for the task's evaluation."""
+    from peftcli.data.preference import preference_format
+    from peftcli.objectives import OBJECTIVES, eval_objective
 
-    trained = target.recipe.training.objective if target.recipe else "sft"
+    trained = OBJECTIVES[target.recipe.training.objective if target.recipe else "sft"]
     if data is None:
-        return None if trained == "sft" else trained
-    found = preference.is_preference_file(str(data))
-    if found is None:
-        if trained != "sft":
-            raise UserError(f"--data {data}: the run was trained with {trained} and this file has no pairs")
-        return None
-    if trained != "sft" and (found == "kto") == (trained == "kto"):
-        return trained
+        return None if trained.task_loss else trained.name
+    found = eval_objective(trained.name, preference_format(str(data)))
+    if found is None and not trained.task_loss:
+        raise UserError(f"--data {data}: the run was trained with {trained.name} and this file has no pairs")
     return found
 
 
 def run_preference_eval(target: Any, data: Path | None, compare_base: bool, name: str) -> dict[str, Any]:
     """Preference metrics (accuracy, reward margins, log-probabilities) on pairs: the run's
     held-out pairs or --data. The reference (DPO, KTO) is the run's starting point — the base,
-    or its peft.init_from adapter; with --compare-base the base is scored against it too."""
-
+    or its peft.init_from adapter —, read from the run when it scored this split in training;
+    with --compare-base the base is scored against it too."""
     from peftcli.console import say
     from peftcli.data import cache, preference
-    from peftcli.methods.load import adapter_folder, load_adapter
+    from peftcli.data.splits import Split
+    from peftcli.methods.load import load_adapter
     from peftcli.model.load import load_model
     from peftcli.objectives import OBJECTIVES
+    from peftcli.objectives.build import build_objective
     from peftcli.recipe import DataSection, PreferenceSection
-    from peftcli.training import preference as objectives
 
     if target.adapter is None:
         raise UserError("preference evaluation needs an adapter or a run: the reference is its base")
@@ -136,49 +134,30 @@ def run_preference_eval(target: Any, data: Path | None, compare_base: bool, name
     training = recipe.training if recipe else TrainingSection()
     if data is not None:
         section = recipe.data if recipe else DataSection(train=str(data))
-        examples = preference.encode_file(str(data), section, tokenizer, name)
+        split = Split(preference.encode_file(str(data), section, tokenizer, name))
     else:
-        prepared = cache.prepare(recipe.data, tokenizer, training.seed, "causal_lm", name)
-        if prepared.eval is None:
+        split = cache.prepare(recipe.data, tokenizer, training.seed, "causal_lm", name).eval
+        if split is None:
             raise UserError(
                 f"the run's recipe has no eval split (data.eval: {recipe.data.eval})", "pass --data FILE"
             )
-        examples = prepared.eval.examples
     accelerator = eval_accelerator(training)
     model = load_adapter(load_model(target.model, device=accelerator.device), target.adapter)
     model.eval()
-    objective = objectives.Objective(name, recipe.preference if recipe else PreferenceSection())
-    pad, batch = tokenizer.pad_token_id, training.batch_size
-    if OBJECTIVES[name].reference:
-        start = recipe.peft.init_from if recipe else None
-        saved = Layout(target.run_dir).reference if target.run_dir and data is None else None
-        if saved is not None and saved.is_file():
-            from safetensors.torch import load_file
-
-            table = load_file(saved).get("eval")
-        else:
-            table = None
-        if table is None or len(table) != len(examples):
-            if start:
-                load_adapter(model, adapter_folder(start), adapter_name="reference")
-                model.set_adapter("reference")
-            table = objectives.reference_table(
-                objective, model, examples, batch, pad, accelerator, adapter=bool(start)
-            )
-            if start:
-                model.set_adapter("default")
-                model.delete_adapter("reference")
-        objective.reference = {"eval": table}
+    start = recipe.peft.init_from if recipe else None
+    settings = recipe.preference if recipe else PreferenceSection()
+    objective = build_objective(name, "causal_lm", tokenizer, EvalSection(), settings, start is not None)
+    saved = Layout(target.run_dir).reference if target.run_dir and data is None else None
+    batch, n = training.batch_size, len(split.examples)
+    objective.prepare(model, {"eval": split.examples}, accelerator, batch, saved, start=start, keep=False)
     results: dict[str, Any] = {}
-    what = "pairs" if objective.paired else "answers"
+    what = {"preference": "pairs", "unpaired": "answers"}[OBJECTIVES[name].formats[0]]
     if compare_base:
-        say(f"peftcli: evaluating the base model on {len(examples)} {what}")
+        say(f"peftcli: evaluating the base model on {n} {what}")
         with model.disable_adapter():
-            results["base"] = objectives.evaluate(model, examples, objective, accelerator, batch, pad)
-        results["base"]["examples"] = len(examples)
-    say(f"peftcli: evaluating the adapter on {len(examples)} {what}")
-    results["adapter"] = objectives.evaluate(model, examples, objective, accelerator, batch, pad)
-    results["adapter"]["examples"] = len(examples)
+            results["base"] = objective.evaluate(model, split, accelerator, batch)
+    say(f"peftcli: evaluating the adapter on {n} {what}")
+    results["adapter"] = objective.evaluate(model, split, accelerator, batch)
     if data is None:
         record(target, results["adapter"])
     return results if compare_base else results["adapter"]

@@ -1,9 +1,12 @@
-"""Batching: examples → padded tensors (`collate`), and the training order that groups
-examples of similar length (`LengthGroupedSampler`), with the padding either order leaves."""
+"""Batching: examples → padded tensors (`collate`; preference pairs and KTO answers:
+`collate_pairs`), the training order that groups examples of similar length
+(`LengthGroupedSampler`), with the padding either order leaves, and which rows of a process's
+batches are repeats (`Shard`)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from peftcli.tasks import IGNORE
@@ -25,7 +28,7 @@ def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     for row, e in enumerate(examples):
         ids[row, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
         mask[row, : len(e["input_ids"])] = 1
-    # Tokens per row, so rows that carry no example (see train.Shard) can be left out of counts.
+    # Tokens per row, so rows that carry no example (see Shard) can be left out of counts.
     row_tokens = mask.sum(dim=1)
     batch = {
         "input_ids": ids,
@@ -50,6 +53,23 @@ def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     for row, e in enumerate(examples):
         labels[row, : len(e["labels"])] = torch.tensor(e["labels"])
     batch["labels"] = labels
+    return batch
+
+
+def collate_pairs(examples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """Chosen sequences then rejected ones, padded together into one batch of 2B rows (one
+    forward pass scores both), with each pair's index into the split and a pair mask."""
+    import torch
+
+    if "chosen" in examples[0]:
+        batch = collate([e["chosen"] for e in examples] + [e["rejected"] for e in examples], pad_id)
+    else:
+        batch = collate([e["answer"] for e in examples], pad_id)
+        kl = collate([e["kl"] for e in examples], pad_id)
+        batch.update({f"kl_{k}": kl[k] for k in ("input_ids", "attention_mask", "labels")})
+        batch["desirable"] = torch.tensor([e["desirable"] for e in examples])
+    batch["index"] = torch.tensor([e["index"] for e in examples])
+    batch["pair_mask"] = torch.ones(len(examples), dtype=torch.long)
     return batch
 
 
@@ -119,3 +139,48 @@ def padding_fraction(lengths: np.ndarray, batch_size: int, seed: int, grouped: b
     sizes = np.diff(np.append(starts, n))
     padded = int((np.maximum.reduceat(ordered, starts) * sizes).sum())
     return 1.0 - int(ordered.sum()) / padded
+
+
+@dataclass
+class Shard:
+    """Which rows of a process's micro-batches are real examples.
+
+    Accelerate deals the epoch's batches round-robin (batch k of process p is global batch
+    k·N + p) and, so that every process steps together, completes the last round with examples
+    from the start of the epoch. In that global order the first `examples` slots are the epoch;
+    every slot after them is a repeat. Repeats keep their place in the forward and backward
+    pass (every process must take part in each gradient all-reduce) but carry no loss and no
+    tokens, so an uneven last global batch makes the same update as on one process."""
+
+    examples: int
+    batch_size: int
+    process: int
+    processes: int
+
+    @classmethod
+    def of(cls, examples: int, batch_size: int, accelerator: Any) -> Shard | None:
+        """The shard of this process, or None on one process (nothing is repeated there)."""
+        if accelerator.num_processes == 1:
+            return None
+        return cls(examples, batch_size, accelerator.process_index, accelerator.num_processes)
+
+    def mask_repeats(self, batch: dict[str, Any], index: int) -> dict[str, Any]:
+        import torch
+
+        first = (index * self.processes + self.process) * self.batch_size
+        if "pair_mask" in batch:  # preference batches: one mask entry per pair (or KTO answer)
+            rows = batch["pair_mask"].shape[0]
+        else:
+            rows = batch["labels"].shape[0]
+        if first + rows <= self.examples:
+            return batch
+        repeat = torch.arange(first, first + rows, device=batch["labels"].device) >= self.examples
+        if "pair_mask" in batch:
+            sequences = repeat.repeat(batch["row_tokens"].shape[0] // rows)  # chosen rows, then rejected
+            tokens = batch["row_tokens"].masked_fill(sequences, 0)
+            mask = batch["pair_mask"].masked_fill(repeat, 0)
+            return {**batch, "pair_mask": mask, "row_tokens": tokens, "num_tokens": tokens.sum()}
+        labels = batch["labels"].clone()
+        labels[repeat] = IGNORE
+        tokens = batch["row_tokens"].masked_fill(repeat, 0)
+        return {**batch, "labels": labels, "row_tokens": tokens, "num_tokens": tokens.sum()}

@@ -68,12 +68,14 @@ def prepare(
     the adapter and generation uses it too. Preference objectives read pairs (or KTO's unpaired
     answers), see `data.preference`."""
     from peftcli.data import preference
+    from peftcli.objectives import OBJECTIVES
 
+    on_task_data = OBJECTIVES[objective].task_loss  # SFT: the task's formats; else pairs or answers
     if section.chat_template is not None:
         tokenizer.chat_template = chat_template(section, tokenizer)
     train = Source(section.train, "data.train")
     held_out = Source(section.eval, "data.eval") if isinstance(section.eval, str) else None
-    if objective != "sft":
+    if not on_task_data:
         fmt = preference.detect(train.first()[1], section.format, objective)
         if held_out is not None:
             preference.detect(held_out.first()[1], fmt, objective, "data.eval")
@@ -88,7 +90,7 @@ def prepare(
     fraction = None if held_out is not None or not section.eval else float(section.eval)
     inputs = {
         "version": CACHE_VERSION,
-        "objective": objective if objective != "sft" else None,
+        "objective": None if on_task_data else objective,
         "train": train.fingerprint(),
         "eval": held_out.fingerprint() if held_out is not None else fraction,
         "seed": seed if fraction or section.packing else None,
@@ -104,7 +106,7 @@ def prepare(
     hit = (folder / "meta.json").is_file()
     if not hit:
         started = time.perf_counter()
-        build = _build if objective == "sft" else partial(_build_preference, objective=objective)
+        build = _build if on_task_data else partial(_build_preference, objective=objective)
         _build_atomically(
             folder, lambda tmp: build(tmp, section, tokenizer, fmt, task, seed, train, held_out)
         )

@@ -270,25 +270,6 @@ def mismatched(own: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
     return {"input_ids": own["input_ids"][:first] + answer, "labels": [IGNORE] * first + answer}
 
 
-def collate_pairs(examples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
-    """Chosen sequences then rejected ones, padded together into one batch of 2B rows (one
-    forward pass scores both), with each pair's index into the split and a pair mask."""
-    import torch
-
-    from peftcli.data.batching import collate
-
-    if "chosen" in examples[0]:
-        batch = collate([e["chosen"] for e in examples] + [e["rejected"] for e in examples], pad_id)
-    else:
-        batch = collate([e["answer"] for e in examples], pad_id)
-        kl = collate([e["kl"] for e in examples], pad_id)
-        batch.update({f"kl_{k}": kl[k] for k in ("input_ids", "attention_mask", "labels")})
-        batch["desirable"] = torch.tensor([e["desirable"] for e in examples])
-    batch["index"] = torch.tensor([e["index"] for e in examples])
-    batch["pair_mask"] = torch.ones(len(examples), dtype=torch.long)
-    return batch
-
-
 def preview(
     encoder: Encoder, row: dict[str, Any], fmt: str, where: str
 ) -> list[tuple[str, list[int], list[int]]]:
@@ -353,13 +334,14 @@ class _Listed(list):
         return np.array([len(s["input_ids"]) for s in self], dtype=np.int64)
 
 
-def is_preference_file(path: str) -> str | None:
-    """The objective a file's columns call for (dpo for pairs, kto for labelled answers), or None."""
+def preference_format(path: str) -> str | None:
+    """The preference format a file's columns hold (`preference`: pairs; `unpaired`: labelled
+    answers), or None."""
     from peftcli.data.sources import Source
 
     columns = set(Source(path, "--data").first()[1])
     if set(PAIR_COLUMNS) <= columns:
-        return "dpo"
+        return "preference"
     if set(UNPAIRED_COLUMNS) <= columns and isinstance(Source(path, "--data").first()[1].get("label"), bool):
-        return "kto"
+        return "unpaired"
     return None

@@ -1,7 +1,8 @@
 """Training stage: the Accelerate loop, readable top to bottom.
 
-`fit` takes a wrapped model, prepared data and `recipe.training`; it never sees the rest of
-the recipe. Logging, evaluation and checkpoints are one-line calls into helpers.
+`fit` takes a wrapped model, prepared data, `recipe.training` and the run's objective
+(peftcli.objectives: SFT, DPO, ...); it never sees the rest of the recipe, and never asks which
+objective it runs. Logging, evaluation and checkpoints are one-line calls into helpers.
 """
 
 from __future__ import annotations
@@ -12,22 +13,20 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from peftcli.data.batching import collate, train_sampler
+from peftcli.data.batching import Shard, train_sampler
 from peftcli.data.splits import Prepared
 from peftcli.errors import Interrupted, UserError
 from peftcli.training.control import Control
-from peftcli.training.losses import IGNORE, loss_sum, supervised_tokens
 
 if TYPE_CHECKING:
+    from peftcli.objectives.base import Objective
     from peftcli.recipe import TrainingSection
     from peftcli.training.checkpoint import Checkpointer
-    from peftcli.training.preference import Objective
     from peftcli.training.tracking import MetricsLog
 
 
@@ -75,49 +74,6 @@ def micro_batch_groups(
         epoch += 1
 
 
-@dataclass
-class Shard:
-    """Which rows of a process's micro-batches are real examples.
-
-    Accelerate deals the epoch's batches round-robin (batch k of process p is global batch
-    k·N + p) and, so that every process steps together, completes the last round with examples
-    from the start of the epoch. In that global order the first `examples` slots are the epoch;
-    every slot after them is a repeat. Repeats keep their place in the forward and backward
-    pass (every process must take part in each gradient all-reduce) but carry no loss and no
-    tokens, so an uneven last global batch makes the same update as on one process."""
-
-    examples: int
-    batch_size: int
-    process: int
-    processes: int
-
-    @classmethod
-    def of(cls, examples: int, batch_size: int, accelerator: Any) -> Shard | None:
-        """The shard of this process, or None on one process (nothing is repeated there)."""
-        if accelerator.num_processes == 1:
-            return None
-        return cls(examples, batch_size, accelerator.process_index, accelerator.num_processes)
-
-    def mask_repeats(self, batch: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
-        first = (index * self.processes + self.process) * self.batch_size
-        if "pair_mask" in batch:  # preference batches: one mask entry per pair (or KTO answer)
-            rows = batch["pair_mask"].shape[0]
-        else:
-            rows = batch["labels"].shape[0]
-        if first + rows <= self.examples:
-            return batch
-        repeat = torch.arange(first, first + rows, device=batch["labels"].device) >= self.examples
-        if "pair_mask" in batch:
-            sequences = repeat.repeat(batch["row_tokens"].shape[0] // rows)  # chosen rows, then rejected
-            tokens = batch["row_tokens"].masked_fill(sequences, 0)
-            mask = batch["pair_mask"].masked_fill(repeat, 0)
-            return {**batch, "pair_mask": mask, "row_tokens": tokens, "num_tokens": tokens.sum()}
-        labels = batch["labels"].clone()
-        labels[repeat] = IGNORE
-        tokens = batch["row_tokens"].masked_fill(repeat, 0)
-        return {**batch, "labels": labels, "row_tokens": tokens, "num_tokens": tokens.sum()}
-
-
 def make_optimizer(model: Any, section: TrainingSection) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
@@ -130,101 +86,90 @@ def make_optimizer(model: Any, section: TrainingSection) -> torch.optim.Optimize
 
 
 class Window:
-    """Metrics accumulated between two log rows, plus run totals; checkpointed for resume."""
+    """The objective's sums between two log rows, plus run totals; checkpointed for resume."""
 
-    def __init__(self, accelerator: Any, saved: dict[str, Any] | None = None, extra: tuple[str, ...] = ()):
-        self.accelerator = accelerator
+    def __init__(
+        self, accelerator: Any, names: tuple[str, ...], counted: str, saved: dict[str, Any] | None = None
+    ):
+        self.accelerator, self.names, self.counted = accelerator, names, counted
         saved = saved or {}
+        if "sums" not in saved:  # a checkpoint of peftcli before objectives were one interface
+            old = {"loss": saved.get("loss", 0.0), "supervised_tokens": saved.get("supervised", 0)}
+            saved = {
+                **saved,
+                "sums": {**old, **saved.get("extra", {})},
+                "total_counted": saved.get("total_supervised", 0),
+            }
         # Saved sums are global; only the main process carries them forward.
-        own = accelerator.is_main_process
-        self.loss = torch.tensor(
-            saved.get("loss", 0.0) if own else 0.0, dtype=torch.float64, device=accelerator.device
+        kept = saved["sums"] if accelerator.is_main_process else {}
+        device = accelerator.device
+        self.sums = torch.tensor([kept.get(k, 0.0) for k in names], dtype=torch.float64, device=device)
+        self.tokens = torch.tensor(
+            saved.get("tokens", 0) if accelerator.is_main_process else 0, device=device
         )
-        self.supervised = torch.tensor(saved.get("supervised", 0) if own else 0, device=accelerator.device)
-        self.tokens = torch.tensor(saved.get("tokens", 0) if own else 0, device=accelerator.device)
         self.total_tokens = saved.get("total_tokens", 0)
-        self.total_supervised = saved.get("total_supervised", 0)
-        # Further sums an objective logs (preference rewards, accuracies), keyed by name.
-        kept = saved.get("extra", {}) if own else {}
-        self.extra = torch.tensor(
-            [kept.get(k, 0.0) for k in extra], dtype=torch.float64, device=accelerator.device
-        )
-        self.extra_names = extra
-        self.closed_extra: dict[str, float] = {}
+        self.total_counted = saved.get("total_counted", 0)
         self.started = time.perf_counter()
 
-    def add(
-        self,
-        loss_sum: torch.Tensor,
-        supervised: torch.Tensor,
-        tokens: int,
-        extra: dict[str, torch.Tensor] | None = None,
-    ) -> None:
-        self.loss += loss_sum
-        self.supervised += supervised.to(self.accelerator.device)
+    def add(self, sums: dict[str, torch.Tensor], tokens: int) -> None:
+        self.sums += torch.stack([sums[k] for k in self.names]).to(self.sums)
         self.tokens += tokens
-        if extra:
-            self.extra += torch.stack([extra[k] for k in self.extra_names]).to(self.extra)
 
-    def reduced(self) -> tuple[float, int, int, dict[str, float]]:
+    def reduced(self) -> tuple[dict[str, float], int]:
         r = self.accelerator.reduce
-        extra = r(self.extra, "sum").tolist() if self.extra_names else []
-        sums = dict(zip(self.extra_names, extra, strict=True))
-        return r(self.loss, "sum").item(), int(r(self.supervised, "sum")), int(r(self.tokens, "sum")), sums
+        return dict(zip(self.names, r(self.sums, "sum").tolist(), strict=True)), int(r(self.tokens, "sum"))
 
-    def close(self) -> tuple[float, int, float]:
-        """(mean loss per supervised token, tokens, seconds) of the window; starts a new one.
-        The window's further sums are left in `closed_extra`."""
-        loss, supervised, tokens, self.closed_extra = self.reduced()
+    def close(self) -> tuple[dict[str, float], int, float]:
+        """(the window's sums, tokens, seconds); starts a new one."""
+        sums, tokens = self.reduced()
         seconds = time.perf_counter() - self.started
         self.total_tokens += tokens
-        self.total_supervised += supervised
-        for t in (self.loss, self.supervised, self.tokens, self.extra):
-            t.zero_()
+        self.total_counted += int(round(sums[self.counted]))
+        self.sums.zero_()
+        self.tokens.zero_()
         self.started = time.perf_counter()
-        return loss / max(supervised, 1), tokens, seconds
+        return sums, tokens, seconds
 
     def state(self) -> dict[str, Any]:
-        loss, supervised, tokens, extra = self.reduced()
+        sums, tokens = self.reduced()
         return {
-            "loss": loss,
-            "supervised": supervised,
+            "sums": sums,
             "tokens": tokens,
             "total_tokens": self.total_tokens,
-            "total_supervised": self.total_supervised,
-            "extra": extra,
+            "total_counted": self.total_counted,
         }
 
 
-def fit(
+@dataclass
+class Setup:
+    """What the loop works with: the prepared model, optimizer, schedule and data, resumed."""
+
+    model: Any  # wrapped by Accelerate (DDP, FSDP)
+    optimizer: Any
+    scheduler: Any
+    peft_model: Any  # the unwrapped PeftModel
+    params: list[torch.Tensor]  # the trainable ones, for gradient clipping
+    plan: Plan
+    done: int  # optimizer steps taken before (a resumed run)
+    window: Window
+    groups: Iterator[list[dict[str, torch.Tensor]]]
+
+
+def set_up(
     model: Any,
     data: Prepared,
     section: TrainingSection,
     accelerator: Any,
-    pad_id: int,
-    task: str,
-    log: MetricsLog,
-    evaluate: Callable[[Any], dict[str, Any]] | None = None,
-    on_step: Callable[[Any, int], None] | None = None,
-    penalty: Callable[[Any], torch.Tensor] | None = None,
-    checkpoints: Checkpointer | None = None,
-    control: Control | None = None,
-    objective: Objective | None = None,
-) -> dict[str, Any]:
-    """Train; returns a summary (steps, tokens, seconds, last loss).
-
-    `on_step(peft_model, step)` runs after each optimizer step while gradients still exist;
-    `penalty(peft_model)` is a loss term added once per optimizer step; `checkpoints` saves
-    resumable state every `save_every` steps and resumes from the newest one; `control` counts
-    the steps taken and stops the loop, checkpointed, after Ctrl-C or SIGTERM; `objective`, a
-    preference objective (see training.preference), replaces the task's loss."""
+    objective: Objective,
+    checkpoints: Checkpointer | None,
+) -> Setup:
     from transformers import get_scheduler
 
     if section.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     optimizer = make_optimizer(model, section)
     model, optimizer, loader = accelerator.prepare(
-        model, optimizer, make_loader(data, section, pad_id, preference=objective is not None)
+        model, optimizer, make_loader(data, section, objective.collate)
     )
     p = plan(len(data.train.examples), section, accelerator.num_processes)
     assert p.steps_per_epoch == math.ceil(len(loader) / section.grad_accum), "plan and loader disagree"
@@ -235,47 +180,66 @@ def fit(
     params = [q for q in model.parameters() if q.requires_grad]
     saved = checkpoints.resume(peft_model, optimizer, scheduler) if checkpoints else None
     done = saved["step"] if saved else 0
-    window = Window(accelerator, saved, objective.sums if objective else ())
+    window = Window(accelerator, objective.sums, objective.counted, saved)
     shard = Shard.of(len(data.train.examples), section.batch_size, accelerator)
     groups = micro_batch_groups(loader, section.grad_accum, p.steps_per_epoch, done, shard)
+    return Setup(model, optimizer, scheduler, peft_model, params, p, done, window, groups)
+
+
+def fit(
+    model: Any,
+    data: Prepared,
+    section: TrainingSection,
+    accelerator: Any,
+    objective: Objective,
+    log: MetricsLog,
+    evaluate: Callable[[Any], dict[str, Any]] | None = None,
+    on_step: Callable[[Any, int], None] | None = None,
+    penalty: Callable[[Any], torch.Tensor] | None = None,
+    checkpoints: Checkpointer | None = None,
+    control: Control | None = None,
+) -> dict[str, Any]:
+    """Train; returns a summary (steps, tokens, seconds, last loss).
+
+    `objective` batches the examples, and turns each micro-batch into its loss and sums;
+    `on_step(peft_model, step)` runs after each optimizer step while gradients still exist;
+    `penalty(peft_model)` is a loss term added once per optimizer step; `checkpoints` saves
+    resumable state every `save_every` steps and resumes from the newest one; `control` counts
+    the steps taken and stops the loop, checkpointed, after Ctrl-C or SIGTERM."""
+    t = set_up(model, data, section, accelerator, objective, checkpoints)
+    model, p, window, done = t.model, t.plan, t.window, t.done
     progress = Progress(p.total_steps, done, accelerator.is_main_process)
     control = control or Control()
 
     def state(step: int) -> tuple:  # what a checkpoint of this step holds
-        return step, peft_model, optimizer, scheduler, {"step": step, **window.state()}
+        return step, t.peft_model, t.optimizer, t.scheduler, {"step": step, **window.state()}
 
     model.train()
     started = time.perf_counter()
     last: dict[str, Any] = {}
     for step in range(done + 1, p.total_steps + 1):
-        group = next(groups)
-        step_loss, counted, extra = train_step(
-            model, group, task, accelerator, penalty, peft_model, objective
-        )
-        window.add(step_loss, counted, sum(int(b["num_tokens"]) for b in group), extra)
+        group = next(t.groups)
+        sums = backward(model, group, objective, accelerator, penalty, t.peft_model)
+        window.add(sums, sum(int(b["num_tokens"]) for b in group))
         grad_norm = (
-            accelerator.clip_grad_norm_(params, section.max_grad_norm) if section.max_grad_norm else None
+            accelerator.clip_grad_norm_(t.params, section.max_grad_norm) if section.max_grad_norm else None
         )
         if grad_norm is not None and not torch.isfinite(grad_norm):
             diverged(step, f"the gradient norm is {float(grad_norm)}", checkpoints)
-        optimizer.step()
-        scheduler.step()
+        t.optimizer.step()
+        t.scheduler.step()
         if on_step is not None:
-            on_step(peft_model, step)
-        optimizer.zero_grad(set_to_none=True)
+            on_step(t.peft_model, step)
+        t.optimizer.zero_grad(set_to_none=True)
         progress.update()
 
         epoch = round(step / p.steps_per_epoch, 4)
         if step % section.log_every == 0 or step == p.total_steps:
-            last = log_row(step, epoch, window, objective, scheduler, grad_norm, checkpoints)
+            last = log_row(step, epoch, window, objective, t.scheduler, grad_norm, checkpoints)
             log.log(last)
             progress.show(last)
-        if (
-            evaluate is not None
-            and section.eval_every
-            and step % section.eval_every == 0
-            and step != p.total_steps
-        ):
+        eval_due = section.eval_every and step % section.eval_every == 0 and step != p.total_steps
+        if evaluate is not None and eval_due:
             metrics = {f"eval_{k}": v for k, v in evaluate(model).items() if isinstance(v, float)}
             log.log({"step": step, "epoch": epoch, **metrics})
         saved_now = checkpoints is not None and checkpoints.due(step, p.total_steps)
@@ -291,7 +255,7 @@ def fit(
         "epochs": round(p.total_steps / p.steps_per_epoch, 4),
         "seconds": round(time.perf_counter() - started, 2),
         "tokens": window.total_tokens,
-        ("pairs" if objective is not None else "supervised_tokens"): window.total_supervised,
+        objective.counted: window.total_counted,
         "final_loss": last.get("loss"),
         "resumed_from": done,
     }
@@ -301,14 +265,14 @@ def log_row(
     step: int,
     epoch: float,
     window: Window,
-    objective: Objective | None,
+    objective: Objective,
     scheduler: Any,
     grad_norm: torch.Tensor | None,
     checkpoints: Checkpointer | None,
 ) -> dict[str, Any]:
     """The metrics.jsonl row of the window that ends at `step` (a diverged loss stops the run)."""
-    loss, tokens, seconds = window.close()
-    measured = objective.metrics(window.closed_extra) if objective is not None else {"loss": loss}
+    sums, tokens, seconds = window.close()
+    measured = objective.metrics(sums)
     if not math.isfinite(measured["loss"]):
         diverged(step, f"the loss is {measured['loss']}", checkpoints)
     row = {"step": step, "epoch": epoch, **measured, "lr": scheduler.get_last_lr()[0]}
@@ -334,10 +298,8 @@ def save_on_stop(checkpoints: Checkpointer | None, state: tuple, saved: bool) ->
     return checkpoints.last_good()
 
 
-def make_loader(data: Prepared, section: TrainingSection, pad_id: int, preference: bool = False) -> Any:
+def make_loader(data: Prepared, section: TrainingSection, collate: Callable[[list], Any]) -> Any:
     from torch.utils.data import DataLoader
-
-    from peftcli.data.preference import collate_pairs
 
     sampler = train_sampler(data, section.batch_size, section.seed)  # data.group_by_length
     return DataLoader(
@@ -345,58 +307,44 @@ def make_loader(data: Prepared, section: TrainingSection, pad_id: int, preferenc
         batch_size=section.batch_size,
         shuffle=sampler is None,
         sampler=sampler,
-        collate_fn=partial(collate_pairs if preference else collate, pad_id=pad_id),
+        collate_fn=collate,
         # Its own generator: iterating the data never draws from the global RNG, which
         # dropout uses, so a resumed run draws the same dropout masks.
         generator=torch.Generator().manual_seed(section.seed),
     )
 
 
-def train_step(
-    model: Any,
-    group: list[dict[str, torch.Tensor]],
-    task: str,
-    accelerator: Any,
-    penalty: Callable[[Any], torch.Tensor] | None,
-    peft_model: Any,
-    objective: Objective | None,
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]:
-    """One optimizer step's forward and backward passes: (summed loss, what it is a sum over —
-    supervised tokens, or pairs —, the objective's further sums)."""
-    if objective is None:
-        return (*backward(model, group, task, accelerator, penalty, peft_model), None)
-    sums = objective.step(model, group, accelerator, penalty, peft_model)
-    return sums["pair_loss"], sums["pairs"].round().long(), sums
-
-
 def backward(
     model: Any,
     group: list[dict[str, torch.Tensor]],
-    task: str,
+    objective: Objective,
     accelerator: Any,
     penalty: Callable[[Any], torch.Tensor] | None,
     peft_model: Any,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward and backward over one optimizer step's micro-batches; returns the summed loss
-    and this process's supervised tokens.
+) -> dict[str, torch.Tensor]:
+    """Forward and backward over one optimizer step's micro-batches, for every objective;
+    returns this process's sums for metrics.
 
-    Loss normalisation: every token loss is divided by the number of supervised tokens in the
-    whole global batch (all micro-batches, all processes), so gradient accumulation and
-    multi-process runs make the same update as one big batch."""
-    local_sup = sum(supervised_tokens(b, task) for b in group)
-    global_sup = accelerator.reduce(local_sup.to(accelerator.device), "sum").clamp(min=1)
-    step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    for i, batch in enumerate(group):
-        sync = i == len(group) - 1
+    Loss normalisation: the objective divides each micro-batch's loss by what the whole global
+    batch holds (all micro-batches, all processes: supervised tokens for SFT, pairs for DPO),
+    so gradient accumulation and multi-process runs make the same update as one big batch."""
+    step = objective.begin_step(model, group, accelerator)
+    sums = objective.zero_sums(accelerator.device)
+    for i, batch in enumerate(step.batches):
+        sync = i == len(step.batches) - 1
         with nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
-            summed = loss_sum(model, batch, task)
+            loss, batch_sums = objective.loss(model, batch, step)
             # DDP averages gradients over processes; multiply back to get a plain sum.
-            loss = summed * accelerator.num_processes / global_sup
+            loss = loss * accelerator.num_processes
             if penalty is not None and sync:
                 loss = loss + penalty(peft_model)
             accelerator.backward(loss)
-        step_loss += summed.detach().double()
-    return step_loss, local_sup
+        for k, v in batch_sums.items():
+            sums[k] += v
+    if accelerator.is_main_process:  # already global: counted once
+        for k, v in step.once.items():
+            sums[k] += v
+    return sums
 
 
 class Progress:

@@ -12,7 +12,8 @@ from typing import Any
 
 from peftcli.cards import write_run_card
 from peftcli.console import is_main_process, say
-from peftcli.errors import Interrupted
+from peftcli.errors import Interrupted, UserError
+from peftcli.objectives import OBJECTIVES
 from peftcli.recipe import Recipe
 from peftcli.recipe_file import dump_recipe
 from peftcli.run_folder import lifecycle as run_folder
@@ -74,7 +75,7 @@ class Stages:
     counts: dict[str, int]
     fingerprint: dict[str, Any]
     start: Path | None  # the checkpoint a resumed run continues from
-    objective: Any = None  # training.preference.Objective; None for sft
+    objective: Any  # peftcli.objectives.base.Objective: SFT, DPO, ...
 
 
 def _train(
@@ -128,6 +129,7 @@ def load_stages(recipe: Recipe, where: run_folder.Plan, accelerator: Any) -> Sta
     from peftcli.methods.apply import apply_method
     from peftcli.methods.load import start_from
     from peftcli.model.load import load_model, load_tokenizer
+    from peftcli.objectives.build import build_objective
     from peftcli.training.loop import plan
 
     print_ = fingerprint(recipe.model_dump(mode="json"), accelerator.num_processes)
@@ -143,7 +145,15 @@ def load_stages(recipe: Recipe, where: run_folder.Plan, accelerator: Any) -> Sta
         model = start_from(model, recipe.peft.init_from, recipe.peft.method)
     else:
         model = apply_method(model, recipe.peft, task, total_steps=steps)
-    return Stages(tokenizer, data, model, trainable_summary(model), print_, start)
+    objective = build_objective(
+        recipe.training.objective,
+        task,
+        tokenizer,
+        recipe.eval,
+        recipe.preference,
+        recipe.peft.init_from is not None,
+    )
+    return Stages(tokenizer, data, model, trainable_summary(model), print_, start, objective)
 
 
 def report_start(recipe: Recipe, where: run_folder.Plan, stages: Stages, notes: list[str]) -> None:
@@ -167,37 +177,18 @@ def report_start(recipe: Recipe, where: run_folder.Plan, stages: Stages, notes: 
         f"{len(data.eval.examples) if data.eval else 0} eval {what}, {s['supervised_tokens']:,} of "
         f"{s['tokens']:,} train tokens supervised, {s['truncated']} truncated, {s['dropped']} dropped"
     )
-    if recipe.training.objective != "sft":
+    if not OBJECTIVES[recipe.training.objective].task_loss:
         start = f" from {recipe.peft.init_from}" if recipe.peft.init_from else ""
         say(f"peftcli: objective {recipe.training.objective}{start}")
 
 
 def evaluator(recipe: Recipe, stages: Stages, accelerator: Any, final: bool = False) -> Any:
-    """The evaluation the loop runs every `eval_every` steps (loss, perplexity) or at the end
-    (the recipe's metrics); None without eval data."""
-    from peftcli.training.evaluate import evaluate
-
+    """The evaluation the loop runs every `eval_every` steps (SFT: loss, perplexity) or at the
+    end (the recipe's metrics); None without eval data."""
     if stages.data.eval is None:
         return None
-    batch, task = recipe.training.batch_size, recipe.model.task
-    if stages.objective is not None:
-        from peftcli.training import preference
-
-        pad, wanted = stages.tokenizer.pad_token_id, recipe.eval.metrics
-        return lambda model: (
-            {
-                k: v
-                for k, v in preference.evaluate(
-                    model, stages.data.eval.examples, stages.objective, accelerator, batch, pad
-                ).items()
-                if final is False or k in wanted or k.startswith(("rewards_", "logps_"))
-            }
-            | {"examples": len(stages.data.eval.examples)}
-        )
-    section = recipe.eval if final else recipe.eval.model_copy(update={"metrics": ["loss", "perplexity"]})
-    return lambda model: evaluate(
-        model, stages.tokenizer, stages.data.eval, section, task, accelerator, batch
-    )
+    objective, split, batch = stages.objective, stages.data.eval, recipe.training.batch_size
+    return lambda model: objective.evaluate(model, split, accelerator, batch, final)
 
 
 def run_loop(
@@ -219,7 +210,11 @@ def run_loop(
         stages.start,
     )
     control = Control()
-    stages.objective = preference_objective(recipe, where, stages, accelerator)
+    data, saved = stages.data, where.work.reference
+    splits = {"train": data.train.examples} | ({"eval": data.eval.examples} if data.eval else {})
+    stages.objective.prepare(
+        stages.model, splits, accelerator, section.batch_size, saved, stages.start is not None
+    )
     try:
         with control:
             return fit(
@@ -227,15 +222,13 @@ def run_loop(
                 stages.data,
                 section,
                 accelerator,
-                stages.tokenizer.pad_token_id,
-                recipe.model.task,
+                stages.objective,
                 log,
                 evaluate=evaluator(recipe, stages, accelerator),
                 on_step=step_hook(recipe.peft),
                 penalty=penalty(recipe.peft),
                 checkpoints=checkpoints,
                 control=control,
-                objective=stages.objective,
             )
     except Interrupted:
         raise
@@ -243,35 +236,6 @@ def run_loop(
         if accelerator.is_main_process and control.step == 0 and not where.continuing:
             run_folder.forget(where)  # nothing was trained
         raise
-
-
-def preference_objective(recipe: Recipe, where: run_folder.Plan, stages: Stages, accelerator: Any) -> Any:
-    """The preference objective of a dpo/orpo/simpo/kto run, with its reference computed (or,
-    resuming, read back from the run folder); None for sft."""
-    from peftcli.objectives import OBJECTIVES
-
-    name = recipe.training.objective
-    if name == "sft":
-        return None
-    from peftcli.training import preference
-
-    objective = preference.Objective(name, recipe.preference)
-    if OBJECTIVES[name].reference:
-        if accelerator.is_main_process:
-            say("peftcli: scoring the data with the reference model (once)")
-        objective.reference = preference.load_or_compute_reference(
-            objective,
-            stages.model,
-            stages.data,
-            recipe.training.batch_size,
-            stages.tokenizer.pad_token_id,
-            accelerator,
-            adapter=recipe.peft.init_from is not None,
-            saved=where.work.reference,
-            must_exist=stages.start is not None and recipe.peft.init_from is not None,
-        )
-        accelerator.wait_for_everyone()
-    return objective
 
 
 def rendering(recipe: Recipe, data_format: str) -> dict[str, Any]:

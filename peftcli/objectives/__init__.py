@@ -11,7 +11,9 @@ on, whether it compares the policy with a reference model, what evaluation compu
 - kto: Kahneman-Tversky Optimization (Ethayarajh et al., 2024) on unpaired answers labelled
   desirable or not, against a reference and a batch estimate of the KL term.
 
-Imports nothing heavy: the recipe schema, `validate` and the data checks read it.
+This module imports nothing heavy: the recipe schema, `validate` and the data checks read it.
+How each objective trains and evaluates is a class of its own (base.py: the interface; sft.py,
+pairs.py, kto.py), which only training and the commands import (build.py makes one).
 """
 
 from __future__ import annotations
@@ -38,31 +40,46 @@ PREFERENCE_METRICS = (
 @dataclass(frozen=True)
 class ObjectiveSpec:
     name: str
-    formats: tuple[str, ...]  # data formats, in the order `data.format: auto` tries them
+    formats: tuple[str, ...]  # data formats, in the order `data.format: auto` tries them; () = the task's
     reference: bool  # compares the policy with a frozen reference
-    metrics: tuple[str, ...]
+    metrics: tuple[str, ...]  # () = the task's (tasks.TASKS)
+    sequences: int = 1  # sequences one example is scored as, in one forward pass
+
+    @property
+    def task_loss(self) -> bool:
+        """Trains with the task's own loss, data formats and metrics (SFT)."""
+        return not self.formats
 
 
 OBJECTIVES: dict[str, ObjectiveSpec] = {
     o.name: o
     for o in [
-        ObjectiveSpec("sft", (), False, ()),  # the task's formats and metrics (tasks.TASKS)
-        ObjectiveSpec("dpo", ("preference",), True, PREFERENCE_METRICS),
-        ObjectiveSpec("orpo", ("preference",), False, PREFERENCE_METRICS),
-        ObjectiveSpec("simpo", ("preference",), False, PREFERENCE_METRICS),
+        ObjectiveSpec("sft", (), False, ()),
+        # A pair's chosen and rejected answers go through one forward pass: two sequences.
+        ObjectiveSpec("dpo", ("preference",), True, PREFERENCE_METRICS, sequences=2),
+        ObjectiveSpec("orpo", ("preference",), False, PREFERENCE_METRICS, sequences=2),
+        ObjectiveSpec("simpo", ("preference",), False, PREFERENCE_METRICS, sequences=2),
+        # KTO's mismatched answer for its KL estimate goes through a separate pass without gradients.
         ObjectiveSpec("kto", ("unpaired",), True, ("loss", "reward_accuracy", "reward_margin")),
     ]
 }
 assert tuple(OBJECTIVES) == get_args(Objective)
-PREFERENCE_FORMATS = ("preference", "unpaired")
+PREFERENCE_FORMATS = tuple(dict.fromkeys(f for o in OBJECTIVES.values() for f in o.formats))
+
+
+def reading(fmt: str) -> list[str]:
+    """The objectives that train on data format `fmt`, first the one a file of it calls for."""
+    return [o for o, spec in OBJECTIVES.items() if fmt in spec.formats]
 
 
 def objective_problem(objective: str, task: str, packing: bool, train_on: str, fmt: str) -> str | None:
     """What in a recipe's model and data sections does not fit its objective (one line), or None."""
-    if objective == "sft":
+    if OBJECTIVES[objective].task_loss:
         if fmt in PREFERENCE_FORMATS:
-            fits = [o for o, spec in OBJECTIVES.items() if fmt in spec.formats]
-            return f"data.format: {fmt} trains with training.objective: {' | '.join(fits)}, not sft; set training.objective"
+            return (
+                f"data.format: {fmt} trains with training.objective: {' | '.join(reading(fmt))}, "
+                f"not {objective}; set training.objective"
+            )
         return None
     if task != "causal_lm":
         return f"training.objective: {objective} tunes causal language models; model.task is {task}"
@@ -83,7 +100,14 @@ def objective_problem(objective: str, task: str, packing: bool, train_on: str, f
 
 
 def sequences_per_example(objective: str) -> int:
-    """Sequences one training example is scored as: a pair's chosen and rejected answers in one
-    forward pass (dpo, orpo, simpo); one answer otherwise (KTO's mismatched answer for its KL
-    estimate goes through a separate pass without gradients)."""
-    return 2 if objective in ("dpo", "orpo", "simpo") else 1
+    """Sequences one training example is scored as in one forward pass."""
+    return OBJECTIVES[objective].sequences
+
+
+def eval_objective(trained: str, file_format: str | None) -> str | None:
+    """The objective whose metrics `peftcli eval --data FILE` reports: the run's own where the file
+    holds the data it trains on, else the first that reads the file's format (pairs: dpo, labelled
+    answers: kto); None where neither the run nor the file is one of preferences (the task's)."""
+    if file_format is None:
+        return None
+    return trained if file_format in OBJECTIVES[trained].formats else reading(file_format)[0]
