@@ -249,12 +249,13 @@ class Counted:
 
 def count_training_step(recipe: Path, overrides: list[str]) -> Counted:
     """Trains the recipe for its steps through the real `train`, counting as it goes."""
+    import peftcli.objectives.sft as sft
     import peftcli.training.loop as loop
     from peftcli.commands.estimate_activations import _LAYER_PREFIX
     from peftcli.training.run import train
 
     counts: dict[str, Any] = {"saved": defaultdict(int)}
-    real_make_optimizer, real_loss_sum = loop.make_optimizer, loop.loss_sum
+    real_make_optimizer, real_loss_sum = loop.make_optimizer, sft.loss_sum
 
     def make_optimizer(model, section):
         optimizer = real_make_optimizer(model, section)
@@ -301,7 +302,7 @@ def count_training_step(recipe: Path, overrides: list[str]) -> Counted:
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(loop, "make_optimizer", make_optimizer)
-        patch.setattr(loop, "loss_sum", loss_sum)
+        patch.setattr(sft, "loss_sum", loss_sum)  # SFT's loss, as the loop calls it
         train(load_recipe(recipe, overrides))
     return Counted(**{**counts, "saved": dict(counts["saved"])})
 

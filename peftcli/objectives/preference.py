@@ -78,8 +78,8 @@ class Scores:
 
 
 class Preference(Objective):
-    """The shared part; a subclass scores its batches (`score`, `batch_sums`, `reference_scores`)
-    and says what its sums mean (`metrics`)."""
+    """The shared part; a subclass scores its batches (`batch_sums`, `reference_scores`; KTO's
+    `kl_sum`) and says what its sums mean (`metrics`)."""
 
     sums = SUMS
     counted = "pairs"

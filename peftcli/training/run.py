@@ -67,7 +67,8 @@ def train(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Trai
 
 @dataclass
 class Stages:
-    """What the stages built for one run: tokenizer, data, the wrapped model, where it resumes."""
+    """What the stages built for one run: tokenizer, data, the wrapped model, where it resumes,
+    and the objective it trains with."""
 
     tokenizer: Any
     data: Any  # data.Prepared
