@@ -117,6 +117,26 @@ class PeftSection(_Section):
         default_factory=dict,
         description="Any further keyword of the method's PEFT config class, passed through.",
     )
+    init: str = Field(
+        "default",
+        description="LoRA initialisation (lora, qlora, dora): default | gaussian | pissa | pissa_niter_N "
+        "(fast randomized SVD, seeded by training.seed) | olora | loftq (qlora) | eva (from the run's first "
+        "training batches). PiSSA and OLoRA adapters are saved converted (rank 2r) for the original base.",
+    )
+    rslora: bool = Field(False, description="Rank-stabilised LoRA: scale the update by alpha/sqrt(r), not alpha/r.")
+    lora_plus_ratio: float | None = Field(
+        None,
+        gt=0,
+        description="LoRA+: the B matrices learn at this many times training.lr (e.g. 16); null = off.",
+    )
+    rank_pattern: dict[str, int] = Field(
+        default_factory=dict,
+        description="Per-module rank: module name suffix or regex -> r (e.g. {down_proj: 16}).",
+    )
+    alpha_pattern: dict[str, float] = Field(
+        default_factory=dict,
+        description="Per-module alpha: module name suffix or regex -> alpha.",
+    )
     init_from: str | None = Field(
         None,
         description="Start from a trained adapter: a run folder, one of its checkpoints/step-N, or an "
@@ -134,6 +154,20 @@ class PeftSection(_Section):
     @classmethod
     def _expand_init_from(cls, value: str | None) -> str | None:
         return _expand(value)
+
+    @field_validator("init")
+    @classmethod
+    def _known_init(cls, value: str) -> str:
+        from peftcli.methods.inits import check_init_name
+
+        return check_init_name(value)
+
+    @field_validator("rank_pattern")
+    @classmethod
+    def _positive_ranks(cls, value: dict[str, int]) -> dict[str, int]:
+        if bad := [k for k, v in value.items() if v < 1]:
+            raise ValueError(f"rank {value[bad[0]]} for {bad[0]!r}: a rank is at least 1")
+        return value
 
     @model_validator(mode="after")
     def _options_fit(self) -> PeftSection:
@@ -338,6 +372,10 @@ class Recipe(_Section):
                 )
             if have == "none":
                 self.model.quantization = implied
+        from peftcli.methods.inits import recipe_problem
+
+        if problem := recipe_problem(self.peft, self.model.quantization):
+            raise ValueError(problem)
         if self.data.train_on == "all" and self.model.task != "causal_lm":
             raise ValueError(
                 f"data.train_on: all applies to causal_lm; {self.model.task} always trains on its targets"

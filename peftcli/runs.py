@@ -326,7 +326,9 @@ def save_adapter(
     peft_model: Any, tokenizer: Any, labels: list[str] | None, folder: Path, state: dict | None = None
 ) -> None:
     """`state`: the adapter's tensors gathered whole, where the model is sharded (FSDP)."""
-    peft_model.save_pretrained(folder, state_dict=state)
+    from peftcli.methods.inits import save_pretrained
+
+    save_pretrained(peft_model, folder, state)  # PiSSA/OLoRA: converted for the original base
     tokenizer.save_pretrained(folder)
     if labels:  # class names, in the order of the classifier's outputs
         (folder / LABELS_FILE).write_text(json.dumps(labels) + "\n", encoding="utf-8")

@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from peftcli.errors import UserError, did_you_mean
+from peftcli.methods import inits
 from peftcli.methods.hooks import Context
+from peftcli.methods.inits import OWNED_OPTIONS
 from peftcli.methods.table import METHODS, Method
 from peftcli.methods.targets import CONV1D_MODEL_TYPES, LinearIndex, resolve_targets
 from peftcli.tasks import TASKS
@@ -57,6 +59,7 @@ def check_fit(
         )
     if model_type is not None:
         check_carries(method, model_type, task)
+    inits.check_model_type(section, model_type, CONV1D_MODEL_TYPES)
     if quantized and not method.quantized_base:
         raise UserError(
             f"peft.method: {method.name} cannot train on a quantized base; set model.quantization: none"
@@ -251,7 +254,11 @@ def options_problems(method: Method, section: PeftSection) -> list[str]:
     annotations = config_annotations(method.config_class)
     problems = []
     for key, value in section.options.items():
-        if key in first_class:
+        if key in OWNED_OPTIONS and key in valid:
+            problems.append(
+                f"peft.options.{key} is set by {OWNED_OPTIONS[key]}; set that and remove peft.options.{key}"
+            )
+        elif key in first_class:
             problems.append(
                 f"peft.options.{key} is what {first_class[key]} sets for {method.name}; "
                 f"set {first_class[key]} and remove peft.options.{key}"
@@ -287,6 +294,10 @@ def config_kwargs(method: Method, section: PeftSection) -> dict[str, Any]:
     return kwargs
 
 
+def _on_meta(model: nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters())
+
+
 def apply_method(model: nn.Module, section: PeftSection, task: str, total_steps: int | None = None) -> Any:
     """Wrap `model` with the recipe's PEFT method; returns the PeftModel.
 
@@ -296,20 +307,26 @@ def apply_method(model: nn.Module, section: PeftSection, task: str, total_steps:
 
     method = METHODS[section.method]
     check_carries(method, model.config.model_type, task)  # a hub model checked only now
+    inits.check_model_type(section, model.config.model_type, CONV1D_MODEL_TYPES)
     index = LinearIndex.from_model(model)
     targets: dict[str, Any] = {"names": []}
     if method.kind == "targets":
         targets = resolve_targets(index, section.target_modules, section.layers, list(method.default_targets))
     kwargs = config_kwargs(method, section)
+    on_meta = _on_meta(model)
+    kwargs.update(inits.config_kwargs(section, on_meta))
     if method.derive is not None:
         derived = method.derive(Context(section, model, index, targets, total_steps))
         kwargs.update({k: v for k, v in derived.items() if k not in section.options})  # options win
     targets.pop("names")
     try:
         config = config_class(method.config_class)(task_type=TASKS[task].peft_task_type, **targets, **kwargs)
-        return get_peft_model(model, config)
+        peft_model = get_peft_model(model, config)
     except (TypeError, ValueError) as exc:
         raise UserError(f"peft.method: {method.name}: {str(exc).strip().splitlines()[0]}") from None
+    if not on_meta:
+        inits.after_wrap(peft_model, section)
+    return peft_model
 
 
 # --------------------------------------------------------------------------- training hooks
@@ -323,3 +340,8 @@ def step_hook(section: PeftSection) -> Any:
 def penalty(section: PeftSection) -> Any:
     """An extra loss term, added once per optimizer step."""
     return METHODS[section.method].penalty
+
+
+def lr_ratios(section: PeftSection) -> dict[str, float]:
+    """Learning-rate multipliers by parameter-name part (LoRA+: the B matrices learn faster)."""
+    return {"lora_B": section.lora_plus_ratio} if section.lora_plus_ratio is not None else {}

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from peftcli.methods.inits import save_pretrained
 from peftcli.training import sharded
 
 STATE = "state.json"
@@ -173,7 +174,7 @@ def save(
         optimizer_state = sharded.local_optimizer_state(optimizer)
         torch.save(optimizer_state, tmp / f"optimizer-{accelerator.process_index}.pt")
     if accelerator.is_main_process:
-        peft_model.save_pretrained(tmp / "adapter", state_dict=adapter)  # loadable with PEFT as it is
+        save_pretrained(peft_model, tmp / "adapter", adapter)  # loadable with PEFT as it is, on the original base
         save_file(trainable, tmp / TRAINABLE)
         if adapter is None:
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")

@@ -118,13 +118,18 @@ class Shard:
         return {**batch, "labels": labels, "row_tokens": tokens, "num_tokens": tokens.sum()}
 
 
-def make_optimizer(model: Any, section: TrainingSection) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
+def make_optimizer(model: Any, section: TrainingSection, lr_ratios: dict | None = None) -> torch.optim.Optimizer:
+    """AdamW; a parameter whose name holds a key of `lr_ratios` learns at lr × its value (LoRA+),
+    in a group named by the key (the optimizer's state says who learns how fast)."""
+    ratios, wd = lr_ratios or {}, section.weight_decay
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    plain = [p for n, p in named if not any(k in n for k in ratios)]
     groups = [
-        {"params": decay, "weight_decay": section.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": [p for p in plain if p.ndim >= 2], "weight_decay": wd},
+        {"params": [p for p in plain if p.ndim < 2], "weight_decay": 0.0},
+    ] + [
+        {"params": [p for n, p in named if k in n], "weight_decay": wd, "lr": section.lr * r, "name": k}
+        for k, r in ratios.items()
     ]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=section.lr)
 
@@ -210,6 +215,7 @@ def fit(
     checkpoints: Checkpointer | None = None,
     control: Control | None = None,
     objective: Objective | None = None,
+    lr_ratios: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Train; returns a summary (steps, tokens, seconds, last loss).
 
@@ -217,12 +223,12 @@ def fit(
     `penalty(peft_model)` is a loss term added once per optimizer step; `checkpoints` saves
     resumable state every `save_every` steps and resumes from the newest one; `control` counts
     the steps taken and stops the loop, checkpointed, after Ctrl-C or SIGTERM; `objective`, a
-    preference objective (see training.preference), replaces the task's loss."""
+    preference objective (see training.preference), replaces the task's loss; `lr_ratios`: see make_optimizer."""
     from transformers import get_scheduler
 
     if section.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    optimizer = make_optimizer(model, section)
+    optimizer = make_optimizer(model, section, lr_ratios)
     model, optimizer, loader = accelerator.prepare(
         model, optimizer, make_loader(data, section, pad_id, preference=objective is not None)
     )

@@ -6,6 +6,7 @@ of the recipe.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,7 +175,26 @@ def load_stages(recipe: Recipe, where: run_folder.Plan, accelerator: Any) -> Sta
         model = start_from(model, recipe.peft.init_from, recipe.peft.method)
     else:
         model = apply_method(model, recipe.peft, task, total_steps=steps)
+    if recipe.peft.init == "eva":
+        eva_init(model, recipe, data, tokenizer, accelerator)
     return Stages(tokenizer, data, model, trainable_summary(model), print_, start)
+
+
+EVA_BATCHES = 100  # at most this many distinct batches; EVA cycles them until its components settle
+
+
+def eva_init(model: Any, recipe: Recipe, data: Any, tokenizer: Any, accelerator: Any) -> None:
+    """EVA on the run's first training batches, in the run's own order (its loader's generator
+    is its own: training's random stream is untouched)."""
+    from peftcli.methods.inits import eva
+    from peftcli.training.loop import make_loader
+
+    loader = make_loader(data, recipe.training, tokenizer.pad_token_id)
+    device = accelerator.device
+    batches = [{k: v.to(device) for k, v in b.items()} for b in itertools.islice(loader, EVA_BATCHES)]
+    used = eva(model, batches)
+    if accelerator.is_main_process:
+        say(f"peftcli: eva: initialised A from the layer inputs of {used} training batches")
 
 
 def report_start(recipe: Recipe, where: run_folder.Plan, stages: Stages, notes: list[str]) -> None:
@@ -236,7 +256,7 @@ def run_loop(
 ) -> dict[str, Any]:
     """The training loop, stopped cleanly by Ctrl-C/SIGTERM; a run that fails before its first
     step leaves the folder as it was found."""
-    from peftcli.methods.apply import penalty, step_hook
+    from peftcli.methods.apply import lr_ratios, penalty, step_hook
     from peftcli.training.checkpoint import Checkpointer
     from peftcli.training.loop import Control, fit
 
@@ -267,6 +287,7 @@ def run_loop(
                 checkpoints=checkpoints,
                 control=control,
                 objective=stages.objective,
+                lr_ratios=lr_ratios(recipe.peft),
             )
     except Interrupted:
         raise
