@@ -119,23 +119,16 @@ class PeftSection(_Section):
     )
     init: str = Field(
         "default",
-        description="LoRA initialisation (lora, qlora, dora): default | gaussian | pissa | pissa_niter_N "
-        "(fast randomized SVD, seeded by training.seed) | olora | loftq (qlora) | eva (from the run's first "
-        "training batches). PiSSA and OLoRA adapters are saved converted (rank 2r) for the original base.",
+        description="LoRA init (lora, qlora, dora): default | gaussian | pissa | pissa_niter_N | olora | loftq "
+        "(qlora) | eva (the run's first batches). PiSSA/OLoRA are saved converted (rank 2r) for the original base.",
     )
-    rslora: bool = Field(False, description="Rank-stabilised LoRA: scale the update by alpha/sqrt(r), not alpha/r.")
-    lora_plus_ratio: float | None = Field(
-        None,
-        gt=0,
-        description="LoRA+: the B matrices learn at this many times training.lr (e.g. 16); null = off.",
-    )
+    rslora: bool = Field(False, description="Rank-stabilised LoRA: the update scaled by alpha/sqrt(r).")
+    lora_plus_ratio: float | None = Field(None, gt=0, description="LoRA+: B learns at this × training.lr.")
     rank_pattern: dict[str, int] = Field(
-        default_factory=dict,
-        description="Per-module rank: module name suffix or regex -> r (e.g. {down_proj: 16}).",
+        default_factory=dict, description="Per-module r: name or regex -> r."
     )
     alpha_pattern: dict[str, float] = Field(
-        default_factory=dict,
-        description="Per-module alpha: module name suffix or regex -> alpha.",
+        default_factory=dict, description="Per-module alpha: name -> alpha."
     )
     init_from: str | None = Field(
         None,
@@ -165,8 +158,8 @@ class PeftSection(_Section):
     @field_validator("rank_pattern")
     @classmethod
     def _positive_ranks(cls, value: dict[str, int]) -> dict[str, int]:
-        if bad := [k for k, v in value.items() if v < 1]:
-            raise ValueError(f"rank {value[bad[0]]} for {bad[0]!r}: a rank is at least 1")
+        if any(v < 1 for v in value.values()):
+            raise ValueError("a rank is at least 1")
         return value
 
     @model_validator(mode="after")

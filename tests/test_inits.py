@@ -80,7 +80,11 @@ def test_the_saved_adapter_on_the_original_base_is_the_trained_model(
     assert config["init_lora_weights"] in (True, "gaussian", "eva")  # a reader never re-runs an SVD
     if init.startswith(("pissa", "olora")):
         assert config["r"] == 8 and config["lora_alpha"] == 16, "converted: rank 2r, alpha 2·alpha"
-    first, second = logits(plain_peft(recipe, adapter), ids), logits(plain_peft(recipe, adapter), ids)
+    loaded = plain_peft(recipe, adapter)
+    layers = {n for n, _ in loaded.named_parameters() if "lora_A" in n}
+    trained_layers = {n for n, _ in trained.model.named_parameters() if "lora_A" in n}
+    assert layers == trained_layers, "the reader builds the trained layers, no more (EVA drops some)"
+    first, second = logits(loaded, ids), logits(plain_peft(recipe, adapter), ids)
     assert torch.equal(first, second), "two loads give the same model"
     # CONVERTED_ATOL: float32 rounding of the residual weights and summation order (see above)
     assert torch.allclose(first, want, atol=CONVERTED_ATOL), (first - want).abs().max()
@@ -135,6 +139,9 @@ def test_eva_and_lora_plus_resume_bit_exact_and_b_learns_at_its_ratio(tmp_path, 
     code, _, err = cli("train", str(recipe), capsys=capsys)
     assert code == 0, err
     assert "eva: initialised A from the layer inputs of" in err
+    from peftcli.commands.compare import run_variants
+
+    assert run_variants(tmp_path / "run") == f"init eva; rslora; lora+ ×{ratio}"  # compare's column
     run, again = tmp_path / "run", tmp_path / "again"
     base, b = b_lr(run / "checkpoints" / f"step-{every}")
     assert b == pytest.approx(ratio * base, rel=1e-12)  # both are lr × the same schedule factor, in float64
@@ -167,10 +174,14 @@ def test_eva_init_is_visible_and_seeded(tmp_path, completion_data):
 
     def a_matrices(init: str) -> dict[str, torch.Tensor]:
         torch.manual_seed(0)
-        model = apply_method(load_model(recipe.model), recipe.peft.model_copy(update={"init": init}), "causal_lm")
+        model = apply_method(
+            load_model(recipe.model), recipe.peft.model_copy(update={"init": init}), "causal_lm"
+        )
         if init == "eva":
             batches = list(make_loader(data, recipe.training, tokenizer.pad_token_id))
-            assert eva(model, batches) >= 2  # one pass to find equal inputs, then the SVD passes
+            assert (
+                eva(model, batches, model.device) >= 2
+            )  # one pass to find equal inputs, then the SVD passes
         return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
 
     first, second, default = a_matrices("eva"), a_matrices("eva"), a_matrices("default")

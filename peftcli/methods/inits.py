@@ -195,7 +195,9 @@ def after_wrap(peft_model: Any, section: PeftSection) -> None:
     if row.mutates_base:
         from peft.utils import get_peft_model_state_dict
 
-        initial = {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
+        initial = {
+            k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()
+        }
         setattr(peft_model, INITIAL, initial)
 
 
@@ -217,7 +219,9 @@ def loftq(peft_model: Any) -> None:
         if not isinstance(module, Linear4bit):
             continue
         base = module.get_base_layer().weight
-        original = weights.get_tensor(module_name.removeprefix(prefix) + ".weight").to(base.device, torch.float32)
+        original = weights.get_tensor(module_name.removeprefix(prefix) + ".weight").to(
+            base.device, torch.float32
+        )
         residual = original - bnb.functional.dequantize_4bit(base.data, base.quant_state).float()
         parts = _low_rank_decomposition(residual, reduced_rank=module.r[adapter])
         a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
@@ -225,11 +229,16 @@ def loftq(peft_model: Any) -> None:
         b.data = (parts["L"] / module.scaling[adapter]).to(b.dtype).contiguous()
 
 
-def eva(peft_model: Any, batches: Any, limit: int = 100) -> int:
+EVA_BATCHES = 100  # at most this many distinct batches; EVA cycles them until its components settle
+
+
+def eva(peft_model: Any, loader: Iterable[dict[str, Any]], device: Any = None, limit: int = 100) -> int:
     """EVA's data-driven init on the run's own training batches (PEFT's
     initialize_lora_eva_weights: incremental SVD of each target layer's inputs until its top
     components stop moving, ranks then redistributed by explained variance). Returns the number
     of batches it ran; more than `limit` is refused (the components never settle)."""
+    import itertools
+
     from peft import initialize_lora_eva_weights
 
     from peftcli.errors import UserError
@@ -247,7 +256,16 @@ def eva(peft_model: Any, batches: Any, limit: int = 100) -> int:
         keys = ("input_ids", "attention_mask", "position_ids")
         return model(**{k: v for k, v in inputs.items() if k in keys})
 
+    batches = [{k: v.to(device) for k, v in b.items()} for b in itertools.islice(loader, EVA_BATCHES)]
     initialize_lora_eva_weights(peft_model, dataloader=batches, forward_fn=forward, show_progress_bar=False)
+    # Layers EVA gives rank 0 lose their LoRA layer, but PEFT's shortened target_modules still name
+    # them, so a reader would add them back (empty, with a "missing keys" warning): list the ones kept.
+    from peft.tuners.lora import LoraLayer
+
+    kept = [
+        n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)
+    ]
+    peft_model.peft_config[peft_model.active_adapter].target_modules = sorted(kept)
     return count
 
 

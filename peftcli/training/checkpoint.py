@@ -174,7 +174,8 @@ def save(
         optimizer_state = sharded.local_optimizer_state(optimizer)
         torch.save(optimizer_state, tmp / f"optimizer-{accelerator.process_index}.pt")
     if accelerator.is_main_process:
-        save_pretrained(peft_model, tmp / "adapter", adapter)  # loadable with PEFT as it is, on the original base
+        # loadable with PEFT as it is, on the original base (PiSSA and OLoRA converted)
+        save_pretrained(peft_model, tmp / "adapter", adapter)
         save_file(trainable, tmp / TRAINABLE)
         if adapter is None:
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")

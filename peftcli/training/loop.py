@@ -118,7 +118,9 @@ class Shard:
         return {**batch, "labels": labels, "row_tokens": tokens, "num_tokens": tokens.sum()}
 
 
-def make_optimizer(model: Any, section: TrainingSection, lr_ratios: dict | None = None) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: Any, section: TrainingSection, lr_ratios: dict | None = None
+) -> torch.optim.Optimizer:
     """AdamW; a parameter whose name holds a key of `lr_ratios` learns at lr × its value (LoRA+),
     in a group named by the key (the optimizer's state says who learns how fast)."""
     ratios, wd = lr_ratios or {}, section.weight_decay

@@ -6,7 +6,6 @@ of the recipe.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,10 +156,11 @@ def load_stages(recipe: Recipe, where: run_folder.Plan, accelerator: Any) -> Sta
 
     from peftcli.data.cache import prepare
     from peftcli.methods.apply import apply_method
+    from peftcli.methods.inits import eva
     from peftcli.methods.load import start_from
     from peftcli.model.load import load_model, load_tokenizer
     from peftcli.training.checkpoint import fingerprint
-    from peftcli.training.loop import plan
+    from peftcli.training.loop import make_loader, plan
 
     print_ = fingerprint(recipe.model_dump(mode="json"), accelerator.num_processes)
     start = resume_point(where.work_dir, print_) if where.continuing else None
@@ -175,26 +175,10 @@ def load_stages(recipe: Recipe, where: run_folder.Plan, accelerator: Any) -> Sta
         model = start_from(model, recipe.peft.init_from, recipe.peft.method)
     else:
         model = apply_method(model, recipe.peft, task, total_steps=steps)
-    if recipe.peft.init == "eva":
-        eva_init(model, recipe, data, tokenizer, accelerator)
-    return Stages(tokenizer, data, model, trainable_summary(model), print_, start)
-
-
-EVA_BATCHES = 100  # at most this many distinct batches; EVA cycles them until its components settle
-
-
-def eva_init(model: Any, recipe: Recipe, data: Any, tokenizer: Any, accelerator: Any) -> None:
-    """EVA on the run's first training batches, in the run's own order (its loader's generator
-    is its own: training's random stream is untouched)."""
-    from peftcli.methods.inits import eva
-    from peftcli.training.loop import make_loader
-
-    loader = make_loader(data, recipe.training, tokenizer.pad_token_id)
-    device = accelerator.device
-    batches = [{k: v.to(device) for k, v in b.items()} for b in itertools.islice(loader, EVA_BATCHES)]
-    used = eva(model, batches)
-    if accelerator.is_main_process:
+    if recipe.peft.init == "eva":  # from the run's first training batches, in the run's order
+        used = eva(model, make_loader(data, recipe.training, tokenizer.pad_token_id), accelerator.device)
         say(f"peftcli: eva: initialised A from the layer inputs of {used} training batches")
+    return Stages(tokenizer, data, model, trainable_summary(model), print_, start)
 
 
 def report_start(recipe: Recipe, where: run_folder.Plan, stages: Stages, notes: list[str]) -> None:
