@@ -219,6 +219,7 @@ def test_rank_pattern_counts_exactly_in_estimate(tmp_path, completion_data):
         (["peft.method=ia3", "peft.lora_plus_ratio=16"], "peft.lora_plus_ratio"),
         (["peft.init=pissa", "peft.rslora=true", "peft.alpha_pattern={q_proj: 4}"], "peft.init: pissa"),
         (["model.name_or_path=builtin:tiny-gpt2", "peft.init=olora"], "peft.init: olora"),
+        (["peft.init_from=elsewhere", "peft.rslora=true"], "peft.rslora"),
     ],
 )
 def test_wrong_combinations_end_with_one_line(tmp_path, completion_data, capsys, overrides, key):

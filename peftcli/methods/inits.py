@@ -131,6 +131,9 @@ def recipe_problem(section: PeftSection, quantization: str) -> str | None:
     ]
     if variant and section.method not in LORA_FAMILY:
         return f"peft.{variant[0]} applies to {', '.join(LORA_FAMILY)}, not peft.method: {section.method}"
+    fixed = [k for k in ("rslora", "rank_pattern", "alpha_pattern") if k in variant]
+    if fixed and section.init_from is not None:
+        return f"peft.{fixed[0]}: the adapter of peft.init_from fixes it; remove peft.{fixed[0]}"
     if section.init == "default":
         return None
     if section.method not in row.methods:
@@ -163,6 +166,19 @@ def check_model_type(section: PeftSection, model_type: str | None, conv1d_types:
             f"peft.init: {section.init} cannot initialise the Conv1D layers of {model_type} models "
             "(PEFT's OLoRA builds the wrong shapes)",
             "use pissa or gaussian",
+        )
+
+
+def check_sharding(section: PeftSection, distributed_type: str) -> None:
+    """PiSSA/OLoRA's conversion reads the whole initial and trained adapter beside the model:
+    not under FSDP, where both are sharded."""
+    from peftcli.errors import UserError
+
+    if distributed_type == "FSDP" and section.init != "default" and init_row(section.init).mutates_base:
+        raise UserError(
+            f"peft.init: {section.init} does not train under FSDP (its saved adapter is converted from "
+            "whole tensors)",
+            "use DDP or one process, or peft.init: eva or gaussian",
         )
 
 

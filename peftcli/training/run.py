@@ -156,7 +156,7 @@ def load_stages(recipe: Recipe, where: run_folder.Plan, accelerator: Any) -> Sta
 
     from peftcli.data.cache import prepare
     from peftcli.methods.apply import apply_method
-    from peftcli.methods.inits import eva
+    from peftcli.methods.inits import check_sharding, eva
     from peftcli.methods.load import start_from
     from peftcli.model.load import load_model, load_tokenizer
     from peftcli.training.checkpoint import fingerprint
@@ -164,6 +164,7 @@ def load_stages(recipe: Recipe, where: run_folder.Plan, accelerator: Any) -> Sta
 
     print_ = fingerprint(recipe.model_dump(mode="json"), accelerator.num_processes)
     start = resume_point(where.work_dir, print_) if where.continuing else None
+    check_sharding(recipe.peft, accelerator.distributed_type.value)
     set_seed(recipe.training.seed)
     task = recipe.model.task
     tokenizer = load_tokenizer(recipe.model)
@@ -182,6 +183,8 @@ def load_stages(recipe: Recipe, where: run_folder.Plan, accelerator: Any) -> Sta
 
 
 def report_start(recipe: Recipe, where: run_folder.Plan, stages: Stages, notes: list[str]) -> None:
+    from peftcli.methods.inits import variants_set
+
     if where.continuing:
         say(
             f"peftcli: resuming {where.run_dir} from {stages.start.name}"
@@ -191,8 +194,9 @@ def report_start(recipe: Recipe, where: run_folder.Plan, stages: Stages, notes: 
     for note in notes:
         say(f"peftcli: note: {note}")
     counts, data, s = stages.counts, stages.data, stages.data.stats
+    variants = "; ".join(variants_set(recipe.peft))  # init, rslora, LoRA+, rank/alpha patterns
     say(
-        f"peftcli: {recipe.peft.method} on {recipe.model.name_or_path}: "
+        f"peftcli: {recipe.peft.method}{f' ({variants})' if variants else ''} on {recipe.model.name_or_path}: "
         f"{counts['trainable_params']:,} trainable of {counts['total_params']:,} parameters "
         f"({100 * counts['trainable_params'] / counts['total_params']:.2f}%)"
     )
