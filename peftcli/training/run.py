@@ -178,7 +178,8 @@ def load_stages(recipe: Recipe, where: run_folder.Plan, accelerator: Any) -> Sta
         model = apply_method(model, recipe.peft, task, total_steps=steps)
     if recipe.peft.init == "eva":  # from the run's first training batches, in the run's order
         used = eva(model, make_loader(data, recipe.training, tokenizer.pad_token_id), accelerator.device)
-        say(f"peftcli: eva: initialised A from the layer inputs of {used} training batches")
+        if accelerator.is_main_process:
+            say(f"peftcli: eva: initialised A from the layer inputs of {used} training batches")
     return Stages(tokenizer, data, model, trainable_summary(model), print_, start)
 
 
