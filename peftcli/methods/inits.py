@@ -273,7 +273,14 @@ def eva(peft_model: Any, loader: Iterable[dict[str, Any]], device: Any = None, l
         return model(**{k: v for k, v in inputs.items() if k in keys})
 
     batches = [{k: v.to(device) for k, v in b.items()} for b in itertools.islice(loader, EVA_BATCHES)]
-    initialize_lora_eva_weights(peft_model, dataloader=batches, forward_fn=forward, show_progress_bar=False)
+    # Every process reads the same batches and computes the same init: nothing to gather.
+    initialize_lora_eva_weights(
+        peft_model,
+        dataloader=batches,
+        forward_fn=forward,
+        show_progress_bar=False,
+        gather_distributed_inputs=False,
+    )
     # Layers EVA gives rank 0 lose their LoRA layer, but PEFT's shortened target_modules still name
     # them, so a reader would add them back (empty, with a "missing keys" warning): list the ones kept.
     from peft.tuners.lora import LoraLayer
