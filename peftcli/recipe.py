@@ -117,6 +117,19 @@ class PeftSection(_Section):
         default_factory=dict,
         description="Any further keyword of the method's PEFT config class, passed through.",
     )
+    init: str = Field(
+        "default",
+        description="LoRA init (lora, qlora, dora): default | gaussian | pissa | pissa_niter_N | olora | loftq "
+        "(qlora) | eva (the run's first batches). PiSSA/OLoRA are saved converted (rank 2r) for the original base.",
+    )
+    rslora: bool = Field(False, description="Rank-stabilised LoRA: the update scaled by alpha/sqrt(r).")
+    lora_plus_ratio: float | None = Field(None, gt=0, description="LoRA+: B learns at this × training.lr.")
+    rank_pattern: dict[str, int] = Field(
+        default_factory=dict, description="Per-module r: name or regex -> r."
+    )
+    alpha_pattern: dict[str, float] = Field(
+        default_factory=dict, description="Per-module alpha: name -> alpha."
+    )
     init_from: str | None = Field(
         None,
         description="Start from a trained adapter: a run folder, one of its checkpoints/step-N, or an "
@@ -134,6 +147,20 @@ class PeftSection(_Section):
     @classmethod
     def _expand_init_from(cls, value: str | None) -> str | None:
         return _expand(value)
+
+    @field_validator("init")
+    @classmethod
+    def _known_init(cls, value: str) -> str:
+        from peftcli.methods.inits import check_init_name
+
+        return check_init_name(value)
+
+    @field_validator("rank_pattern")
+    @classmethod
+    def _positive_ranks(cls, value: dict[str, int]) -> dict[str, int]:
+        if any(v < 1 for v in value.values()):
+            raise ValueError("a rank is at least 1")
+        return value
 
     @model_validator(mode="after")
     def _options_fit(self) -> PeftSection:
@@ -338,6 +365,10 @@ class Recipe(_Section):
                 )
             if have == "none":
                 self.model.quantization = implied
+        from peftcli.methods.inits import recipe_problem
+
+        if problem := recipe_problem(self.peft, self.model.quantization):
+            raise ValueError(problem)
         if self.data.train_on == "all" and self.model.task != "causal_lm":
             raise ValueError(
                 f"data.train_on: all applies to causal_lm; {self.model.task} always trains on its targets"

@@ -257,8 +257,8 @@ def count_training_step(recipe: Path, overrides: list[str]) -> Counted:
     counts: dict[str, Any] = {"saved": defaultdict(int)}
     real_make_optimizer, real_loss_sum = loop.make_optimizer, sft.loss_sum
 
-    def make_optimizer(model, section):
-        optimizer = real_make_optimizer(model, section)
+    def make_optimizer(model, section, lr_ratios=None):
+        optimizer = real_make_optimizer(model, section, lr_ratios)
         params = [p for p in model.parameters() if p.requires_grad]
         counts["trainable_tensors"] = len(params)
         counts["model"] = model

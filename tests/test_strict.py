@@ -160,10 +160,12 @@ def test_a_key_given_twice_in_a_recipe(user):
             "peft.options.target_modules is what peft.target_modules sets",
         ),
         (
-            "peft.options.use_rslora=1",
-            "`peft.options.use_rslora: 1` does not fit LoraConfig.use_rslora, which takes bool",
+            "peft.options.fan_in_fan_out=1",
+            "`peft.options.fan_in_fan_out: 1` does not fit LoraConfig.fan_in_fan_out, which takes bool",
         ),
-        ("peft.options.init_lora_weights=foo", "does not fit LoraConfig.init_lora_weights"),
+        ("peft.options.use_rslora=true", "peft.options.use_rslora is set by peft.rslora"),
+        ("peft.options.init_lora_weights=foo", "peft.options.init_lora_weights is set by peft.init"),
+        ("peft.init=foo", "unknown initialisation 'foo'"),
         ("peft.method=dora peft.options.use_dora=false", "peft.options.use_dora: dora sets it to True"),
     ],
 )
@@ -175,8 +177,9 @@ def test_peft_options_of_the_right_type_pass(user):
     proc = run_cli(
         "validate",
         "r.yaml",
-        "peft.options.use_rslora=true",
-        "peft.options.init_lora_weights=pissa_niter_4",
+        "peft.options.fan_in_fan_out=false",
+        "peft.init=pissa_niter_4",
+        "peft.rslora=true",
         cwd=user.folder,
     )
     assert proc.returncode == 0, proc.stderr

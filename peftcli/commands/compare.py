@@ -35,6 +35,7 @@ RESULT_ENV = "PEFTCLI_COMPARE_RESULT"  # where a worker writes its JSON result
 TASK_METRICS = ("exact_match", "accuracy", "preference_accuracy", "reward_accuracy")
 COLUMNS = [
     "method",
+    "variants",  # peft.init, rslora, LoRA+, rank/alpha patterns: what the recipe adds to the method
     "trainable_params",
     "share",
     "tokens_per_s",
@@ -169,6 +170,7 @@ def method_row(method: str, run_dir: Path, result: dict[str, Any], metrics: list
     speeds = [r["tokens_per_s"] for r in read_metrics(run.metrics) if "loss" in r]
     row = error_row(method, "")
     row.update(
+        variants=run_variants(run_dir),
         trainable_params=train["trainable_params"],
         share=train["trainable_params"] / train["total_params"],
         # The median logged window: robust to the first (warm-up) window and to windows that
@@ -185,6 +187,16 @@ def method_row(method: str, run_dir: Path, result: dict[str, Any], metrics: list
     for name in TASK_METRICS:
         row[name] = evals.get(name) if name in metrics else None
     return row
+
+
+def run_variants(run_dir: Path) -> str:
+    import yaml
+
+    from peftcli.methods.inits import variants_set
+    from peftcli.recipe import PeftSection
+
+    peft = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))["peft"]
+    return "; ".join(variants_set(PeftSection.model_validate(peft, strict=False)))
 
 
 def harness_cells(run_dir: Path, tasks: str, args: str | None) -> dict[str, Any]:
@@ -232,7 +244,7 @@ def harness_columns(rows: list[dict[str, Any]]) -> list[str]:
 def shown_columns(rows: list[dict[str, Any]]) -> list[str]:
     """Task metrics and the error column only where some row has them; harness columns after
     the task metrics."""
-    optional = (*TASK_METRICS, "error")
+    optional = (*TASK_METRICS, "variants", "error")
     shown = [c for c in COLUMNS if c not in optional or any(r.get(c) not in (None, "") for r in rows)]
     at = shown.index("mergeable")
     return shown[:at] + harness_columns(rows) + shown[at:]

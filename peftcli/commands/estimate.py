@@ -191,6 +191,8 @@ def estimate(recipe: Recipe, gpu_memory: str | None = None, num_processes: int =
 
 def run_plan(recipe: Recipe, on_gpu: bool, num_processes: int) -> dict[str, Any]:
     """How the estimated run trains: device, dtype, mixed precision, batch shape, processes."""
+    from peftcli.methods.inits import variants_set
+
     dtype = recipe.model.dtype if recipe.model.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
     precision = recipe.training.mixed_precision
     if precision == "auto":
@@ -209,6 +211,7 @@ def run_plan(recipe: Recipe, on_gpu: bool, num_processes: int) -> dict[str, Any]
         "max_length": recipe.data.max_length,
         "gradient_checkpointing": recipe.training.gradient_checkpointing,
         "num_processes": num_processes,
+        "variants": variants_set(recipe.peft),  # init, rslora, LoRA+, rank/alpha patterns
     }
 
 

@@ -8,13 +8,17 @@ from peftcli.console import human_bytes
 from peftcli.objectives import OBJECTIVES
 
 
+def _variants(plan: dict[str, Any]) -> str:
+    return f" ({'; '.join(plan['variants'])})" if plan.get("variants") else ""
+
+
 def format_estimate(result: dict[str, Any]) -> str:
     plan, memory = result["plan"], result["memory"]
     gc = "on" if plan["gradient_checkpointing"] else "off"
     quant = f", {plan['quantization']} base" if plan["quantization"] != "none" else ""
     head = f": adapter {result['adapter_params']:,} + head {result['head_params']:,}"
     lines = [
-        f"{plan['method']} on {plan['model']} ({plan['task']}): {plan['dtype']}{quant}, "
+        f"{plan['method']}{_variants(plan)} on {plan['model']} ({plan['task']}): {plan['dtype']}{quant}, "
         f"mixed precision {plan['mixed_precision']}, on {plan['device']}",
         f"parameters: {result['total_params']:,} total, {result['trainable_params']:,} trainable "
         f"({100 * result['trainable_share']:.3f}%)" + (head if result["head_params"] else ""),

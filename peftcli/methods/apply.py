@@ -9,6 +9,7 @@ import inspect
 from typing import TYPE_CHECKING, Any
 
 from peftcli.errors import UserError
+from peftcli.methods import inits
 from peftcli.methods.hooks import Context
 from peftcli.methods.options import config_class, options_problems
 from peftcli.methods.table import METHODS, Method
@@ -55,6 +56,7 @@ def check_fit(
         )
     if model_type is not None:
         check_carries(method, model_type, task)
+    inits.check_model_type(section, model_type, CONV1D_MODEL_TYPES)
     if quantized and not method.quantized_base:
         raise UserError(
             f"peft.method: {method.name} cannot train on a quantized base; set model.quantization: none"
@@ -147,20 +149,30 @@ def apply_method(model: nn.Module, section: PeftSection, task: str, total_steps:
 
     method = METHODS[section.method]
     check_carries(method, model.config.model_type, task)  # a hub model checked only now
+    inits.check_model_type(section, model.config.model_type, CONV1D_MODEL_TYPES)
     index = LinearIndex.from_model(model)
     targets: dict[str, Any] = {"names": []}
     if method.kind == "targets":
         targets = resolve_targets(index, section.target_modules, section.layers, list(method.default_targets))
     kwargs = config_kwargs(method, section)
+    on_meta = _on_meta(model)
+    kwargs.update(inits.config_kwargs(section, on_meta))
     if method.derive is not None:
         derived = method.derive(Context(section, model, index, targets, total_steps))
         kwargs.update({k: v for k, v in derived.items() if k not in section.options})  # options win
     targets.pop("names")
     try:
         config = config_class(method.config_class)(task_type=TASKS[task].peft_task_type, **targets, **kwargs)
-        return get_peft_model(model, config)
+        peft_model = get_peft_model(model, config)
     except (TypeError, ValueError) as exc:
         raise UserError(f"peft.method: {method.name}: {str(exc).strip().splitlines()[0]}") from None
+    if not on_meta:
+        inits.after_wrap(peft_model, section)
+    return peft_model
+
+
+def _on_meta(model: nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters())
 
 
 # --------------------------------------------------------------------------- training hooks
@@ -174,3 +186,8 @@ def step_hook(section: PeftSection) -> Any:
 def penalty(section: PeftSection) -> Any:
     """An extra loss term, added once per optimizer step."""
     return METHODS[section.method].penalty
+
+
+def lr_ratios(section: PeftSection) -> dict[str, float]:
+    """Learning-rate multipliers by parameter-name part (LoRA+: the B matrices learn faster)."""
+    return {"lora_B": section.lora_plus_ratio} if section.lora_plus_ratio is not None else {}

@@ -127,6 +127,18 @@ def fits(annotation: ast.expr, value: Any) -> bool:
     return True
 
 
+# peft.options keys that recipe keys own (LoraConfig fields): the key to set instead.
+OWNED_OPTIONS = {
+    "init_lora_weights": "peft.init",
+    "use_rslora": "peft.rslora",
+    "loftq_config": "peft.init: loftq",
+    "eva_config": "peft.init: eva",
+    "corda_config": "peft.init (CorDA is not supported)",
+    "rank_pattern": "peft.rank_pattern",
+    "alpha_pattern": "peft.alpha_pattern",
+}
+
+
 def options_problems(method: Method, options: dict[str, Any]) -> list[str]:
     """What is wrong with `peft.options` for this method: unknown keys, keys the recipe sets
     first-class (peft.r, peft.alpha, ...), values the method fixes, values of the wrong type."""
@@ -137,7 +149,11 @@ def options_problems(method: Method, options: dict[str, Any]) -> list[str]:
     annotations = config_annotations(method.config_class)
     problems = []
     for key, value in options.items():
-        if key in first_class:
+        if key in OWNED_OPTIONS and key in valid:
+            problems.append(
+                f"peft.options.{key} is set by {OWNED_OPTIONS[key]}; set that and remove peft.options.{key}"
+            )
+        elif key in first_class:
             problems.append(
                 f"peft.options.{key} is what {first_class[key]} sets for {method.name}; "
                 f"set {first_class[key]} and remove peft.options.{key}"

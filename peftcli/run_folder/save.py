@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +13,17 @@ from peftcli.run_folder.layout import LABELS
 
 
 def save_adapter(
-    peft_model: Any, tokenizer: Any, labels: list[str] | None, folder: Path, state: dict | None = None
+    save_model: Callable[[Any, Path, dict | None], None],
+    peft_model: Any,
+    tokenizer: Any,
+    labels: list[str] | None,
+    folder: Path,
+    state: dict | None = None,
 ) -> None:
-    """`state`: the adapter's tensors gathered whole, where the model is sharded (FSDP)."""
-    peft_model.save_pretrained(folder, state_dict=state)
+    """`save_model(peft_model, folder, state)` writes the adapter (the methods stage's: PiSSA and
+    OLoRA converted for the original base); `state`: the adapter's tensors gathered whole, where
+    the model is sharded (FSDP)."""
+    save_model(peft_model, folder, state)
     tokenizer.save_pretrained(folder)
     if labels:  # class names, in the order of the classifier's outputs
         (folder / LABELS).write_text(json.dumps(labels) + "\n", encoding="utf-8")

@@ -27,6 +27,7 @@ from peftcli.run_folder.layout import (
     read_state,
     state_file,
 )
+from peftcli.methods.inits import save_pretrained
 from peftcli.training import sharded
 
 # The trainable tensors, exactly as training holds them: PEFT's save_pretrained may reshape what
@@ -104,7 +105,8 @@ def save(
         optimizer_state = sharded.local_optimizer_state(optimizer)
         torch.save(optimizer_state, tmp / f"optimizer-{accelerator.process_index}.pt")
     if accelerator.is_main_process:
-        peft_model.save_pretrained(checkpoint_adapter(tmp), state_dict=adapter)  # loadable with PEFT as it is
+        # loadable with PEFT as it is, on the original base (PiSSA and OLoRA converted)
+        save_pretrained(peft_model, checkpoint_adapter(tmp), adapter)
         save_file(trainable, tmp / TRAINABLE)
         if adapter is None:
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")

@@ -74,13 +74,20 @@ def micro_batch_groups(
         epoch += 1
 
 
-def make_optimizer(model: Any, section: TrainingSection) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
+def make_optimizer(
+    model: Any, section: TrainingSection, lr_ratios: dict | None = None
+) -> torch.optim.Optimizer:
+    """AdamW; a parameter whose name holds a key of `lr_ratios` learns at lr × its value (LoRA+),
+    in a group named by the key (the optimizer's state says who learns how fast)."""
+    ratios, wd = lr_ratios or {}, section.weight_decay
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    plain = [p for n, p in named if not any(k in n for k in ratios)]
     groups = [
-        {"params": decay, "weight_decay": section.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": [p for p in plain if p.ndim >= 2], "weight_decay": wd},
+        {"params": [p for p in plain if p.ndim < 2], "weight_decay": 0.0},
+    ] + [
+        {"params": [p for n, p in named if k in n], "weight_decay": wd, "lr": section.lr * r, "name": k}
+        for k, r in ratios.items()
     ]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=section.lr)
 
@@ -162,12 +169,13 @@ def set_up(
     accelerator: Any,
     objective: Objective,
     checkpoints: Checkpointer | None,
+    lr_ratios: dict[str, float] | None,
 ) -> Setup:
     from transformers import get_scheduler
 
     if section.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    optimizer = make_optimizer(model, section)
+    optimizer = make_optimizer(model, section, lr_ratios)
     model, optimizer, loader = accelerator.prepare(
         model, optimizer, make_loader(data, section, objective.collate)
     )
@@ -198,6 +206,7 @@ def fit(
     penalty: Callable[[Any], torch.Tensor] | None = None,
     checkpoints: Checkpointer | None = None,
     control: Control | None = None,
+    lr_ratios: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Train; returns a summary (steps, tokens, seconds, last loss).
 
@@ -205,8 +214,9 @@ def fit(
     `on_step(peft_model, step)` runs after each optimizer step while gradients still exist;
     `penalty(peft_model)` is a loss term added once per optimizer step; `checkpoints` saves
     resumable state every `save_every` steps and resumes from the newest one; `control` counts
-    the steps taken and stops the loop, checkpointed, after Ctrl-C or SIGTERM."""
-    t = set_up(model, data, section, accelerator, objective, checkpoints)
+    the steps taken and stops the loop, checkpointed, after Ctrl-C or SIGTERM; `lr_ratios`: see
+    make_optimizer."""
+    t = set_up(model, data, section, accelerator, objective, checkpoints, lr_ratios)
     model, p, window, done = t.model, t.plan, t.window, t.done
     progress = Progress(p.total_steps, done, accelerator.is_main_process)
     control = control or Control()

@@ -128,13 +128,15 @@ def load_stages(recipe: Recipe, where: run_folder.Plan, accelerator: Any) -> Sta
 
     from peftcli.data.cache import prepare
     from peftcli.methods.apply import apply_method
+    from peftcli.methods.inits import check_sharding, eva
     from peftcli.methods.load import start_from
     from peftcli.model.load import load_model, load_tokenizer
     from peftcli.objectives.build import build_objective
-    from peftcli.training.loop import plan
+    from peftcli.training.loop import make_loader, plan
 
     print_ = fingerprint(recipe.model_dump(mode="json"), accelerator.num_processes)
     start = resume_point(where.work_dir, print_) if where.continuing else None
+    check_sharding(recipe.peft, accelerator.distributed_type.value)
     set_seed(recipe.training.seed)
     task = recipe.model.task
     tokenizer = load_tokenizer(recipe.model)
@@ -154,10 +156,16 @@ def load_stages(recipe: Recipe, where: run_folder.Plan, accelerator: Any) -> Sta
         recipe.preference,
         recipe.peft.init_from is not None,
     )
+    if recipe.peft.init == "eva":  # from the run's first training batches, in the run's order
+        used = eva(model, make_loader(data, recipe.training, objective.collate), accelerator.device)
+        if accelerator.is_main_process:
+            say(f"peftcli: eva: initialised A from the layer inputs of {used} training batches")
     return Stages(tokenizer, data, model, trainable_summary(model), print_, start, objective)
 
 
 def report_start(recipe: Recipe, where: run_folder.Plan, stages: Stages, notes: list[str]) -> None:
+    from peftcli.methods.inits import variants_set
+
     if where.continuing:
         say(
             f"peftcli: resuming {where.run_dir} from {stages.start.name}"
@@ -167,8 +175,9 @@ def report_start(recipe: Recipe, where: run_folder.Plan, stages: Stages, notes: 
     for note in notes:
         say(f"peftcli: note: {note}")
     counts, data, s = stages.counts, stages.data, stages.data.stats
+    variants = "; ".join(variants_set(recipe.peft))  # init, rslora, LoRA+, rank/alpha patterns
     say(
-        f"peftcli: {recipe.peft.method} on {recipe.model.name_or_path}: "
+        f"peftcli: {recipe.peft.method}{f' ({variants})' if variants else ''} on {recipe.model.name_or_path}: "
         f"{counts['trainable_params']:,} trainable of {counts['total_params']:,} parameters "
         f"({100 * counts['trainable_params'] / counts['total_params']:.2f}%)"
     )
@@ -197,7 +206,7 @@ def run_loop(
 ) -> dict[str, Any]:
     """The training loop, stopped cleanly by Ctrl-C/SIGTERM; a run that fails before its first
     step leaves the folder as it was found."""
-    from peftcli.methods.apply import penalty, step_hook
+    from peftcli.methods.apply import lr_ratios, penalty, step_hook
     from peftcli.training.checkpoint import Checkpointer
     from peftcli.training.loop import Control, fit
 
@@ -230,6 +239,7 @@ def run_loop(
                 penalty=penalty(recipe.peft),
                 checkpoints=checkpoints,
                 control=control,
+                lr_ratios=lr_ratios(recipe.peft),
             )
     except Interrupted:
         raise
@@ -265,6 +275,7 @@ def finish(
 ) -> dict[str, Any]:
     """Training is done: the adapter, tokenizer and run files are written before anything else
     (evaluation, plots), so no later failure costs the trained adapter. Returns the metrics."""
+    from peftcli.methods.inits import save_pretrained
     from peftcli.training.sharded import adapter_state
     from peftcli.training.tracking import plot_losses
 
@@ -273,6 +284,7 @@ def finish(
     gathered = adapter_state(stages.model)  # every process: a sharded adapter is gathered whole
     if main:
         save_adapter(
+            save_pretrained,
             accelerator.unwrap_model(stages.model),
             stages.tokenizer,
             stages.data.labels,
