@@ -151,7 +151,7 @@ class PeftSection(_Section):
     @field_validator("init")
     @classmethod
     def _known_init(cls, value: str) -> str:
-        from peftcli.methods.inits import check_init_name
+        from peftcli.methods.init_table import check_init_name
 
         return check_init_name(value)
 
@@ -365,7 +365,7 @@ class Recipe(_Section):
                 )
             if have == "none":
                 self.model.quantization = implied
-        from peftcli.methods.inits import recipe_problem
+        from peftcli.methods.init_table import recipe_problem
 
         if problem := recipe_problem(self.peft, self.model.quantization):
             raise ValueError(problem)

@@ -44,6 +44,7 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
             "peftcli.tasks",
             "peftcli.objectives",
             "peftcli.methods.table",
+            "peftcli.methods.init_table",
             "peftcli.methods.hooks",
             "peftcli.methods.options",
             "peftcli.methods.tuners",

@@ -192,10 +192,10 @@ def method_row(method: str, run_dir: Path, result: dict[str, Any], metrics: list
 def run_variants(run_dir: Path) -> str:
     import yaml
 
-    from peftcli.methods.inits import variants_set
+    from peftcli.methods.init_table import variants_set
     from peftcli.recipe import PeftSection
 
-    peft = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))["peft"]
+    peft = yaml.safe_load(Layout(run_dir).recipe.read_text(encoding="utf-8"))["peft"]
     return "; ".join(variants_set(PeftSection.model_validate(peft, strict=False)))
 
 

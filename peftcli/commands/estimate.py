@@ -191,7 +191,7 @@ def estimate(recipe: Recipe, gpu_memory: str | None = None, num_processes: int =
 
 def run_plan(recipe: Recipe, on_gpu: bool, num_processes: int) -> dict[str, Any]:
     """How the estimated run trains: device, dtype, mixed precision, batch shape, processes."""
-    from peftcli.methods.inits import variants_set
+    from peftcli.methods.init_table import variants_set
 
     dtype = recipe.model.dtype if recipe.model.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
     precision = recipe.training.mixed_precision

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from peftcli.methods.inits import save_pretrained
 from peftcli.run_folder.layout import (
     Layout,
     adapter_file,
@@ -27,7 +28,6 @@ from peftcli.run_folder.layout import (
     read_state,
     state_file,
 )
-from peftcli.methods.inits import save_pretrained
 from peftcli.training import sharded
 
 # The trainable tensors, exactly as training holds them: PEFT's save_pretrained may reshape what

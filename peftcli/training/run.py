@@ -12,7 +12,7 @@ from typing import Any
 
 from peftcli.cards import write_run_card
 from peftcli.console import is_main_process, say
-from peftcli.errors import Interrupted, UserError
+from peftcli.errors import Interrupted
 from peftcli.objectives import OBJECTIVES
 from peftcli.recipe import Recipe
 from peftcli.recipe_file import dump_recipe
@@ -164,7 +164,7 @@ def load_stages(recipe: Recipe, where: run_folder.Plan, accelerator: Any) -> Sta
 
 
 def report_start(recipe: Recipe, where: run_folder.Plan, stages: Stages, notes: list[str]) -> None:
-    from peftcli.methods.inits import variants_set
+    from peftcli.methods.init_table import variants_set
 
     if where.continuing:
         say(
