@@ -160,7 +160,12 @@ def head_bytes(recipe: Recipe, config: Any, peft_model: Any, tokens: int, act_by
         return {"logits": 12 * recipe.training.batch_size * config.num_labels, "saved": 0}
     vocab = config.vocab_size
     head = peft_model.get_output_embeddings()
-    if task == "causal_lm" and head is not None and fusable(head) and OBJECTIVES[recipe.training.objective].task_loss:
+    if (
+        task == "causal_lm"
+        and head is not None
+        and fusable(head)
+        and OBJECTIVES[recipe.training.objective].task_loss
+    ):
         # Fused head + cross-entropy: the gradient of the head's input is kept; one chunk
         # of logits (in the activation dtype, then float32 in place) lives at a time.
         saved = tokens * config.hidden_size * act_bytes
