@@ -14,6 +14,7 @@ from peftcli import runs as run_folder
 from peftcli.cards import write_run_card
 from peftcli.console import is_main_process, say
 from peftcli.errors import Interrupted, UserError
+from peftcli.methods.coverage import write as write_coverage
 from peftcli.recipe import Recipe
 from peftcli.recipe_file import dump_recipe
 from peftcli.runs import save_adapter, write_json
@@ -352,6 +353,8 @@ def finish(
         say(f"peftcli: saved {run_dir}/adapter (load with PeftModel.from_pretrained)")
     accelerator.wait_for_everyone()
     try:
+        if main:  # what the adapter reaches, per kind of parameter: coverage.json
+            write_coverage(run_dir, accelerator.unwrap_model(stages.model))
         final = evaluator(recipe, stages, accelerator, final=True)
         metrics = final(stages.model) if final else {}
         floats = {k: v for k, v in metrics.items() if isinstance(v, float)}
