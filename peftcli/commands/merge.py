@@ -10,6 +10,8 @@ which appears only once it is complete.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 from pathlib import Path
@@ -176,8 +178,6 @@ def merge(
     tokenizer = load_tokenizer_of(first)
     change: dict[str, Any] = {"rows": eval_rows(first, tokenizer, labels), "task": section.task}
     merged = merged_model(base, sources, weights, combination, density, change).to(dtype_out).eval()
-    for line in describe_change(change):
-        say(line)
     report: dict[str, Any] = {
         "sources": [str(s.path) for s in sources],
         "method": first.method,
@@ -195,6 +195,8 @@ def merge(
         report["eval"] = {"note": "skipped: several adapters were combined"}
     write_folder(out, merged, tokenizer, report, overwrite)
     write_merged_card(out.expanduser(), first, report)
+    for line in describe_change(change):
+        say(line)
     say(f"peftcli: wrote {out} ({report['dtype']}); load it with {_auto_class(section.task)}.from_pretrained")
     return report
 
@@ -208,7 +210,8 @@ def eval_rows(source: Source, tokenizer: Any, labels: Any) -> list[dict[str, Any
     if source.target.recipe is None:
         return []
     try:
-        return list(eval_split(source.target, tokenizer, None, labels).examples[:ROWS])
+        with contextlib.redirect_stderr(io.StringIO()):  # the data stage's progress is not merge's
+            return list(eval_split(source.target, tokenizer, None, labels).examples[:ROWS])
     except UserError:
         return []
 

@@ -83,9 +83,12 @@ def train(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Trai
         if lock is not None:
             lock.acquire()
         where = plan_folder(recipe, overwrite, resume)
-        # Fail fast, before anything heavy is imported or loaded; say what the method ignores.
+        # Fail fast, before anything heavy is imported or loaded; say what the method ignores
+        # and what the targets leave out (a mixture's experts).
         notes = [
-            x for x in check_recipe(recipe) if x.endswith(": ignored") or x.startswith("peft: starts from")
+            x
+            for x in check_recipe(recipe)
+            if x.endswith(": ignored") or x.startswith(("peft: starts from", "warning: "))
         ]
         quiet_libraries()
         accelerator = accelerator or make_accelerator(recipe.training, recipe.output_dir)
