@@ -1,5 +1,5 @@
 """What an adapter reaches, per kind of parameter: attention, MLP, fused MoE experts, router,
-embeddings, head (and `other`: norms, biases outside those). `validate` works it out from the
+embeddings, head (weight matrices) and `other` (norms, biases, what lies outside the layers). `validate` works it out from the
 checkpoint's headers (or, for a mixture of experts, whose experts transformers fuses when it
 loads them, from the model built on the meta device), `estimate` and every run from the
 wrapped model itself; the run folder keeps it as coverage.json.
@@ -56,7 +56,7 @@ def kind_of(
         return "head"
     if module in embeddings or leaf in EMBEDDING_NAMES:
         return "embeddings"
-    if len(shape) == 1 and "norm" in leaf.lower():  # post_attention_layernorm is no attention
+    if len(shape) == 1:  # norms and biases (post_attention_layernorm is no attention)
         return "other"
     if any(_attention_segment(p) for p in module.split(".")):
         return "attention"
