@@ -23,9 +23,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 PROBE = torch.tensor([list(range(40, 60)), list(range(60, 80))])
 # Merged against unmerged float32 logits (|z| < 10): merging rounds W + s·BA to float32 once per
 # weight (~6e-8 relative), which through tiny-mixtral's 2 layers moves logits by ~1e-6 (merge's
-# report measured 1e-6 after 8 steps, 8e-6 after the shipped recipe's 188); 1e-4 leaves 12x. The router is not adapted, so its top-2
-# choice sees inputs equal to ~1e-7, and a flip would need two experts' scores that close.
-# A merge that dropped the experts' update moves the logits by its whole effect (> 0.1).
+# report measured 1e-6 after 8 steps, 8e-6 after the shipped recipe's 188); 1e-4 leaves 12x.
+# The router is not adapted, so its top-2 choice sees inputs equal to ~1e-7, and a flip would
+# need two experts' scores that close. A merge that dropped the experts' update moves the
+# logits by its whole effect (> 0.1).
 MERGE_ATOL = 1e-4
 
 
