@@ -48,7 +48,7 @@ def kind_of(
     names of the model's `experts` modules (a router is the gate beside one)."""
     module = name.rpartition(".")[0]
     leaf = module.rpartition(".")[2]
-    if name in index.experts or len(shape) == 3 or ".experts." in f".{name}":
+    if name in index.experts or ".experts." in f".{name}":
         return "experts"
     if name in index.routers or (leaf in ROUTER_NAMES and f"{module.rpartition('.')[0]}.experts" in moe):
         return "router"
@@ -158,7 +158,7 @@ def of_model(peft_model: Any) -> dict[str, Any]:
     adapter_params = []
     for name, p in base.named_parameters():
         segments = set(name.split("."))
-        if segments & adapter_parts or "modules_to_save" in segments:
+        if segments & adapter_parts or "modules_to_save" in segments or p.requires_grad:
             adapter_params.append((name, p))
             continue
         tensors[_clean(name)] = tuple(p.shape)
@@ -167,8 +167,9 @@ def of_model(peft_model: Any) -> dict[str, Any]:
         if not p.requires_grad:
             continue
         owner = max((o for o in owners if name.startswith(o + ".")), key=len, default=None)
-        reached = owners[owner][0] if owner else None
-        kind = kinds.get(reached, "other") if reached else "other"
+        # A trained parameter of no tuner layer (llama-adapter's gates) counts where it sits.
+        reached = owners[owner][0] if owner else _clean(name)
+        kind = kinds.get(reached) or kind_of(reached, tuple(p.shape), index, heads, embeddings, moe)
         trainable[kind] = trainable.get(kind, 0) + p.numel()
     virtual = sum(p.numel() for n, p in peft_model.named_parameters() if p.requires_grad) - sum(
         trainable.values()

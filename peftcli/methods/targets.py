@@ -180,8 +180,8 @@ class LinearIndex:
 def _expert_parameters(
     modules: dict[str, nn.Module],
 ) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
-    """Fused expert tensors (3-D parameters) and routers (the weight of a non-linear `gate` or
-    `router` module beside an `experts` one), by parameter name."""
+    """Fused expert tensors (3-D parameters of an `experts` module) and routers (the weight of a
+    non-linear `gate` or `router` module beside an `experts` one), by parameter name."""
     import torch.nn as nn
     from transformers.pytorch_utils import Conv1D
 
@@ -193,7 +193,7 @@ def _expert_parameters(
         beside_experts = leaf in ROUTER_NAMES and f"{parent}.experts" in modules
         for pname, p in module.named_parameters(recurse=False):
             full = f"{name}.{pname}" if name else pname
-            if p.ndim == 3:
+            if p.ndim == 3 and "experts" in name.split("."):  # one slice per expert
                 experts[full] = tuple(p.shape)
             elif p.ndim == 2 and pname == "weight" and beside_experts:
                 routers[full] = tuple(p.shape)
