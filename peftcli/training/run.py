@@ -189,7 +189,7 @@ def report_start(recipe: Recipe, where: run_folder.Plan, stages: Stages, notes: 
             else f"peftcli: {where.run_dir} has no complete checkpoint; starting it again from step 0"
         )
     for note in notes:
-        say(f"peftcli: note: {note}")
+        say(f"peftcli: {note}" if note.startswith("warning: ") else f"peftcli: note: {note}")
     counts, data, s = stages.counts, stages.data, stages.data.stats
     say(
         f"peftcli: {recipe.peft.method} on {recipe.model.name_or_path}: "
