@@ -135,20 +135,26 @@ def check_positions(recipe: Recipe, config: dict[str, Any]) -> None:
         )
 
 
-def check_targets(recipe: Recipe, folder: Path | None) -> str | None:
-    """Target modules from the checkpoint's weight names; None when they cannot be read."""
+def check_targets(recipe: Recipe, folder: Path | None) -> list[str]:
+    """Target modules from the checkpoint's weight names, and what they reach per kind of
+    parameter (peftcli.methods.coverage); nothing when they cannot be read."""
     from peftcli.methods import METHODS
-    from peftcli.methods.targets import LinearIndex, resolve_targets
+    from peftcli.methods.coverage import lines, of_recipe
 
     method = METHODS[recipe.peft.method]  # its peft.options were checked with the schema
     if method.kind != "targets":
-        return f"peft: {method.name} ({method.kind} method: adds virtual tokens, no target modules)"
-    index = LinearIndex.from_weights(folder) if folder else None
-    if index is None:
-        return None
-    found = resolve_targets(index, recipe.peft.target_modules, recipe.peft.layers, method.default_targets)
-    shown = ", ".join(found["target_modules"][:8]) + (", ..." if len(found["target_modules"]) > 8 else "")
-    return f"peft: {method.name} on {len(found['names'])} modules ({shown})"
+        return [f"peft: {method.name} ({method.kind} method: adds virtual tokens, no target modules)"]
+    found = of_recipe(recipe, folder)
+    if found is None:
+        return []
+    targets, coverage = found
+    shown = ", ".join(targets["target_modules"][:8]) + (", ..." if len(targets["target_modules"]) > 8 else "")
+    line = f"peft: {method.name} on {len(targets['names'])} modules ({shown})"
+    if targets.get("parameters"):
+        line += (
+            f" and {len(targets['parameters'])} parameters ({', '.join(targets['target_parameters'][:4])})"
+        )
+    return [line, *lines(coverage)]
 
 
 def check_data(recipe: Recipe, folder: Path | None) -> list[str]:
@@ -313,8 +319,9 @@ def check_recipe(recipe: Recipe) -> list[str]:
     lines = check_model(recipe, config)
     if recipe.peft.init_from is not None:  # before its target modules are looked for on this model
         lines.append(check_init_from(recipe, config))
-    targets = check_targets(recipe, folder)
-    lines.append(targets or "peft: target modules are checked when the model's config is loaded")
+    lines += check_targets(recipe, folder) or [
+        "peft: target modules are checked when the model's config is loaded"
+    ]
     lines += check_data(recipe, folder)
     check_trackers(recipe)
     if recipe.training.eval_every is not None and not recipe.data.eval:

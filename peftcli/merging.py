@@ -127,9 +127,16 @@ def load_bases(section: Any, labels: Any) -> tuple[Any, Any]:
 
 
 def merged_model(
-    base: Any, sources: list[Source], weights: list[float] | None, combination: str, density: float | None
+    base: Any,
+    sources: list[Source],
+    weights: list[float] | None,
+    combination: str,
+    density: float | None,
+    change: dict[str, Any] | None = None,
 ) -> Any:
-    """The adapters loaded on `base`, combined into one when weighted, folded into its weights."""
+    """The adapters loaded on `base`, combined into one when weighted, folded into its weights.
+    With `change` ({"rows": eval rows, "task": ...}), it is filled with how far the merge moved
+    the model (peftcli.merge_change)."""
     import torch
 
     names = ["default"] if weights is None else [f"adapter{i}" for i in range(len(sources))]
@@ -148,6 +155,12 @@ def merged_model(
             ) from None
         model.set_adapter("combined")
         names = ["combined"]
+    if change is not None:
+        from peftcli.merge_change import measured_merge
+
+        merged, found = measured_merge(model, names, change.pop("rows"), change.pop("task"))
+        change.update(found)
+        return merged
     with torch.no_grad():
         return model.merge_and_unload(safe_merge=True, adapter_names=names)
 

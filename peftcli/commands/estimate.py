@@ -126,6 +126,7 @@ def estimate(recipe: Recipe, gpu_memory: str | None = None, num_processes: int =
 
     from peftcli.checks import check_model
     from peftcli.data import label_names
+    from peftcli.methods import coverage
     from peftcli.methods.load import wrap_like
     from peftcli.methods.targets import LinearIndex
     from peftcli.model.load import meta_model
@@ -150,6 +151,7 @@ def estimate(recipe: Recipe, gpu_memory: str | None = None, num_processes: int =
     base_ids = {id(p) for p in base.parameters()}
     peft_model = wrap_like(base, recipe.peft, recipe.model.task, total_steps=steps)
     params, memory = count_parameters(peft_model, base_ids, quantized, quantization)
+    params["coverage"] = coverage.of_model(peft_model)  # what the trainable parameters reach
 
     act = activations(recipe, base.config, peft_model, index, act_bytes, on_gpu)
     memory.update(

@@ -25,6 +25,10 @@ def format_estimate(result: dict[str, Any]) -> str:
         f"memory per process (batch {_batch(plan)} × {plan['max_length']} tokens, "
         f"gradient checkpointing {gc}):",
     ]
+    if result.get("coverage"):  # after the parameters line: what the trainable ones reach
+        from peftcli.methods.coverage import lines as coverage_lines
+
+        lines[2:2] = coverage_lines(result["coverage"])
     for key in ("weights", "adapter", "optimizer", "gradients", "activations", "total"):
         lines.append(f"  {key:<12} {human_bytes(memory[f'{key}_bytes']):>11}")
     if plan["num_processes"] > 1:

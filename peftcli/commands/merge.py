@@ -10,6 +10,8 @@ which appears only once it is complete.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Any
 
 from peftcli import outputs
 from peftcli.errors import UserError, did_you_mean
+from peftcli.merge_change import describe as describe_change
 from peftcli.merging import (
     Source,
     load_adapter_model,
@@ -173,9 +176,9 @@ def merge(
                 "merge an adapter trained on a 4/8-bit base from its run folder"
             )
     base, quantized_model = load_bases(section, labels)
-    merged = merged_model(base, sources, weights, combination, density).to(dtype_out).eval()
-
     tokenizer = load_tokenizer_of(first)
+    change: dict[str, Any] = {"rows": eval_rows(first, tokenizer, labels), "task": section.task}
+    merged = merged_model(base, sources, weights, combination, density, change).to(dtype_out).eval()
     report: dict[str, Any] = {
         "sources": [str(s.path) for s in sources],
         "method": first.method,
@@ -183,6 +186,7 @@ def merge(
         "task": section.task,
         "dtype": str(dtype_out).removeprefix("torch."),
         "dequantized": section.quantization if quantized_model is not None else None,
+        "change": change,
     }
     if weights is not None:
         report.update(combination=combination, weights=weights, density=density)
@@ -192,8 +196,25 @@ def merge(
         report["eval"] = {"note": "skipped: several adapters were combined"}
     write_folder(out, merged, tokenizer, report, overwrite)
     write_merged_card(out.expanduser(), first, report)
+    for line in describe_change(change):
+        say(line)
     say(f"peftcli: wrote {out} ({report['dtype']}); load it with {_auto_class(section.task)}.from_pretrained")
     return report
+
+
+def eval_rows(source: Source, tokenizer: Any, labels: Any) -> list[dict[str, Any]]:
+    """A few rows of the run's eval split, whose logits the merge report compares (none for an
+    adapter folder without a run, or a run without an eval split)."""
+    from peftcli.merge_change import ROWS
+    from peftcli.training.evaluate import eval_split
+
+    if source.target.recipe is None:
+        return []
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # the data stage's progress is not merge's
+            return list(eval_split(source.target, tokenizer, None, labels).examples[:ROWS])
+    except UserError:
+        return []
 
 
 def write_merged_card(out: Path, first: Source, report: dict[str, Any]) -> None:

@@ -154,6 +154,7 @@ def apply_method(model: nn.Module, section: PeftSection, task: str, total_steps:
     targets: dict[str, Any] = {"names": []}
     if method.kind == "targets":
         targets = resolve_targets(index, section.target_modules, section.layers, list(method.default_targets))
+        check_parameters(method, section, targets)
     kwargs = config_kwargs(method, section)
     on_meta = _on_meta(model)
     kwargs.update(inits.config_kwargs(section, on_meta))
@@ -161,6 +162,7 @@ def apply_method(model: nn.Module, section: PeftSection, task: str, total_steps:
         derived = method.derive(Context(section, model, index, targets, total_steps))
         kwargs.update({k: v for k, v in derived.items() if k not in section.options})  # options win
     targets.pop("names")
+    targets.pop("parameters", None)
     try:
         config = config_class(method.config_class)(task_type=TASKS[task].peft_task_type, **targets, **kwargs)
         peft_model = get_peft_model(model, config)
@@ -173,6 +175,26 @@ def apply_method(model: nn.Module, section: PeftSection, task: str, total_steps:
 
 def _on_meta(model: nn.Module) -> bool:
     return any(p.is_meta for p in model.parameters())
+
+
+def check_parameters(method: Method, section: PeftSection, targets: dict[str, Any]) -> None:
+    """Fused expert and router parameters take LoRA only (PEFT's `target_parameters`), and
+    without dropout: its update cannot be factored out of the expert matmuls."""
+    if not targets.get("parameters"):
+        return
+    shown = ", ".join(targets["target_parameters"][:4])
+    if not method.parameters:
+        able = ", ".join(m for m, row in METHODS.items() if row.parameters)
+        raise UserError(
+            f"peft.target_modules: {method.name} cannot adapt fused expert or router parameters ({shown})",
+            f"use {able}, or leave out experts and router",
+        )
+    if section.dropout:
+        raise UserError(
+            f"peft.dropout: {section.dropout} does not work with LoRA on fused expert or router "
+            f"parameters ({shown}): PEFT applies no dropout there",
+            "set peft.dropout: 0",
+        )
 
 
 # --------------------------------------------------------------------------- training hooks

@@ -59,6 +59,7 @@ def config_class(name: str) -> type:
 # Config fields peftcli sets from first-class recipe keys (beyond each method's `generic` ones).
 _FIRST_CLASS = {
     "target_modules": "target_modules",
+    "target_parameters": "target_modules",  # `experts`, `router` or a parameter's name there
     "layers_to_transform": "layers",
     "layers_pattern": "layers",
 }

@@ -49,6 +49,7 @@ class Method:
     quantized_base: bool = True  # works on a 4/8-bit base
     implies_quantization: Literal["4bit", "8bit"] | None = None  # model.quantization it sets
     conv1d: bool = True  # can adapt GPT-2-style Conv1D layers
+    parameters: bool = False  # adapts fused MoE expert and router parameters (PEFT's target_parameters)
     kv_prefix: bool = False  # feeds trained key/values through the model's `past_key_values`
     derive: Callable[[hooks.Context], dict[str, Any]] | None = None  # config values from model/run
     step_hook: Callable[[Any, int], None] | None = None  # (PeftModel, step) after each optimizer step
@@ -74,6 +75,7 @@ METHODS: dict[str, Method] = {
             peft_type="LORA",
             combines=True,
             generic=_LORA_KEYS,
+            parameters=True,
         ),
         Method(
             "qlora",
@@ -85,6 +87,7 @@ METHODS: dict[str, Method] = {
             combines=True,
             generic=_LORA_KEYS,
             implies_quantization="4bit",
+            parameters=True,
         ),
         Method(
             "dora",

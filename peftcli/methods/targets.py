@@ -19,7 +19,19 @@ from peftcli.errors import UserError, did_you_mean
 if TYPE_CHECKING:
     import torch.nn as nn
 
-TARGET_KEYWORDS = ("all-linear", "attention", "mlp", "keys-values", "attention-output", "mlp-output")
+TARGET_KEYWORDS = (
+    "all-linear",
+    "attention",
+    "mlp",
+    "keys-values",
+    "attention-output",
+    "mlp-output",
+    "experts",
+    "router",
+)
+# Reached through PEFT's `target_parameters` (LoRA only): parameters that are no linear layer's.
+PARAMETER_KEYWORDS = ("experts", "router")
+ROUTER_NAMES = {"gate", "router"}
 # Method defaults are chosen structurally; these names only tell the q/k/v projections (fused
 # or not) apart from an attention block's output projection.
 QUERY_NAMES = {"q_proj", "query", "q", "wq"}
@@ -67,11 +79,15 @@ def _attention_segment(segment: str) -> bool:
 
 @dataclass
 class LinearIndex:
-    """The linear modules of a model (output heads excluded) and those inside attention."""
+    """The linear modules of a model (output heads excluded) and those inside attention; and the
+    parameters LoRA reaches outside linear layers: a mixture-of-experts block's fused expert
+    tensors (3-D, one slice per expert) and its router's weight, where they are no nn.Linear."""
 
     names: list[str]
     attention: set[str] = field(default_factory=set)
     shapes: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (in_features, out_features)
+    experts: dict[str, tuple[int, ...]] = field(default_factory=dict)  # parameter name -> shape
+    routers: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def num_layers(self) -> int:
@@ -105,7 +121,17 @@ class LinearIndex:
                 if _attention_segment(parts[i - 1]) or "attention" in type(parent).__name__.lower():
                     attention.add(name)
                     break
-        return cls(names, attention, shapes)
+        return cls(names, attention, shapes, *_expert_parameters(modules))
+
+    @staticmethod
+    def has_experts(folder: Path) -> bool:
+        """Whether a checkpoint holds mixture-of-experts weights. transformers 5 saves them one
+        linear per expert (`experts.0.w1`) and fuses them into 3-D parameters when it loads, so
+        their headers do not tell what a loaded model's targets are."""
+        return any(
+            len(shape) == 3 or re.search(r"\.experts\.\d+\.", key)
+            for key, shape in safetensors_shapes(folder).items()
+        )
 
     @classmethod
     def from_weights(cls, folder: Path) -> LinearIndex | None:
@@ -151,6 +177,46 @@ class LinearIndex:
         }
 
 
+def _expert_parameters(
+    modules: dict[str, nn.Module],
+) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """Fused expert tensors (3-D parameters of an `experts` module) and routers (the weight of a
+    non-linear `gate` or `router` module beside an `experts` one), by parameter name."""
+    import torch.nn as nn
+    from transformers.pytorch_utils import Conv1D
+
+    experts, routers = {}, {}
+    for name, module in modules.items():
+        if isinstance(module, nn.Linear | Conv1D | nn.Embedding):
+            continue
+        parent, _, leaf = name.rpartition(".")
+        beside_experts = leaf in ROUTER_NAMES and f"{parent}.experts" in modules
+        for pname, p in module.named_parameters(recurse=False):
+            full = f"{name}.{pname}" if name else pname
+            if p.ndim == 3 and "experts" in name.split("."):  # one slice per expert
+                experts[full] = tuple(p.shape)
+            elif p.ndim == 2 and pname == "weight" and beside_experts:
+                routers[full] = tuple(p.shape)
+    return experts, routers
+
+
+def _select_parameters(index: LinearIndex, entry: str) -> set[str]:
+    """The expert or router parameters a `target_modules` entry names: a keyword, a parameter
+    name (suffix, e.g. gate_up_proj) or a regex over full names."""
+    params = {**index.experts, **index.routers}
+    if entry == "experts":
+        return set(index.experts)
+    if entry == "router":
+        return set(index.routers)
+    found = {n for n in params if n == entry or n.endswith("." + entry)}
+    if not found:
+        try:
+            found = {n for n in params if re.fullmatch(entry, n)}
+        except re.error:
+            pass
+    return found
+
+
 def safetensors_shapes(folder: Path) -> dict[str, list[int]]:
     """Tensor name → shape from the headers of a folder's safetensors files (no torch)."""
     files = sorted(folder.glob("*.safetensors"))
@@ -181,6 +247,15 @@ def _select(index: LinearIndex, entry: str) -> set[str]:
         return index.attention_outputs()
     if entry == "mlp-output":
         return index.mlp_outputs()
+    if entry == "experts":  # experts that are linear layers (not fused)
+        return {n for n in index.names if ".experts." in n}
+    if entry == "router":
+        return {
+            n
+            for n in index.names
+            if n.rsplit(".", 1)[-1] in ROUTER_NAMES
+            and any(m.startswith(n.rsplit(".", 1)[0] + ".experts.") for m in index.names)
+        }
     found = {n for n in index.names if n == entry or n.endswith("." + entry)}
     if not found:
         try:
@@ -200,22 +275,26 @@ def resolve_targets(
 
     Returns `target_modules` (module suffixes when they select exactly the chosen set, else
     full names), `layers_to_transform` + `layers_pattern` when layers are restricted, and
-    `names`: the exact modules adapted.
+    `names`: the exact modules adapted. Fused expert and router parameters (`experts`,
+    `router`, or their names) come as PEFT's `target_parameters`, with `parameters` the exact
+    ones adapted.
     """
     spec = default if target_modules is None else target_modules
     entries = [spec] if isinstance(spec, str) else list(spec)
     if not entries:
         raise UserError("peft.target_modules is an empty list", "leave it out for the method's default")
-    suffixes = sorted({n.rsplit(".", 1)[-1] for n in index.names})
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in [*index.names, *index.experts, *index.routers]})
     chosen: set[str] = set()
+    params: set[str] = set()
     for entry in entries:
-        hit = _select(index, entry)
-        if not hit:
+        hit, hit_params = _select(index, entry), _select_parameters(index, entry)
+        if not hit and not hit_params:
             raise UserError(
                 f"peft.target_modules: `{entry}` matches no linear module{did_you_mean(entry, suffixes)}; "
                 f"this model has {', '.join(suffixes)} (or use {', '.join(TARGET_KEYWORDS)})"
             )
         chosen |= hit
+        params |= hit_params
 
     wanted: list[int] | None = None
     if layers is not None:
@@ -229,8 +308,12 @@ def resolve_targets(
             )
         wanted = sorted({i % n for i in layers})
         chosen = {c for c in chosen if (li := layer_index(c)) and li[1] in wanted}
-        if not chosen:
+        params = {c for c in params if (li := layer_index(c)) and li[1] in wanted}
+        if not chosen and not params:
             raise UserError("peft.layers: none of the target modules lies in those layers")
+    extra = _parameter_targets(index, params, wanted)
+    if not chosen:  # parameters only: PEFT takes an empty list as "no modules"
+        return {"target_modules": [], "names": [], **extra}
 
     # Prefer the short, portable form (module suffixes) when it selects exactly the same set.
     short = sorted({c.rsplit(".", 1)[-1] for c in chosen})
@@ -238,9 +321,22 @@ def resolve_targets(
     if wanted is not None:
         same = {n for n in same if (li := layer_index(n)) and li[1] in wanted}
     if same != chosen:
-        return {"target_modules": sorted(chosen), "names": sorted(chosen)}
-    out: dict[str, Any] = {"target_modules": short, "names": sorted(chosen)}
+        return {"target_modules": sorted(chosen), "names": sorted(chosen), **extra}
+    out: dict[str, Any] = {"target_modules": short, "names": sorted(chosen), **extra}
     if wanted is not None:
         out["layers_to_transform"] = wanted
         out["layers_pattern"] = sorted({li[0] for c in chosen if (li := layer_index(c))})
     return out
+
+
+def _parameter_targets(index: LinearIndex, params: set[str], wanted: list[int] | None) -> dict[str, Any]:
+    """PEFT's `target_parameters` for the chosen parameters: `experts.gate_up_proj`-style
+    suffixes when they select exactly these (and no layer restriction, which PEFT does not apply
+    to parameters), else full names."""
+    if not params:
+        return {}
+    pool = {**index.experts, **index.routers}
+    short = sorted({".".join(n.split(".")[-2:]) for n in params})
+    same = {n for n in pool if any(n == s or n.endswith("." + s) for s in short)}
+    names = sorted(params)
+    return {"target_parameters": short if wanted is None and same == params else names, "parameters": names}

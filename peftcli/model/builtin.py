@@ -125,6 +125,40 @@ def _tiny_llama() -> tuple[Any, Any]:
     return model, tok
 
 
+def _tiny_mixtral() -> tuple[Any, Any]:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    # tiny-llama's tokenizer; 4 experts, 2 per token. transformers 5 holds each block's
+    # experts as two fused 3-D parameters (gate_up_proj, down_proj) and its router as a plain
+    # weight: none of them is an nn.Linear, so `all-linear` alone leaves them out.
+    tok = byte_level_tokenizer(
+        ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"],
+        {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"},
+        wrap=("<s>", None),
+        chat_template=CHATML_TEMPLATE,
+    )
+    config = MixtralConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        initializer_range=64**-0.5,
+        router_jitter_noise=0.0,
+    )
+    model = MixtralForCausalLM(config)
+    model.generation_config.eos_token_id = [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
+    return model, tok
+
+
 def _tiny_gpt2() -> tuple[Any, Any]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -218,6 +252,9 @@ BUILTINS: dict[str, Builtin] = {
             "tiny-t5", "T5 v1.1 encoder-decoder (gated GELU, relative positions), 2+2 layers, d=64", _tiny_t5
         ),
         Builtin("tiny-bert", "BERT encoder for classification, 2 layers, d=64", _tiny_bert),
+        Builtin(
+            "tiny-mixtral", "Mixtral MoE: 4 fused experts (top-2) per layer, 2 layers, d=64", _tiny_mixtral
+        ),
     ]
 }
 

@@ -148,6 +148,8 @@ def load_model(section: ModelSection, device: Any = None, labels: list[str] | No
     kwargs: dict[str, Any] = {"config": config, "dtype": dtype, **_common_kwargs(section)}
     if section.attn_implementation:
         kwargs["attn_implementation"] = section.attn_implementation
+    if dtype == torch.float64:  # fused MoE experts' default grouped_mm kernel has no float64
+        kwargs["experts_implementation"] = "eager"
     if quant is not None:
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {

@@ -11,6 +11,7 @@ runs/NAME/                    Layout(run_dir)
   eval.json                   .results      final metrics, samples, training summary
   loss.png                    .plot
   reference.safetensors       .reference    the reference model's log-probs (dpo, kto)
+  coverage.json               .coverage     what the adapter reaches, per kind of parameter
   checkpoints/step-N/         .checkpoint(N)  state.json last (see training/checkpoint.py)
 runs/.NAME.partial/           .partial      an --overwrite run building
 runs/.NAME.lock               .lock         the training process's claim
@@ -37,6 +38,7 @@ METRICS = "metrics.jsonl"
 RESULTS = "eval.json"
 PLOT = "loss.png"
 REFERENCE = "reference.safetensors"
+COVERAGE = "coverage.json"
 CHECKPOINTS = "checkpoints"
 STATE = "state.json"  # a checkpoint's last file: its presence makes the checkpoint complete
 ADAPTER_CONFIG = "adapter_config.json"  # PEFT's names, inside an adapter folder
@@ -47,7 +49,7 @@ _STEP = re.compile(r"^step-(\d+)$")
 # only when it holds recipe.yaml, something only training writes, and nothing else.
 TRAINED_ENTRIES = {INCOMPLETE, ADAPTER, METRICS, CHECKPOINTS}
 RUN_ENTRIES = {MARKER, outputs.LEGACY_RUN_MARKER, INCOMPLETE, RECIPE, ADAPTER, METRICS, RESULTS, PLOT}
-RUN_ENTRIES |= {REFERENCE, CHECKPOINTS}
+RUN_ENTRIES |= {REFERENCE, CHECKPOINTS, COVERAGE}
 # What `peftcli push` uploads beside the adapter.
 SHARED_FILES = (RECIPE, RESULTS, METRICS, PLOT)
 
@@ -97,6 +99,10 @@ class Layout:
     @property
     def reference(self) -> Path:
         return self.root / REFERENCE
+
+    @property
+    def coverage(self) -> Path:
+        return self.root / COVERAGE
 
     @property
     def checkpoints(self) -> Path:

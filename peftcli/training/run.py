@@ -13,6 +13,7 @@ from typing import Any
 from peftcli.cards import write_run_card
 from peftcli.console import is_main_process, say
 from peftcli.errors import Interrupted
+from peftcli.methods.coverage import write as write_coverage
 from peftcli.objectives import OBJECTIVES
 from peftcli.recipe import Recipe
 from peftcli.recipe_file import dump_recipe
@@ -47,8 +48,12 @@ def train(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Trai
         if restarts := faults.agreed_restarts(accelerator):
             overwrite, resume = faults.restart_flags(recipe.output_dir, overwrite, resume)
     # Fail fast, before anything heavy is imported or loaded (the folder's location included);
-    # say what the method ignores.
-    notes = [x for x in validate(recipe) if x.endswith(": ignored") or x.startswith("peft: starts from")]
+    # say what the method ignores and what the targets leave out (a mixture's experts).
+    notes = [
+        x
+        for x in validate(recipe)
+        if x.endswith(": ignored") or x.startswith(("peft: starts from", "warning: "))
+    ]
     # The main process (accelerate launch sets RANK; a plain run is rank 0) claims the run
     # before it looks at the folder, and before anything heavy is imported: a second `train`
     # of the same folder is refused at once.
@@ -173,7 +178,7 @@ def report_start(recipe: Recipe, where: run_folder.Plan, stages: Stages, notes: 
             else f"peftcli: {where.run_dir} has no complete checkpoint; starting it again from step 0"
         )
     for note in notes:
-        say(f"peftcli: note: {note}")
+        say(f"peftcli: {note}" if note.startswith("warning: ") else f"peftcli: note: {note}")
     counts, data, s = stages.counts, stages.data, stages.data.stats
     variants = "; ".join(variants_set(recipe.peft))  # init, rslora, LoRA+, rank/alpha patterns
     say(
@@ -298,6 +303,8 @@ def finish(
         say(f"peftcli: saved {where.run.adapter} (load with PeftModel.from_pretrained)")
     accelerator.wait_for_everyone()
     try:
+        if main:  # what the adapter reaches, per kind of parameter: coverage.json
+            write_coverage(where.run.coverage, accelerator.unwrap_model(stages.model))
         final = evaluator(recipe, stages, accelerator, final=True)
         metrics = final(stages.model) if final else {}
         floats = {k: v for k, v in metrics.items() if isinstance(v, float)}
