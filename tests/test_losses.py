@@ -142,3 +142,16 @@ def test_fused_loss_under_bf16_autocast_matches_the_model_head():
     # relative of the sum. 2e-2 bounds that on any CPU (0 measured), not one machine's noise.
     assert loss.item() == pytest.approx(expected.item(), rel=2e-2)
     loss.backward()
+
+
+def test_the_fused_head_chunk_is_sized_from_the_device_memory():
+    """A GPU chunk takes 1/8 of the free memory (an 80 GB GPU makes Llama 3's 128k-vocabulary
+    logits in chunks of thousands of rows, not 128); a CPU chunk stays within 32 MiB, or 1/64 of
+    a small machine's RAM; at least one row always."""
+    from peftcli.training.losses import free_memory, fused_rows
+
+    assert fused_rows(128256, "cuda", free=64 * 2**30) == 64 * 2**30 // 8 // (8 * 128256) > 8000
+    assert fused_rows(8192, "cpu", free=16 * 2**30) * 8192 * 8 == 32 * 2**20
+    assert fused_rows(8192, "cpu", free=2**30) * 8192 * 8 == 2**30 // 64
+    assert fused_rows(10**9, "cpu", free=2**20) == 1
+    assert free_memory("cpu") > 0 and fused_rows(8192) >= 1
