@@ -326,6 +326,7 @@ def _load(folder: Path, section: DataSection) -> Prepared:
         meta["labels"],
         group_by_length=section.group_by_length,
         cache_dir=folder,
+        max_length=section.max_length,
     )
 
 
@@ -350,4 +351,5 @@ def _load_preference(folder: Path, section: DataSection, meta: dict[str, Any]) -
         None,
         group_by_length=section.group_by_length,
         cache_dir=folder,
+        max_length=section.max_length,
     )

@@ -270,18 +270,24 @@ def mismatched(own: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
     return {"input_ids": own["input_ids"][:first] + answer, "labels": [IGNORE] * first + answer}
 
 
-def collate_pairs(examples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+def collate_pairs(
+    examples: list[dict[str, Any]], pad_id: int, multiple: int = 1, limit: int | None = None
+) -> dict[str, Any]:
     """Chosen sequences then rejected ones, padded together into one batch of 2B rows (one
-    forward pass scores both), with each pair's index into the split and a pair mask."""
+    forward pass scores both), with each pair's index into the split and a pair mask; lengths
+    bucketed as `collate` buckets them."""
+    from functools import partial
+
     import torch
 
-    from peftcli.data.batching import collate
+    from peftcli.data.batching import collate as pad
 
+    collate = partial(pad, pad_id=pad_id, multiple=multiple, limit=limit)
     if "chosen" in examples[0]:
-        batch = collate([e["chosen"] for e in examples] + [e["rejected"] for e in examples], pad_id)
+        batch = collate([e["chosen"] for e in examples] + [e["rejected"] for e in examples])
     else:
-        batch = collate([e["answer"] for e in examples], pad_id)
-        kl = collate([e["kl"] for e in examples], pad_id)
+        batch = collate([e["answer"] for e in examples])
+        kl = collate([e["kl"] for e in examples])
         batch.update({f"kl_{k}": kl[k] for k in ("input_ids", "attention_mask", "labels")})
         batch["desirable"] = torch.tensor([e["desirable"] for e in examples])
     batch["index"] = torch.tensor([e["index"] for e in examples])
