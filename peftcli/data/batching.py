@@ -35,14 +35,12 @@ def padded_length(longest: int, multiple: int = 1, limit: int | None = None) -> 
     return max(longest, min(rounded, limit)) if limit is not None else rounded
 
 
-def collator(data: Prepared, pad_id: int, device: Any, preference: bool = False) -> Any:
-    """The training DataLoader's collate function on `device`: lengths bucketed by `pad_multiple`
-    within `data.max_length`."""
+def collator(data: Prepared, pad_id: int, device: Any, collate_fn: Any = None) -> Any:
+    """The training DataLoader's collate function on `device` (`collate`, or `collate_pairs` for
+    preference data): lengths bucketed by `pad_multiple` within `data.max_length`."""
     from functools import partial
 
-    from peftcli.data.preference import collate_pairs
-
-    fn = collate_pairs if preference else collate
+    fn = collate_fn or collate
     return partial(fn, pad_id=pad_id, multiple=pad_multiple(device), limit=data.max_length)
 
 
