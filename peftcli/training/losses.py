@@ -98,10 +98,12 @@ def fused_rows(vocab: int, device: Any = None, free: int | None = None) -> int:
 
 
 def free_memory(device: Any = None) -> int:
-    """Bytes free on `device`: the CUDA driver's count, or the RAM the kernel says is available."""
+    """Bytes free on `device`: on a GPU the driver's count plus what PyTorch's allocator holds
+    unused (no stream is synchronised), on a CPU the RAM the kernel says is available."""
     device = torch.device(device or "cpu")
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
     try:
         with open("/proc/meminfo", encoding="ascii") as info:
             for line in info:
