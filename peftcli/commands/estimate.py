@@ -10,9 +10,8 @@ counts are exactly those of a real run. Memory is then planned per process, in b
   (32/16384 bits) = 4.127 bits, plus per tensor a 16-entry NF4 table, a 256-entry
   second-level table and an offset (fp32). 8-bit (LLM.int8) stores 1 byte per weight plus
   one fp32 scale per output row. Only `nn.Linear`/`Conv1D` layers are quantized; embeddings,
-  the output head and the model's `_keep_in_fp32_modules` are not, and stay in the model's
-  dtype (`peftcli.model.quant.prepare_quantized` does not upcast them to fp32 as PEFT's
-  `prepare_model_for_kbit_training` does).
+  the head and `_keep_in_fp32_modules` are not, and keep their dtype (no fp32 upcast: see
+  `peftcli.model.quant.prepare_quantized`).
 - **adapter**: the trainable parameters (the adapter, plus a trained head such as the seq_cls
   classifier) in their dtype — PEFT keeps adapter weights in fp32.
 - **optimizer**: AdamW's two moment estimates, in the dtype of each trainable parameter
@@ -50,13 +49,10 @@ counts are exactly those of a real run. Memory is then planned per process, in b
   it; with fewer adapted modules it is an upper bound (prompt tuning keeps ~25% less).
 
 Checked in tests/test_estimate.py against the tensors a real training step holds, counted
-exactly (the same on every CPU): gradients and AdamW's moments equal the plan to the byte; the
-bytes autograd keeps for backward (`saved_tensors_hooks`), with and without gradient
-checkpointing, are within the small terms above, bounded from the model's shape (a Llama of
-width 256: 1.2% over without checkpointing, 5% under with it; LoRA on tiny-llama, tiny-gpt2,
-tiny-bert within 2%, tiny-t5 9% under: its relative position bias is not modelled). The
-process's peak RSS, which also holds allocator slack and kernel workspaces, is a benchmark
-figure: `make bench-memory`.
+exactly: gradients and AdamW's moments to the byte; the bytes autograd keeps for backward
+within the small terms above (a Llama of width 256: 1.2% over, 5% under with checkpointing;
+LoRA on tiny-llama, tiny-gpt2, tiny-bert within 2%, tiny-t5 9% under: its relative position
+bias is not modelled). Peak RSS (allocator slack, kernel workspaces) is `make bench-memory`'s.
 """
 
 from __future__ import annotations
