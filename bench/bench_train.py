@@ -782,6 +782,14 @@ def render_cpu(report: dict[str, Any], quick: bool = False) -> str:
 # --------------------------------------------------------------------------- GPU
 
 
+def partial_rows(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    """The rows so far, in `gpu-partial.json`: what a run cut short by its time limit leaves."""
+    if not args.no_write:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        text = json.dumps({"rows": rows}, indent=2, default=str) + "\n"
+        (Path(args.out) / "gpu-partial.json").write_text(text, encoding="utf-8")
+
+
 def plain_row(settings: Settings, model: Path, folder: Path, log: Any) -> dict[str, Any]:
     """The plain loop's ceiling on the same shape: dense batches of batch × max length."""
     cfg = trainer_config(settings, "plain", model, folder / "train.jsonl", False, plain_steps=20)
@@ -885,6 +893,7 @@ def run_gpu(args: argparse.Namespace) -> int:
                         **derive(r, settings.shape, settings.r, peak),
                     }
                 )
+                partial_rows(args, rows)
     if not args.no_8b:
         rows += qlora_8b_rows(settings, tok_dir, folder, peak, log)
     lines = [

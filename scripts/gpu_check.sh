@@ -69,12 +69,22 @@ fi
 # 2. and 3. On the GPU.
 "$VENV/bin/python" -c 'import torch, sys; ok = torch.cuda.is_available(); print(f"gpu_check: {torch.cuda.get_device_name(0) if ok else \"no CUDA device\"}"); sys.exit(0 if ok else 3)'
 status=0
-timeout 120 make test-gpu VENV="$VENV" || status=$?
-say "make test-gpu: exit $status ($((SECONDS - started)) s so far)"
-timeout $((470 - (SECONDS - started))) make bench VENV="$VENV" \
-  BENCH_ARGS="--gpu --examples $EXAMPLES --out $RESULTS" || status=$?
+bench_args=(--gpu --examples "$EXAMPLES" --out "$RESULTS")
+if command -v make > /dev/null; then
+  timeout 120 make test-gpu VENV="$VENV" || status=$?
+else  # what `make test-gpu` runs (exit status 5, no test selected, is a pass)
+  timeout 120 "$VENV/bin/python" -m pytest -q -m gpu || { rc=$?; ((rc == 5)) || status=$rc; }
+fi
+say "test-gpu: exit $status ($((SECONDS - started)) s so far)"
+left=$((470 - (SECONDS - started)))
+((left > 60)) || left=60
+if command -v make > /dev/null; then
+  timeout "$left" make bench VENV="$VENV" BENCH_ARGS="${bench_args[*]}" || status=$?
+else
+  timeout "$left" "$VENV/bin/python" bench/bench_train.py "${bench_args[@]}" || status=$?
+fi
 say "bench: exit $status ($((SECONDS - started)) s in all)"
 if [[ -n "${OUT:-}" && -d "$RESULTS" ]]; then
-  cp "$RESULTS"/gpu.json "$RESULTS"/gpu.md "$OUT"/ 2>/dev/null || true
+  cp "$RESULTS"/gpu.json "$RESULTS"/gpu.md "$RESULTS"/gpu-partial.json "$OUT"/ 2>/dev/null || true
 fi
 exit $status
