@@ -12,7 +12,7 @@ STAMP       := $(VENV)/.peftcli-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo demo-preference test test-all test-gpu test-latest test-interop lock bench bench-memory lint clean
+.PHONY: setup demo demo-preference test test-all test-gpu test-latest test-interop lock bench bench-memory gpu-wheels gpu-check lint clean
 
 # Installs exactly the lock: its pins with --require-hashes and --no-deps (nothing resolved, so
 # nothing newer slips in), then torch (its dependencies are in the lock already; a CUDA build
@@ -136,6 +136,15 @@ bench: setup
 # figure: RSS moves with the CPU's kernels and the allocator; tests count the tensors instead).
 bench-memory: setup
 	$(BIN)/python bench/bench_memory_plan.py $(BENCH_ARGS)
+
+# The GPU check (issue 25): `make gpu-wheels` here fetches the wheels a GPU machine without an index
+# lacks (into .whl/); `scripts/gpu_check.sh` there (or `make gpu-check`) builds a venv from its own
+# torch + those wheels, runs `make test-gpu` and `make bench BENCH_ARGS=--gpu` within 8 minutes.
+gpu-wheels:
+	scripts/gpu_wheels.sh
+
+gpu-check:
+	scripts/gpu_check.sh
 
 lint: setup
 	$(BIN)/ruff check peftcli tests

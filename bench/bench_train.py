@@ -41,7 +41,12 @@ sys.path.insert(0, str(HERE))
 import bench_workload as work  # noqa: E402
 
 TRAINERS = ("peftcli", "trl", "trainer")
-LABELS = {"peftcli": "peftcli", "trl": "TRL SFTTrainer", "trainer": "transformers Trainer"}
+LABELS = {
+    "peftcli": "peftcli",
+    "trl": "TRL SFTTrainer",
+    "trainer": "transformers Trainer",
+    "plain": "plain loop (ceiling)",
+}
 RESULTS = HERE / "results"
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by a substring of torch's device name.
@@ -777,6 +782,39 @@ def render_cpu(report: dict[str, Any], quick: bool = False) -> str:
 # --------------------------------------------------------------------------- GPU
 
 
+def partial_rows(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    """The rows so far, in `gpu-partial.json`: what a run cut short by its time limit leaves."""
+    if not args.no_write:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        text = json.dumps({"rows": rows}, indent=2, default=str) + "\n"
+        (Path(args.out) / "gpu-partial.json").write_text(text, encoding="utf-8")
+
+
+def plain_row(settings: Settings, model: Path, folder: Path, log: Any) -> dict[str, Any]:
+    """The plain loop's ceiling on the same shape: dense batches of batch × max length."""
+    cfg = trainer_config(settings, "plain", model, folder / "train.jsonl", False, plain_steps=20)
+    return run_trainer(cfg, folder / "runs" / "plain-lora-dense", log)
+
+
+def qlora_8b_rows(
+    settings: Settings, tok_dir: Path, folder: Path, peak: float, log: Any
+) -> list[dict[str, Any]]:
+    """QLoRA on a Llama-3.1-8B shape, peftcli against TRL, packed (each one's fastest layout)."""
+    import torch
+
+    shape = work.LLAMA_8B
+    log(f"bench: writing {shape.name} ({work.total_params(shape) / 1e9:.2f}B parameters, bf16)")
+    model = work.build_model(folder / shape.name, shape, tok_dir, device="cuda", dtype="bfloat16")
+    torch.cuda.empty_cache()
+    big = replace(settings, shape=shape, batch_size=4)
+    rows = []
+    for trainer in ("peftcli", "trl"):
+        cfg = trainer_config(big, trainer, model, folder / "train-8b.jsonl", True, quantization="4bit")
+        r = run_trainer(cfg, folder / "runs" / f"{trainer}-qlora-8b-packed", log)
+        rows.append({"method": "qlora", "shape": "8B", **derive(r, shape, big.r, peak)})
+    return rows
+
+
 def run_gpu(args: argparse.Namespace) -> int:
     try:
         import torch
@@ -818,12 +856,18 @@ def run_gpu(args: argparse.Namespace) -> int:
     stats["eval"] = work.write_data(
         folder / "eval.jsonl", replace(spec, examples=settings.eval_examples, seed=1), tokenizer
     )
+    stats["train-8b"] = work.write_data(
+        folder / "train-8b.jsonl", replace(spec, examples=128, seed=2), tokenizer
+    )
     measured = measure_matmul_peak(settings.threads, folder / "peak", dtype="bfloat16", size=8192)
     known = next((v for k, v in GPU_BF16_PEAK_TFLOPS.items() if k.lower() in name.lower()), None)
     peak = known * 1e12 if known else measured
     log(f"bench: {name}: bf16 matmul {measured / 1e12:.0f} TFLOP/s measured, {known or '?'} TFLOP/s spec")
 
-    rows = []
+    rows = [
+        {"method": "lora", "shape": "1B", **derive(r, settings.shape, settings.r, peak)}
+        for r in [plain_row(settings, model, folder, log)]
+    ]
     for quant in ("none", "4bit"):
         for trainer in TRAINERS:
             for packing in (False, True):
@@ -845,9 +889,13 @@ def run_gpu(args: argparse.Namespace) -> int:
                 rows.append(
                     {
                         "method": "qlora" if quant == "4bit" else "lora",
+                        "shape": "1B",
                         **derive(r, settings.shape, settings.r, peak),
                     }
                 )
+                partial_rows(args, rows)
+    if not args.no_8b:
+        rows += qlora_8b_rows(settings, tok_dir, folder, peak, log)
     lines = [
         "# Training benchmark: GPU",
         "",
@@ -862,22 +910,29 @@ def run_gpu(args: argparse.Namespace) -> int:
         f"bf16 compute. {stats['train']['examples']} examples of {stats['train']['min']}-{stats['train']['max']} tokens "
         f"(median {stats['train']['median']}), max length {settings.max_length}, batch {settings.batch_size}, one epoch.",
         "",
-        "| method | data | trainer | epoch (s) | supervised tok/s | tok/s | peak GPU memory (GiB) | padding | MFU | eval loss |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| shape | method | data | trainer | epoch (s) | supervised tok/s | tok/s | peak GPU memory (GiB) | padding | MFU | eval loss |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
-        data = "packed" if r["packing"] else "padded"
+        data = "dense" if r["trainer"] == "plain" else "packed" if r["packing"] else "padded"
         if "error" in r:
             lines.append(
-                f"| {r['method']} | {data} | {LABELS[r['trainer']]} | failed: {r['error'][:60]} | | | | | | |"
+                f"| {r['shape']} | {r['method']} | {data} | {LABELS[r['trainer']]} | failed: {r['error'][:60]} | | | | | | |"
             )
             continue
         lines.append(
-            f"| {r['method']} | {data} | {LABELS[r['trainer']]} | {r['train_s']:.1f} | {r['supervised_tok_s']:.0f} | "
+            f"| {r['shape']} | {r['method']} | {data} | {LABELS[r['trainer']]} | {r['train_s']:.1f} | {r['supervised_tok_s']:.0f} | "
             f"{r['tok_s']:.0f} | {r.get('cuda_peak_bytes', 0) / 2**30:.2f} | {100 * r['padding_fraction']:.1f}% | "
             f"{100 * r['mfu']:.1f}% | {fmt(r.get('eval_loss'), '.4f')} |"
         )
-    lines += ["", f"MFU: {work.FLOPS_FORMULA}; peak GPU memory = `torch.cuda.max_memory_allocated`.", ""]
+    lines += [
+        "",
+        "Plain loop: `get_peft_model` + LoRA, bf16 autocast, dense random batches of batch × max length, "
+        "the model's own loss over every position, AdamW (`bench_trainers.run_plain`): the ceiling. 8B: "
+        "a random-init Llama-3.1-8B shape, QLoRA, packed, batch 4, each trainer's fastest layout.",
+        f"MFU: {work.FLOPS_FORMULA}; peak GPU memory = `torch.cuda.max_memory_allocated`.",
+        "",
+    ]
     text = "\n".join(lines)
     out_dir = Path(args.out)
     if not args.no_write:
@@ -910,6 +965,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--gpu", action="store_true", help="bf16 LoRA and 4-bit QLoRA on a 1B Llama shape (needs CUDA)"
     )
     p.add_argument("--quick", action="store_true", help="a smoke run on a tiny model (seconds per trainer)")
+    p.add_argument("--no-8b", action="store_true", help="--gpu: skip the Llama-3.1-8B-shape QLoRA rows")
     p.add_argument(
         "--examples", type=int, default=None, help="training examples (default 160 on CPU, 512 on GPU)"
     )

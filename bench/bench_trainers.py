@@ -116,7 +116,8 @@ def load_base(cfg: dict[str, Any]) -> Any:
     if cfg["quantization"] == "4bit":
         from peft import prepare_model_for_kbit_training
 
-        # As peftcli does: no gradient checkpointing, so every trainer does the same work.
+        # As TRL's SFTTrainer does for a k-bit model (fp32 embeddings, head and norms; peftcli keeps
+        # them in the compute dtype); no gradient checkpointing, so every trainer does the same work.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model
 
@@ -434,7 +435,52 @@ def run_peftcli(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-RUNNERS = {"peftcli": run_peftcli, "trl": run_trl, "trainer": run_trainer}
+def run_plain(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The ceiling on a GPU: `get_peft_model` + LoRA, bf16 autocast, dense random batches of
+    batch × max length (no padding, no data pipeline), the model's own loss over every position,
+    AdamW. `plain_steps` timed steps after 3 warm-up steps."""
+    import torch
+    from peft import get_peft_model
+    from transformers import set_seed
+
+    set_seed(cfg["seed"])
+    t = time.perf_counter()
+    model = get_peft_model(load_base(cfg), lora_config(cfg)).train()
+    load_s = time.perf_counter() - t
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"])
+    device = next(model.parameters()).device
+    shape = (cfg["batch_size"], cfg["max_length"])
+    ids = torch.randint(0, model.config.vocab_size, shape, device=device)
+    steps, warm, losses = cfg.get("plain_steps", 20), 3, []
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["precision"] == "bf16")
+    for step in range(warm + steps):
+        if step == warm:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+        with autocast:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    tokens = steps * shape[0] * shape[1]
+    return {
+        "prep_s": 0.0,
+        "load_s": load_s,
+        "train_s": time.perf_counter() - started,
+        "steps": steps,
+        "tokens": tokens,
+        "positions": tokens,
+        "supervised_tokens": tokens,
+        "losses": [float(x) for x in losses[warm:]],
+        "eval_loss": None,
+    }
+
+
+RUNNERS = {"peftcli": run_peftcli, "trl": run_trl, "trainer": run_trainer, "plain": run_plain}
 
 
 def main(config_path: str, result_path: str) -> None:

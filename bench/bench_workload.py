@@ -42,6 +42,7 @@ class Shape:
 LLAMA_1B = Shape(
     hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, vocab=128256, tie_embeddings=True
 )
+LLAMA_8B = Shape(hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336, vocab=128256)
 
 
 def width_shape(hidden: int, base: Shape = Shape()) -> Shape:

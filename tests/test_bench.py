@@ -6,6 +6,7 @@ slow (`make test-all`)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -175,3 +176,38 @@ def test_quick_run_of_all_three_trainers(tmp_path):
     assert packed["peftcli"]["padding_fraction"] < padded["peftcli"]["padding_fraction"]
     assert (tmp_path / "cpu-quick.png").stat().st_size > 10_000
     assert "| packed | transformers Trainer | n/a (no packing) |" in proc.stdout
+
+
+def test_the_plain_loop_ceiling_trains_dense_batches(tokenizer_dir, tmp_path):
+    """The GPU bench's ceiling row (`run_plain`): dense batch × max length, every position a token."""
+    from bench_trainers import run_plain
+
+    model = work.build_model(tmp_path / "m", TINY, tokenizer_dir)
+    cfg = {"model": str(model), "r": 4, "alpha": 8, "lr": 1e-3, "seed": 0, "batch_size": 2}
+    cfg |= {"max_length": 16, "precision": "fp32", "quantization": "none", "plain_steps": 2}
+    out = run_plain(cfg)
+    assert out["steps"] == 2 and out["tokens"] == out["positions"] == out["supervised_tokens"] == 2 * 2 * 16
+    assert len(out["losses"]) == 2 and out["train_s"] > 0
+
+
+def test_the_gpu_check_runs_on_a_cpu_up_to_the_first_cuda_call(tmp_path):
+    """scripts/gpu_check.sh --dry-run: the environment built (a venv over this Python's packages,
+    the console script), every package the check imports imported, then a stop before CUDA."""
+    venv = tmp_path / "venv"
+    proc = subprocess.run(
+        [str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": sys.executable, "GPU_CHECK_VENV": str(venv)}
+        | {"GPU_CHECK_WHEELS": str(tmp_path / "no-wheels"), "GPU_CHECK_RESULTS": str(tmp_path / "results")},
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("gpu_check:")]
+    assert "no wheels in" in lines[0] and "bitsandbytes 0.50" in proc.stdout + proc.stderr
+    assert lines[-2].endswith("stopping before the first CUDA call")
+    assert (venv / ".peftcli-installed").is_file() and not (tmp_path / "results").exists()
+    version = subprocess.run(
+        [str(venv / "bin" / "peftcli"), "--help"], capture_output=True, text=True, timeout=300
+    )
+    assert version.returncode == 0 and "train" in version.stdout

@@ -538,3 +538,43 @@ def test_chat_recipe_validates_and_trains_from_the_cache(tmp_path, capsys, gpt2_
     assert template == PLAIN_TEMPLATE  # generation after training renders the same way
     code, _, err = cli("data", str(recipe), "data.chat_template=missing.jinja", capsys=capsys)
     assert code == 2 and "data.chat_template: file not found: missing.jinja" in err
+
+
+def test_bucketed_padding_keeps_the_loss_per_token():
+    """Lengths rounded up to a multiple (64 on a GPU) within max_length: more masked padding, the
+    same loss per supervised token, padded and packed, on learned (GPT-2) and rotary positions."""
+    import torch
+
+    from peftcli.data.batching import collator, pad_multiple, padded_length
+    from peftcli.data.splits import Prepared, Split
+    from peftcli.training.losses import loss_sum
+
+    assert pad_multiple("cpu") == 1 and pad_multiple("cuda") == 64
+    assert [padded_length(n, 64, 100) for n in (1, 64, 65, 90, 100)] == [64, 64, 100, 100, 100]
+    assert padded_length(37) == 37 and padded_length(65, 64) == 128
+
+    from transformers import AutoModelForCausalLM
+
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for n in (23, 70, 41):  # the longest, 70, becomes 100 with limit 100 (128 is past it)
+        ids = torch.randint(3, 250, (n,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [IGNORE] * (n // 3) + ids[n // 3 :]})
+    packed = [{**rows[0], "position_ids": list(range(23))}, {**rows[1], "position_ids": list(range(70))}]
+    data = Prepared("completion", Split(rows), None, max_length=100)
+    for name in ("tiny-llama", "tiny-gpt2"):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(builtin.materialise(name), dtype=torch.float64)
+        for examples in (rows, packed):
+            plain = collator(data, 0, "cpu")(examples)
+            bucketed = collator(data, 0, "cpu")  # the same collate function, with the GPU's rule
+            bucketed = bucketed.func(examples, **{**bucketed.keywords, "multiple": pad_multiple("cuda")})
+            assert plain["input_ids"].shape[1] == 70 and bucketed["input_ids"].shape[1] == 100
+            assert bucketed["labels"].shape == bucketed["input_ids"].shape
+            assert int(bucketed["num_tokens"]) == int(plain["num_tokens"])
+            with torch.no_grad():
+                want, got = (loss_sum(model, b, "causal_lm").item() for b in (plain, bucketed))
+            # float64: the padded keys are masked out exactly (exp(-inf) = 0) and only the matmuls'
+            # shapes change: rounding ~1e-16 relative per op over a few hundred ops; 1e-12 leaves
+            # 10x, while one padded position leaking into the loss moves it by ~1/80.
+            assert got == pytest.approx(want, rel=1e-12)

@@ -147,14 +147,32 @@ def test_an_8b_config_without_weights_answers_from_the_config(tmp_path, completi
     reference = load()
     assert result["trainable_params"] == reference["methods"]["qlora"]["trainable_params"]
     assert result["total_params"] == reference["total_params"] + result["trainable_params"]
-    # 6.98 B quantized weights at ~4.127 bits, 1.05 B embedding/head weights upcast to fp32.
+    # 6.98 B quantized weights at ~4.127 bits, 1.05 B embedding/head weights in bf16 (not upcast).
     embed = 2 * 128256 * 4096
     linear = 32 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336)
-    expected = linear * 4.127 / 8 + embed * 4
-    # `expected` rounds 4.12695 bits to 4.127 (1e-5) and leaves out the fp32 norm weights and the
-    # rotary buffers (1.1 MB of 7.8 GB: 1.4e-4).
+    expected = linear * 4.127 / 8 + embed * 2
+    # `expected` rounds 4.12695 bits to 4.127 (1e-5) and leaves out the bf16 norm weights and the
+    # rotary buffers (0.5 MB of 5.7 GB: 1e-4).
     assert result["memory"]["weights_bytes"] == pytest.approx(expected, rel=0.001)
     assert result["fits"] is True
+
+
+def test_llama_7b_nf4_weights_fall_in_the_qlora_papers_band(tmp_path, completion_data):
+    """The QLoRA paper (Dettmers et al. 2023) puts LLaMA-7B's NF4 weights at about 3.9 GB: the
+    embeddings and head stay in bf16 beside the 4-bit linears (PEFT's fp32 upcast made 4.39 GB)."""
+    folder = tmp_path / "llama-7b"
+    folder.mkdir()
+    shape = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32}
+    shape |= {"num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000}
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", **shape}))
+    path = write_recipe(tmp_path / "r.yaml", model={"name_or_path": str(folder)}, peft={"method": "qlora"})
+    result = estimate(load_recipe(path), gpu_memory="24GB")
+    assert result["plan"]["dtype"] == "bfloat16"
+    assert 3.3e9 <= result["memory"]["weights_bytes"] <= 4.3e9
+    # 6.48 B linear weights at 4.127 bits + 262 M embedding and head weights at 2 bytes.
+    expected = 32 * (4 * 4096**2 + 3 * 4096 * 11008) * 4.127 / 8 + 2 * 32000 * 4096 * 2
+    # Rounding 4.12695 bits to 4.127 (1e-5); the norms and rotary buffers left out (0.5 MB: 1.4e-4).
+    assert result["memory"]["weights_bytes"] == pytest.approx(expected, rel=0.001)
 
 
 def test_fsdp_plan_shards_the_base_and_says_when_sharding_is_what_makes_it_fit(

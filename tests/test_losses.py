@@ -142,3 +142,38 @@ def test_fused_loss_under_bf16_autocast_matches_the_model_head():
     # relative of the sum. 2e-2 bounds that on any CPU (0 measured), not one machine's noise.
     assert loss.item() == pytest.approx(expected.item(), rel=2e-2)
     loss.backward()
+
+
+def test_the_fused_head_chunk_is_sized_from_the_device_memory():
+    """A GPU chunk takes 1/8 of the free memory (an 80 GB GPU makes Llama 3's 128k-vocabulary
+    logits in chunks of thousands of rows, not 128); a CPU chunk stays within 32 MiB, or 1/64 of
+    a small machine's RAM; at least one row always."""
+    from peftcli.training.losses import free_memory, fused_rows
+
+    assert fused_rows(128256, "cuda", free=64 * 2**30) == 64 * 2**30 // 8 // (8 * 128256) > 8000
+    assert fused_rows(8192, "cpu", free=16 * 2**30) * 8192 * 8 == 32 * 2**20
+    assert fused_rows(8192, "cpu", free=2**30) * 8192 * 8 == 2**30 // 64
+    assert fused_rows(10**9, "cpu", free=2**20) == 1
+    assert free_memory("cpu") > 0 and fused_rows(8192) >= 1
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_head_chunk_and_padded_lengths_follow_the_device():
+    """On CUDA: chunks from the free memory (more than 2**24 logits on a GPU with 8 GiB free),
+    the fused loss unchanged by the chunk size, and batches padded to a multiple of 64."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from peftcli.data.batching import pad_multiple
+    from peftcli.training.losses import free_memory, fused_rows
+
+    assert pad_multiple(torch.device("cuda")) == 64
+    if free_memory("cuda") >= 8 * 2**30:
+        assert fused_rows(128256, "cuda") > 2**24 // 128256
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(300, 32, dtype=torch.float64, generator=g).cuda().requires_grad_()
+    weight = torch.randn(1000, 32, dtype=torch.float64, generator=g).cuda()
+    targets = torch.randint(0, 1000, (300,), generator=g).cuda()
+    one = LinearCrossEntropy.apply(hidden, weight, None, targets, fused_rows(1000, "cuda"))
+    many = LinearCrossEntropy.apply(hidden, weight, None, targets, 7)
+    # float64, 300 log-sum-exps of 1000 terms in 1 or 43 chunks: ~1e-13 relative at most.
+    assert one.item() == pytest.approx(many.item(), rel=1e-12)

@@ -10,8 +10,8 @@ counts are exactly those of a real run. Memory is then planned per process, in b
   (32/16384 bits) = 4.127 bits, plus per tensor a 16-entry NF4 table, a 256-entry
   second-level table and an offset (fp32). 8-bit (LLM.int8) stores 1 byte per weight plus
   one fp32 scale per output row. Only `nn.Linear`/`Conv1D` layers are quantized; embeddings,
-  the output head and the model's `_keep_in_fp32_modules` are not, and PEFT's
-  `prepare_model_for_kbit_training` casts every unquantized 16-bit parameter to fp32.
+  the head and `_keep_in_fp32_modules` are not, and keep their dtype (no fp32 upcast: see
+  `peftcli.model.quant.prepare_quantized`).
 - **adapter**: the trainable parameters (the adapter, plus a trained head such as the seq_cls
   classifier) in their dtype — PEFT keeps adapter weights in fp32.
 - **optimizer**: AdamW's two moment estimates, in the dtype of each trainable parameter
@@ -148,12 +148,15 @@ def estimate(recipe: Recipe, gpu_memory: str | None = None, num_processes: int =
     index = LinearIndex.from_model(base)
     quantization = recipe.model.quantization
     quantized = quantized_weights(base, quantization)
-    base_ids = {id(p) for p in base.parameters()}
     peft_model = wrap_like(base, recipe.peft, recipe.model.task, total_steps=steps)
-    params, memory = count_parameters(peft_model, base_ids, quantized, quantization)
+    params, memory = count_parameters(peft_model, quantized, quantization)
     params["coverage"] = coverage.of_model(peft_model)  # what the trainable parameters reach
 
-    act = activations(recipe, base.config, peft_model, index, act_bytes, on_gpu)
+    free = None
+    if on_gpu:  # what the fused head's chunk takes a share of
+        device = gpu_bytes if gpu_bytes is not None else torch.cuda.mem_get_info()[1]
+        free = max(device - GPU_RESERVE_BYTES - memory["weights_bytes"] - 4 * memory["adapter_bytes"], 0)
+    act = activations(recipe, base.config, peft_model, index, act_bytes, on_gpu, free)
     memory.update(
         optimizer_bytes=2 * memory["adapter_bytes"],
         gradients_bytes=memory["adapter_bytes"] * (2 if num_processes > 1 else 1),
@@ -176,7 +179,7 @@ def estimate(recipe: Recipe, gpu_memory: str | None = None, num_processes: int =
     if num_processes > 1:
         from peftcli.training.sharded import fsdp_memory, fsdp_units
 
-        stored = partial(stored_bytes, base_ids=base_ids, quantized=quantized, quantization=quantization)
+        stored = partial(stored_bytes, quantized=quantized, quantization=quantization)
         result["fsdp"] = fsdp_memory(*fsdp_units(peft_model, stored), memory, num_processes)
     if gpu_bytes is not None:
         needed = memory["total_bytes"] + GPU_RESERVE_BYTES
@@ -218,7 +221,7 @@ def run_plan(recipe: Recipe, on_gpu: bool, num_processes: int) -> dict[str, Any]
 
 
 def count_parameters(
-    peft_model: Any, base_ids: set[int], quantized: dict[int, tuple[int, int]], quantization: str
+    peft_model: Any, quantized: dict[int, tuple[int, int]], quantization: str
 ) -> tuple[dict[str, Any], dict[str, int]]:
     """The parameter counts, and the bytes of the frozen weights (with buffers) and trainable ones."""
     total = trainable = head = weights_bytes = adapter_bytes = 0
@@ -229,7 +232,7 @@ def count_parameters(
             head += p.numel() if "modules_to_save." in name else 0  # a trained head (a seq_cls classifier)
             adapter_bytes += p.numel() * p.element_size()
         else:
-            weights_bytes += sum(stored_bytes(p, base_ids, quantized, quantization))
+            weights_bytes += sum(stored_bytes(p, quantized, quantization))
     weights_bytes += sum(b.numel() * b.element_size() for b in peft_model.buffers())
     params = {
         "total_params": total,
@@ -241,17 +244,12 @@ def count_parameters(
     return params, {"weights_bytes": weights_bytes, "adapter_bytes": adapter_bytes}
 
 
-def stored_bytes(
-    p: Any, base_ids: set[int], quantized: dict[int, tuple[int, int]], quantization: str
-) -> tuple[int, int]:
+def stored_bytes(p: Any, quantized: dict[int, tuple[int, int]], quantization: str) -> tuple[int, int]:
     """A parameter's bytes as a process stores it: (the tensor FSDP shards, what stays beside it
-    whole: a quantized weight's scales and tables)."""
-    import torch
-
+    whole: a quantized weight's scales and tables). Unquantized weights keep their dtype (see
+    `prepare_quantized`)."""
     if id(p) in quantized:
         numel, rows = quantized[id(p)]
         data = numel if quantization == "8bit" else math.ceil(numel / 2)
         return data, quantized_bytes(numel, rows, quantization) - data
-    if quantization != "none" and id(p) in base_ids and p.dtype in (torch.float16, torch.bfloat16):
-        return p.numel() * 4, 0  # prepare_model_for_kbit_training upcasts them
     return p.numel() * p.element_size(), 0

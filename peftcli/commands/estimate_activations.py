@@ -18,10 +18,10 @@ weights' dtype), summed over the layer's linear layers as found in the model:
 plus the output head. A causal LM with a plain linear head fuses the head with the
 cross-entropy (`peftcli.training.losses.LinearCrossEntropy`): it keeps the gradient of the head's
 input (h per position, in the activation dtype) and holds one chunk of logits at a time
-(2**24 of them: the activation dtype plus float32). Other language-model heads take 12
-bytes per position per vocabulary entry: the fp32 log-probabilities kept for the loss's
-backward, the incoming gradient and the gradient of the logits alive together when
-backward starts. Both count every position; with `train_on: completion` only the positions
+(`fused_rows`: 1/8 of the GPU memory the rest of the plan leaves, at most 32 MiB on a CPU). Other
+language-model heads take 12 bytes per position per vocabulary entry: the fp32
+log-probabilities kept for the loss's backward, the incoming gradient and the gradient of the
+logits alive together when backward starts. Both count every position; with `train_on: completion` only the positions
 that predict a supervised token reach the head, so there they are upper bounds. With
 gradient checkpointing only each layer's input (h per token) is kept, plus one layer's
 activations while it is recomputed.
@@ -117,8 +117,10 @@ def layer_bytes(index: LinearIndex, names: list[str], shape: LayerShape) -> int:
 
 
 def activations(
-    recipe: Recipe, config: Any, peft_model: Any, index: LinearIndex, act_bytes: int, on_gpu: bool
+    recipe: Recipe, config: Any, peft_model: Any, index: LinearIndex, act_bytes: int, on_gpu: bool, free: Any
 ) -> dict[str, int]:
+    """What the forward pass keeps (see the module doc); `free`: the GPU memory left beside the
+    weights, adapter and optimizer (None on a CPU), of which the fused head takes a share."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     from peftcli.methods import METHODS
@@ -143,16 +145,21 @@ def activations(
         layers = len(per_layer) * shape.hidden * act_bytes + max(per_layer.values(), default=0)
     else:
         layers = sum(per_layer.values()) + 2 * shape.hidden * act_bytes  # + the final norm
+    if free is not None:
+        free = max(free - layers * tokens, 0)
     return {
         "layers": layers * tokens,
         "tokens": tokens,
-        **head_bytes(recipe, config, peft_model, tokens, act_bytes),
+        **head_bytes(recipe, config, peft_model, tokens, act_bytes, free),
     }
 
 
-def head_bytes(recipe: Recipe, config: Any, peft_model: Any, tokens: int, act_bytes: int) -> dict[str, int]:
+def head_bytes(
+    recipe: Recipe, config: Any, peft_model: Any, tokens: int, act_bytes: int, free: int | None
+) -> dict[str, int]:
     """The output head's share of the activations: `logits` in all, `saved` of it kept for
-    backward (the rest is alive only while the loss is computed)."""
+    backward (the rest is alive only while the loss is computed). The fused head's chunk is sized
+    as training sizes it (`fused_rows`): from `free` GPU memory, or on a CPU this machine's RAM."""
     from peftcli.training.losses import fusable, fused_rows
 
     task = recipe.model.task
@@ -169,6 +176,7 @@ def head_bytes(recipe: Recipe, config: Any, peft_model: Any, tokens: int, act_by
         # Fused head + cross-entropy: the gradient of the head's input is kept; one chunk
         # of logits (in the activation dtype, then float32 in place) lives at a time.
         saved = tokens * config.hidden_size * act_bytes
-        chunk = min(tokens, fused_rows(vocab)) * vocab * (4 + (act_bytes if act_bytes < 4 else 0))
+        rows = fused_rows(vocab, "cuda" if free is not None else "cpu", free)
+        chunk = min(tokens, rows) * vocab * (4 + (act_bytes if act_bytes < 4 else 0))
         return {"logits": saved + chunk, "saved": saved}
     return {"logits": 12 * tokens * vocab, "saved": 4 * tokens * vocab}

@@ -328,6 +328,7 @@ def _load(folder: Path, section: DataSection) -> Prepared:
         meta["labels"],
         group_by_length=section.group_by_length,
         cache_dir=folder,
+        max_length=section.max_length,
     )
 
 
@@ -352,4 +353,5 @@ def _load_preference(folder: Path, section: DataSection, meta: dict[str, Any]) -
         None,
         group_by_length=section.group_by_length,
         cache_dir=folder,
+        max_length=section.max_length,
     )

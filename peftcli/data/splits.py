@@ -43,6 +43,7 @@ class Prepared:
     labels: list[str] | None = None  # class names, seq_cls only
     group_by_length: bool = False
     cache_dir: Path | None = None
+    max_length: int | None = None  # no sequence is longer: the bound for bucketed padding
     from_cache: bool = False
 
 

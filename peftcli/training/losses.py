@@ -6,6 +6,7 @@ set of tokens — a global batch across processes, or a whole eval split.
 
 from __future__ import annotations
 
+import os
 from functools import partial
 from typing import Any
 
@@ -74,13 +75,46 @@ def loss_sum(model: Any, batch: dict[str, torch.Tensor], task: str) -> torch.Ten
     )
 
 
-# Rows of logits computed at once by the fused head + cross-entropy: 2**24 float32 logits
-# (64 MiB) whatever the vocabulary, e.g. 2048 rows of a 8k vocabulary, 128 of Llama 3's 128k.
-FUSED_LOGITS = 2**24
+# The fused head + cross-entropy makes its logits a chunk of rows at a time (`fused_rows`). A
+# chunk takes a share of the memory free on the device: on a GPU large chunks mean few kernel
+# launches (Llama 3's 128k vocabulary took 64 chunks of 128 rows for 8k positions at a fixed
+# 2**24 logits); on a CPU, where a chunk of 2,048 rows already runs at the matmul's speed, each
+# chunk's buffers are kept at most CPU_CHUNK_BYTES, so they stay below glibc's mmap threshold
+# and are reused rather than returned and faulted in again.
+GPU_CHUNK_SHARE = 8  # 1/8 of the free GPU memory
+CPU_CHUNK_SHARE = 64  # 1/64 of the available RAM
+CPU_CHUNK_BYTES = 32 * 2**20
 
 
-def fused_rows(vocab: int) -> int:
-    return max(1, FUSED_LOGITS // max(vocab, 1))
+def fused_rows(vocab: int, device: Any = None, free: int | None = None) -> int:
+    """Rows of logits per chunk: the chunk's float32 logits and their activation-dtype copies
+    (8 bytes per logit at most) within a share of the memory `free` on `device` (measured when
+    not given)."""
+    on_gpu = torch.device(device or "cpu").type == "cuda"
+    if free is None:
+        free = free_memory(device)
+    budget = free // GPU_CHUNK_SHARE if on_gpu else min(free // CPU_CHUNK_SHARE, CPU_CHUNK_BYTES)
+    return max(1, budget // (8 * max(vocab, 1)))
+
+
+def free_memory(device: Any = None) -> int:
+    """Bytes free on `device`: on a GPU the driver's count plus what PyTorch's allocator holds
+    unused (no stream is synchronised), on a CPU the RAM the kernel says is available."""
+    device = torch.device(device or "cpu")
+    if device.type == "cuda":
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
+    try:
+        with open("/proc/meminfo", encoding="ascii") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 4 * 2**30  # unknown: assume a small machine
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -132,7 +166,7 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(hidden, weight, bias, targets) -> torch.Tensor:
-    return LinearCrossEntropy.apply(hidden, weight, bias, targets, fused_rows(weight.shape[0]))
+    return LinearCrossEntropy.apply(hidden, weight, bias, targets, fused_rows(weight.shape[0], hidden.device))
 
 
 def fusable(head: Any) -> bool:
