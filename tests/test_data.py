@@ -543,9 +543,11 @@ def test_chat_recipe_validates_and_trains_from_the_cache(tmp_path, capsys, gpt2_
 def test_bucketed_padding_keeps_the_loss_per_token():
     """Lengths rounded up to a multiple (64 on a GPU) within max_length: more masked padding, the
     same loss per supervised token, padded and packed, on learned (GPT-2) and rotary positions."""
+    from functools import partial
+
     import torch
 
-    from peftcli.data.batching import collator, pad_multiple, padded_length
+    from peftcli.data.batching import collate, collator, pad_multiple, padded_length
     from peftcli.data.splits import Prepared, Split
     from peftcli.training.losses import loss_sum
 
@@ -566,8 +568,8 @@ def test_bucketed_padding_keeps_the_loss_per_token():
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(builtin.materialise(name), dtype=torch.float64)
         for examples in (rows, packed):
-            plain = collator(data, 0, "cpu")(examples)
-            bucketed = collator(data, 0, "cpu")  # the same collate function, with the GPU's rule
+            plain = collator(data, "cpu", partial(collate, pad_id=0))(examples)
+            bucketed = collator(data, "cpu", partial(collate, pad_id=0))  # with the GPU's rule below
             bucketed = bucketed.func(examples, **{**bucketed.keywords, "multiple": pad_multiple("cuda")})
             assert plain["input_ids"].shape[1] == 70 and bucketed["input_ids"].shape[1] == 100
             assert bucketed["labels"].shape == bucketed["input_ids"].shape

@@ -38,13 +38,13 @@ def padded_length(longest: int, multiple: int = 1, limit: int | None = None) -> 
     return max(longest, min(rounded, limit)) if limit is not None else rounded
 
 
-def collator(data: Prepared, pad_id: int, device: Any, collate_fn: Any = None) -> Any:
-    """The training DataLoader's collate function on `device` (`collate`, or `collate_pairs` for
-    preference data): lengths bucketed by `pad_multiple` within `data.max_length`."""
+def collator(data: Prepared, device: Any, collate_fn: Any) -> Any:
+    """The training DataLoader's collate function on `device`: `collate_fn` (an objective's
+    `collate`: `collate` or `collate_pairs` with its pad id) with lengths bucketed by
+    `pad_multiple` within `data.max_length`."""
     from functools import partial
 
-    fn = collate_fn or collate
-    return partial(fn, pad_id=pad_id, multiple=pad_multiple(device), limit=data.max_length)
+    return partial(collate_fn, multiple=pad_multiple(device), limit=data.max_length)
 
 
 def collate(

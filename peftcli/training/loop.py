@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from peftcli.data.batching import Shard, train_sampler
+from peftcli.data.batching import Shard, collator, train_sampler
 from peftcli.data.splits import Prepared
 from peftcli.errors import Interrupted, UserError
 from peftcli.training.control import Control
@@ -177,7 +177,7 @@ def set_up(
         enable_gradient_checkpointing(model)
     optimizer = make_optimizer(model, section, lr_ratios)
     model, optimizer, loader = accelerator.prepare(
-        model, optimizer, make_loader(data, section, objective.collate)
+        model, optimizer, make_loader(data, section, collator(data, accelerator.device, objective.collate))
     )
     p = plan(len(data.train.examples), section, accelerator.num_processes)
     assert p.steps_per_epoch == math.ceil(len(loader) / section.grad_accum), "plan and loader disagree"
