@@ -206,7 +206,7 @@ def eval_rows(source: Source, tokenizer: Any, labels: Any) -> list[dict[str, Any
     """A few rows of the run's eval split, whose logits the merge report compares (none for an
     adapter folder without a run, or a run without an eval split)."""
     from peftcli.merge_change import ROWS
-    from peftcli.training.evaluate import eval_split
+    from peftcli.target import eval_split
 
     if source.target.recipe is None:
         return []
