@@ -163,6 +163,9 @@ def test_eva_and_lora_plus_resume_bit_exact_and_b_learns_at_its_ratio(tmp_path, 
 def test_eva_init_is_visible_and_seeded(tmp_path, completion_data):
     """EVA's A rows are the top principal directions of each layer's inputs (unit vectors),
     not PEFT's Kaiming draw, and the same data and seed give the same A."""
+    from functools import partial
+
+    from peftcli.data.batching import collate
     from peftcli.data.cache import prepare
     from peftcli.methods.apply import apply_method
     from peftcli.methods.inits import eva
@@ -179,7 +182,9 @@ def test_eva_init_is_visible_and_seeded(tmp_path, completion_data):
             load_model(recipe.model), recipe.peft.model_copy(update={"init": init}), "causal_lm"
         )
         if init == "eva":
-            batches = list(make_loader(data, recipe.training, tokenizer.pad_token_id))
+            batches = list(
+                make_loader(data, recipe.training, partial(collate, pad_id=tokenizer.pad_token_id))
+            )
             assert (
                 eva(model, batches, model.device) >= 2
             )  # one pass to find equal inputs, then the SVD passes
