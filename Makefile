@@ -166,13 +166,17 @@ test-interop: setup
 
 # The interop locks, as `make lock` makes requirements/lock.txt (same uv, same platform, same
 # LOCK_DATE rule), from requirements/interop/NAME.in.
+# Left out of vLLM's: torchvision, torchaudio and torchcodec. PyPI's Linux builds of them are
+# CUDA builds, whose operators do not register with torch+cpu (`import vllm` then fails:
+# "operator torchvision::nms does not exist"); vLLM needs them only for image and audio models.
+INTEROP_NOT_LOCKED := --no-emit-package torchvision --no-emit-package torchaudio --no-emit-package torchcodec
 lock-interop:
 	test -x $(LOCK_TOOLS)/bin/uv || $(PYTHON) -m venv $(LOCK_TOOLS)
 	$(LOCK_TOOLS)/bin/pip install --quiet "uv==$(UV_VERSION)"
 	for name in $(INTEROP_LOCKS); do \
 	    $(LOCK_TOOLS)/bin/uv pip compile --quiet --no-config --upgrade requirements/interop/$$name.in \
 	        --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
-	        --find-links $(TORCH_WHEELS) --exclude-newer $(LOCK_DATE) \
+	        --find-links $(TORCH_WHEELS) --exclude-newer $(LOCK_DATE) $(INTEROP_NOT_LOCKED) \
 	        --custom-compile-command "make lock-interop LOCK_DATE=$(LOCK_DATE)" \
 	        --output-file requirements/interop/$$name.txt || exit 1; \
 	done

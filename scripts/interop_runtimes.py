@@ -64,6 +64,7 @@ def vllm(job: dict) -> dict:
         max_loras=1,
         max_model_len=256,
         seed=0,
+        enforce_eager=True,  # no torch.compile: minutes on 2 cores, for a model this small
     )
     loaded = time.monotonic() - started
     params = SamplingParams(temperature=0.0, max_tokens=job["max_new"], stop_token_ids=job["stop"])

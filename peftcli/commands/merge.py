@@ -24,6 +24,7 @@ from peftcli.merging import (
     load_tokenizer_of,
     merged_model,
     open_sources,
+    vllm_note_of,
 )
 from peftcli.methods import METHODS
 from peftcli.target import Target, labels_of
@@ -192,6 +193,8 @@ def merge(
     write_folder(out, merged, tokenizer, report, overwrite)
     write_merged_card(out.expanduser(), first, report)
     say(f"peftcli: wrote {out} ({report['dtype']}); load it with {_auto_class(section.task)}.from_pretrained")
+    if len(sources) == 1 and (note := vllm_note_of(first)):
+        say(note)
     return report
 
 
