@@ -139,7 +139,7 @@ def reference(path: Path, prompt: str) -> dict:
     }
 
 
-def runtime(python: Path, kind: str, job: dict, log: Path) -> dict:
+def runtime(python: Path, kind: str, job: dict, log: Path, timeout: float = 900) -> dict:
     started = time.monotonic()
     with log.open("w") as stderr:  # the runtime's own messages, as they come
         proc = subprocess.run(
@@ -150,6 +150,7 @@ def runtime(python: Path, kind: str, job: dict, log: Path) -> dict:
             text=True,
             cwd=ROOT,
             env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+            timeout=timeout,
         )
     if proc.returncode != 0 or "@@ANSWER@@" not in proc.stdout:
         tail = (log.read_text().strip().splitlines() or ["(no output)"])[-1]
@@ -243,26 +244,27 @@ def check_vllm(python: Path, runs: dict[str, Path], work: Path) -> tuple[list[st
     for prompt in PROMPTS[:1]:
         wants = {name: reference(run, prompt) for name, run in runs.items()}
         first = next(iter(wants.values()))
-        base = resolve(BASE, key="")
-        job = {
-            "base": base,
-            "adapters": {name: str(run / "adapter") for name, run in runs.items()},
-            "prompt": first["prompt"],
-            "max_new": MAX_NEW,
-            "stop": first["stop"],
-        }
-        got = runtime(python, "vllm", job, work / "vllm.log")
-        say(
-            f"interop: vLLM {got['version']} (load {got['load_s']} s, check {got['wall_s']} s), prompt {prompt!r}"
-        )
-        for name, want in wants.items():
-            answer = got["new"][name]
+        for name, want in wants.items():  # one process each: a refused adapter can wedge the engine
+            job = {
+                "base": resolve(BASE, key=""),
+                "adapters": {name: str(runs[name] / "adapter")},
+                "prompt": first["prompt"],
+                "max_new": MAX_NEW,
+                "stop": first["stop"],
+            }
+            try:
+                got = runtime(python, "vllm", job, work / f"vllm-{name}.log", timeout=300)
+                answer = got["new"][name]
+            except (subprocess.TimeoutExpired, RuntimeError) as exc:
+                hung = isinstance(exc, subprocess.TimeoutExpired)
+                answer = {"error": "no answer in 300 s (the engine hung)" if hung else str(exc)}
+                got = {"version": "?", "wall_s": 300 if hung else "?"}
             if isinstance(answer, dict):
                 table[name] = f"refused: {answer['error']}"
             else:
                 same, why = same_greedy(want, answer, VLLM_TIE)
                 table[name] = f"{'served' if same else 'served, DIFFERENT tokens'}: {why}"
-            say(f"interop: vLLM {name}: {table[name]}")
+            say(f"interop: vLLM {got['version']} {name} ({got['wall_s']} s): {table[name]}")
         if not table["lora"].startswith("served:"):
             failures.append(f"vLLM did not serve the LoRA adapter as peftcli generates it: {table['lora']}")
     return failures, table
