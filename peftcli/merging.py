@@ -182,3 +182,11 @@ def merged_in_memory(source: Source) -> Any:
     quiet_libraries()
     base, _ = load_bases(source.target.model, labels_of(source.target))
     return merged_model(base, [source], None, "cat", None).eval()
+
+
+def vllm_note_of(source: Source) -> str | None:
+    """The line `merge` and `export` say when vLLM would not serve this adapter as trained."""
+    from peftcli.methods.serving import vllm_note
+
+    config = json.loads((source.adapter / "adapter_config.json").read_text())
+    return vllm_note(config, source.target.model.quantization != "none")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from gguf import GGUFReader
 
 from peftcli.recipe_file import load_recipe
 from peftcli.training.run import train
@@ -38,7 +39,9 @@ CHAT = [
 # whose relative errors add at worst, so |Δlogit| ≤ M · EPS · max|logit|. Computation in float32
 # adds ~1e-6 relative, far below every EPS.
 EPS = {"f16": 2**-11, "bf16": 2**-8, "q8_0": 2.5 * (1 / 254 + 2**-11)}
-MODELS = {"llama": ("tiny-llama", 4), "gpt2": ("tiny-gpt2", 2)}  # builtin model, layers L
+# builtin model, layers L; tiny-llama-bpe has real merges and Llama 3's split rule (llama.cpp's
+# and vLLM's checks use it: scripts/interop.py)
+MODELS = {"llama": ("tiny-llama", 4), "gpt2": ("tiny-gpt2", 2), "llama-bpe": ("tiny-llama-bpe", 4)}
 MEASURED: dict[str, float] = {}
 
 
@@ -51,7 +54,7 @@ def report_measured(one_thread):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """A LoRA run per builtin model: tiny-llama on chat data (so the run's chat template is the
+    """A LoRA run per builtin model: the llamas on chat data (so the run's chat template is the
     one trained with), tiny-gpt2 on completions; a few steps with a high learning rate, so the
     merged update is far from zero."""
     root = tmp_path_factory.mktemp("export-runs")
@@ -76,7 +79,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
             model={"name_or_path": f"builtin:{model}"},
             peft={"target_modules": "all-linear"},
             data={
-                "train": str(root / ("chat.jsonl" if name == "llama" else "train.jsonl")),
+                "train": str(root / ("train.jsonl" if name == "gpt2" else "chat.jsonl")),
                 "eval": 0,
                 "max_length": 128,
             },
@@ -121,6 +124,17 @@ def test_export_reads_back_in_transformers(name, kind, runs, merged, tmp_path, c
     assert code == 0, err
     assert f"wrote {out}" in err and not list(tmp_path.glob(".*partial*"))
     reference, tokenizer = merged[name]
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    fields = GGUFReader(out).fields
+    if merges:  # tiny-llama-bpe's: llama.cpp refuses a byte-level file without them
+        written = [
+            bytes(fields["tokenizer.ggml.merges"].parts[i]).decode()
+            for i in fields["tokenizer.ggml.merges"].data
+        ]
+        assert written == [" ".join(m) for m in merges] and len(written) > 200
+        assert bytes(fields["tokenizer.ggml.pre"].parts[-1]).decode() == "llama-bpe"
+    else:  # one token per byte: gguf-py cannot write an empty merges array
+        assert "tokenizer.ggml.merges" not in fields
     model, gguf_tokenizer = read_back(out)
 
     texts = [TEXT]

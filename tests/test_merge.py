@@ -489,3 +489,24 @@ def test_an_adapter_folder_outside_its_run_merges_with_a_note(runs, tmp_path, ca
     assert code == 0 and "is not inside a run, so the base is taken as stored" in err
     model = auto_class("causal_lm").from_pretrained(tmp_path / "out")
     assert torch.allclose(probe(model), runs["lora"]["logits"], atol=MERGE_ATOL)  # see MERGE_ATOL
+
+
+@pytest.mark.parametrize(
+    "name, note",
+    [
+        ("lora", None),
+        ("dora", "vLLM does not serve DoRA adapters"),
+        ("ia3", "a IA3 adapter"),
+        ("qlora", "4/8-bit base"),
+    ],
+)
+def test_merge_says_when_vllm_needs_the_merged_model(runs, name, note, tmp_path, capsys):
+    """vLLM's LoRA support serves a plain LoRA adapter on its base (measured: make test-interop);
+    for the others `merge` says in one line that the merged model is what to serve."""
+    code, _, err = cli("merge", str(runs[name]["run"]), "-o", str(tmp_path / "m"), capsys=capsys)
+    assert code == 0, err
+    said = [line for line in err.splitlines() if "vLLM" in line]
+    if note is None:
+        assert said == []
+    else:
+        assert len(said) == 1 and note in said[0] and "serve the merged model" in said[0], said

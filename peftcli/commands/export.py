@@ -31,7 +31,7 @@ def export(
     from peftcli.export import gguf
     from peftcli.export.arch import arch_of
     from peftcli.export.vocab import check_tokenizer
-    from peftcli.merging import load_tokenizer_of, merged_in_memory, open_sources
+    from peftcli.merging import load_tokenizer_of, merged_in_memory, open_sources, vllm_note_of
     from peftcli.model.load import load_config
 
     if to not in FORMATS:
@@ -66,4 +66,6 @@ def export(
     size = out.stat().st_size
     tensors = ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))
     say(f"peftcli: wrote {out} ({row.gguf_arch.lower()}, {kind}, {size / 2**20:.1f} MiB; tensors: {tensors})")
+    if note := vllm_note_of(source):
+        say(note)
     return {"out": str(out), "type": kind, "arch": row.gguf_arch.lower(), "bytes": size, "tensors": counts}

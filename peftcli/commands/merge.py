@@ -27,6 +27,7 @@ from peftcli.merging import (
     load_tokenizer_of,
     merged_model,
     open_sources,
+    vllm_note_of,
 )
 from peftcli.methods import METHODS
 from peftcli.run_folder.layout import Layout
@@ -199,6 +200,8 @@ def merge(
     for line in describe_change(change):
         say(line)
     say(f"peftcli: wrote {out} ({report['dtype']}); load it with {_auto_class(section.task)}.from_pretrained")
+    if len(sources) == 1 and (note := vllm_note_of(first)):
+        say(note)
     return report
 
 

@@ -92,6 +92,49 @@ def byte_level_tokenizer(
     )
 
 
+def trained_bpe_tokenizer(
+    specials: list[str], roles: dict[str, str], wrap: str, chat_template: str, vocab_size: int
+) -> Any:
+    """A byte-level BPE tokenizer with real merges, as Llama 3's: its split rule, the 256 bytes,
+    then merges learned by `tokenizers`' BpeTrainer from tiny_bpe_corpus.txt (shipped with
+    peftcli: sentences and prompts from the example data, frozen so that the vocabulary never
+    changes), up to `vocab_size` tokens. The trainer is deterministic: counts, then the pair's
+    ids, break its ties. The specials take the first ids, `wrap` goes before every text."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from peftcli.export.vocab import LLAMA3_SPLIT
+
+    tokenizer = Tokenizer(models.BPE(fuse_unk=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), "isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=2,
+        show_progress=False,
+    )
+    corpus = (Path(__file__).with_name("tiny_bpe_corpus.txt")).read_text(encoding="utf-8")
+    tokenizer.train_from_iterator(corpus.splitlines(), trainer=trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{wrap} $A", pair=f"{wrap} $A {wrap} $B", special_tokens=[(wrap, tokenizer.token_to_id(wrap))]
+    )
+    extra = [t for t in specials if t not in roles.values()]
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        additional_special_tokens=extra,
+        chat_template=chat_template,
+        model_max_length=1024,
+        **roles,
+    )
+
+
 # Weights are drawn with std = 1/sqrt(width) rather than the usual 0.02: with tied embeddings a
 # frozen random model then has logits large enough for an adapter to make sharp predictions.
 
@@ -155,6 +198,38 @@ def _tiny_mixtral() -> tuple[Any, Any]:
         router_jitter_noise=0.0,
     )
     model = MixtralForCausalLM(config)
+    model.generation_config.eos_token_id = [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
+    return model, tok
+
+
+def _tiny_llama_bpe() -> tuple[Any, Any]:
+    """tiny-llama's kind with a trained BPE vocabulary (its GGUF file has merges, which llama.cpp
+    needs) and 64-wide heads (a head size vLLM's attention kernels support)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = trained_bpe_tokenizer(
+        ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"],
+        {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"},
+        wrap="<s>",
+        chat_template=CHATML_TEMPLATE,
+        vocab_size=512,
+    )
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        initializer_range=128**-0.5,
+    )
+    model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
     return model, tok
 
@@ -247,6 +322,11 @@ BUILTINS: dict[str, Builtin] = {
     b.name: b
     for b in [
         Builtin("tiny-llama", "Llama (RoPE, GQA, SwiGLU), 4 layers, d=128, ChatML template", _tiny_llama),
+        Builtin(
+            "tiny-llama-bpe",
+            "tiny-llama with a trained 512-token BPE vocabulary and 64-wide heads (llama.cpp, vLLM)",
+            _tiny_llama_bpe,
+        ),
         Builtin("tiny-gpt2", "GPT-2 (Conv1D, learned positions), 2 layers, d=64, no pad token", _tiny_gpt2),
         Builtin(
             "tiny-t5", "T5 v1.1 encoder-decoder (gated GELU, relative positions), 2+2 layers, d=64", _tiny_t5
