@@ -55,10 +55,14 @@ class Control:
         elif signum == signal.SIGINT and time.monotonic() - self.at > 1.0:
             raise KeyboardInterrupt
 
-    def stop_requested(self, accelerator: Any) -> int:
-        """The signal that asks to stop (0 for none), agreed by every process."""
+    def stop_requested(self, accelerator: Any, sync: bool = True) -> int:
+        """The signal that asks to stop (0 for none), agreed by every process. With several
+        processes they agree only on `sync` steps (logged, evaluated or checkpointed ones: the
+        loop reads numbers back there anyway), so a signal stops them at the next such step."""
         asked = self.signal or 0
         if accelerator.num_processes > 1:
+            if not sync:
+                return 0
             flag = torch.tensor([asked], device=accelerator.device)
             asked = int(accelerator.gather(flag).max())
         return asked

@@ -8,7 +8,6 @@ objective it runs. Logging, evaluation and checkpoints are one-line calls into h
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -20,8 +19,9 @@ import torch
 
 from peftcli.data.batching import Shard, collator, train_sampler
 from peftcli.data.splits import Prepared
-from peftcli.errors import Interrupted, UserError
+from peftcli.errors import Interrupted
 from peftcli.training.control import Control
+from peftcli.training.window import Finite, Progress, Window, log_row
 
 if TYPE_CHECKING:
     from peftcli.objectives.base import Objective
@@ -90,61 +90,6 @@ def make_optimizer(
         for k, r in ratios.items()
     ]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=section.lr)
-
-
-class Window:
-    """The objective's sums between two log rows, plus run totals; checkpointed for resume."""
-
-    def __init__(
-        self, accelerator: Any, names: tuple[str, ...], counted: str, saved: dict[str, Any] | None = None
-    ):
-        self.accelerator, self.names, self.counted = accelerator, names, counted
-        saved = saved or {}
-        if "sums" not in saved:  # a checkpoint of peftcli before objectives were one interface
-            old = {"loss": saved.get("loss", 0.0), "supervised_tokens": saved.get("supervised", 0)}
-            saved = {
-                **saved,
-                "sums": {**old, **saved.get("extra", {})},
-                "total_counted": saved.get("total_supervised", 0),
-            }
-        # Saved sums are global; only the main process carries them forward.
-        kept = saved["sums"] if accelerator.is_main_process else {}
-        device = accelerator.device
-        self.sums = torch.tensor([kept.get(k, 0.0) for k in names], dtype=torch.float64, device=device)
-        self.tokens = torch.tensor(
-            saved.get("tokens", 0) if accelerator.is_main_process else 0, device=device
-        )
-        self.total_tokens = saved.get("total_tokens", 0)
-        self.total_counted = saved.get("total_counted", 0)
-        self.started = time.perf_counter()
-
-    def add(self, sums: dict[str, torch.Tensor], tokens: int) -> None:
-        self.sums += torch.stack([sums[k] for k in self.names]).to(self.sums)
-        self.tokens += tokens
-
-    def reduced(self) -> tuple[dict[str, float], int]:
-        r = self.accelerator.reduce
-        return dict(zip(self.names, r(self.sums, "sum").tolist(), strict=True)), int(r(self.tokens, "sum"))
-
-    def close(self) -> tuple[dict[str, float], int, float]:
-        """(the window's sums, tokens, seconds); starts a new one."""
-        sums, tokens = self.reduced()
-        seconds = time.perf_counter() - self.started
-        self.total_tokens += tokens
-        self.total_counted += int(round(sums[self.counted]))
-        self.sums.zero_()
-        self.tokens.zero_()
-        self.started = time.perf_counter()
-        return sums, tokens, seconds
-
-    def state(self) -> dict[str, Any]:
-        sums, tokens = self.reduced()
-        return {
-            "sums": sums,
-            "tokens": tokens,
-            "total_tokens": self.total_tokens,
-            "total_counted": self.total_counted,
-        }
 
 
 @dataclass
@@ -225,17 +170,17 @@ def fit(
         return step, t.peft_model, t.optimizer, t.scheduler, {"step": step, **window.state()}
 
     model.train()
+    finite = Finite(accelerator.device)
     started = time.perf_counter()
     last: dict[str, Any] = {}
     for step in range(done + 1, p.total_steps + 1):
         group = next(t.groups)
         sums = backward(model, group, objective, accelerator, penalty, t.peft_model)
-        window.add(sums, sum(int(b["num_tokens"]) for b in group))
+        window.add(sums, sum(b["num_tokens"] for b in group))  # on the device: nothing read back
         grad_norm = (
             accelerator.clip_grad_norm_(t.params, section.max_grad_norm) if section.max_grad_norm else None
         )
-        if grad_norm is not None and not torch.isfinite(grad_norm):
-            diverged(step, f"the gradient norm is {float(grad_norm)}", checkpoints)
+        finite.note(step, grad_norm)
         t.optimizer.step()
         t.scheduler.step()
         if on_step is not None:
@@ -244,19 +189,24 @@ def fit(
         progress.update()
 
         epoch = round(step / p.steps_per_epoch, 4)
-        if step % section.log_every == 0 or step == p.total_steps:
+        log_due = step % section.log_every == 0 or step == p.total_steps
+        eval_due = bool(section.eval_every) and step % section.eval_every == 0 and step != p.total_steps
+        saved_now = checkpoints is not None and checkpoints.due(step, p.total_steps)
+        # The host reads the step's numbers only on these steps (on a GPU every read waits for it).
+        if sync := log_due or eval_due or saved_now:
+            finite.check(checkpoints)
+        if log_due:
             last = log_row(step, epoch, window, objective, t.scheduler, grad_norm, checkpoints)
             log.log(last)
             progress.show(last)
-        eval_due = section.eval_every and step % section.eval_every == 0 and step != p.total_steps
         if evaluate is not None and eval_due:
             metrics = {f"eval_{k}": v for k, v in evaluate(model).items() if isinstance(v, float)}
             log.log({"step": step, "epoch": epoch, **metrics})
-        saved_now = checkpoints is not None and checkpoints.due(step, p.total_steps)
         if saved_now:
             checkpoints.save(*state(step))
         control.step = step
-        if step < p.total_steps and (signal_number := control.stop_requested(accelerator)):
+        if step < p.total_steps and (signal_number := control.stop_requested(accelerator, sync)):
+            finite.check(checkpoints)  # before the checkpoint the stop writes
             progress.close()
             raise Interrupted(step, signal_number, save_on_stop(checkpoints, state(step), saved_now))
     progress.close()
@@ -269,27 +219,6 @@ def fit(
         "final_loss": last.get("loss"),
         "resumed_from": done,
     }
-
-
-def log_row(
-    step: int,
-    epoch: float,
-    window: Window,
-    objective: Objective,
-    scheduler: Any,
-    grad_norm: torch.Tensor | None,
-    checkpoints: Checkpointer | None,
-) -> dict[str, Any]:
-    """The metrics.jsonl row of the window that ends at `step` (a diverged loss stops the run)."""
-    sums, tokens, seconds = window.close()
-    measured = objective.metrics(sums)
-    if not math.isfinite(measured["loss"]):
-        diverged(step, f"the loss is {measured['loss']}", checkpoints)
-    row = {"step": step, "epoch": epoch, **measured, "lr": scheduler.get_last_lr()[0]}
-    row.update(tokens=window.total_tokens, tokens_per_s=round(tokens / max(seconds, 1e-9), 1))
-    if grad_norm is not None:
-        row["grad_norm"] = float(grad_norm)
-    return row
 
 
 def enable_gradient_checkpointing(model: Any) -> None:
@@ -355,45 +284,3 @@ def backward(
         for k, v in step.once.items():
             sums[k] += v
     return sums
-
-
-class Progress:
-    """A live bar on a terminal; in logs (CI, SLURM, pipes) one line per logged step instead.
-    Only the main process shows anything."""
-
-    def __init__(self, total: int, done: int, main: bool):
-        from tqdm.auto import tqdm
-
-        self.total, self.main = total, main
-        self.interactive = sys.stderr.isatty()
-        self.bar = tqdm(
-            total=total,
-            initial=done,
-            desc="train",
-            unit="step",
-            file=sys.stderr,
-            dynamic_ncols=True,
-            disable=not (main and self.interactive),
-        )
-
-    def update(self) -> None:
-        self.bar.update(1)
-
-    def show(self, row: dict[str, Any]) -> None:
-        loss, lr, speed = row["loss"], row["lr"], row["tokens_per_s"]
-        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}")
-        if self.main and not self.interactive:
-            line = f"step {row['step']}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  {speed:.0f} tok/s"
-            print(line, file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-def diverged(step: int, what: str, checkpoints: Checkpointer | None) -> None:
-    good = checkpoints.last_good() if checkpoints else None
-    raise UserError(
-        f"training diverged at step {step}: {what}; the adapter was not saved"
-        + (f"; the last good checkpoint is {good}" if good else ""),
-        "lower training.lr or set training.max_grad_norm" + (", then --resume" if good else ""),
-    )
