@@ -187,6 +187,7 @@ def merged_in_memory(source: Source) -> Any:
 def vllm_note_of(source: Source) -> str | None:
     """The line `merge` and `export` say when vLLM would not serve this adapter as trained."""
     from peftcli.methods.serving import vllm_note
+    from peftcli.run_folder.layout import adapter_file
 
-    config = json.loads((source.adapter / "adapter_config.json").read_text())
+    config = json.loads(adapter_file(source.adapter).read_text(encoding="utf-8"))
     return vllm_note(config, source.target.model.quantization != "none")

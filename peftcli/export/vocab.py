@@ -28,12 +28,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from peftcli.errors import UserError
+from peftcli.model.builtin import LLAMA3_SPLIT
 
-# The split rules GGUF readers know by name (llama.cpp's names, as its converter writes them).
-LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+# The split rules GGUF readers know by name (Llama 3's is also the builtin BPE tokenizer's) (llama.cpp's names, as its converter writes them).
 QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"

@@ -20,6 +20,12 @@ from peftcli.errors import UserError, did_you_mean
 from peftcli.home import home, make_dirs
 from peftcli.outputs import follow_umask
 
+# Llama 3's pre-tokenizer split rule: the builtin BPE tokenizer's, and a name GGUF readers know.
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
 PREFIX = "builtin:"
 VERSION = 2  # bump when a builtin model changes: caches keep the old ones apart
 
@@ -102,8 +108,6 @@ def trained_bpe_tokenizer(
     ids, break its ties. The specials take the first ids, `wrap` goes before every text."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from peftcli.export.vocab import LLAMA3_SPLIT
 
     tokenizer = Tokenizer(models.BPE(fuse_unk=False))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
