@@ -59,6 +59,8 @@ def check_launch_config(
     import torch
     import yaml
 
+    if not path.is_file():
+        raise UserError(f"--launch-config: file not found: {path}")
     try:
         config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as exc:
