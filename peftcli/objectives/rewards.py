@@ -144,3 +144,14 @@ def _finite(value: Any, name: str, row: int) -> float:
             "a reward is a finite number"
         )
     return number
+
+
+def try_rewards(specs: Sequence[Any], row: dict[str, Any]) -> str:
+    """`validate`: build the rewards (importing user code) and score one completion of `row` — the
+    row's `answer` where it has one, else an empty one; a line saying what they gave."""
+    rewards = Rewards(specs)
+    columns = {k: v for k, v in row.items() if k != "prompt"}
+    completion = str(row.get("answer", ""))
+    scores = rewards.score([row.get("prompt")], [completion], [columns], [1])[0]
+    shown = ", ".join(f"{n} {s:g}" for n, s in zip(rewards.names, scores, strict=True))
+    return f"rewards: {shown} on the first row with completion {completion!r}"
