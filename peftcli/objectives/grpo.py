@@ -223,14 +223,23 @@ class GRPO(Objective):
         """Mean reward on the split's prompts: greedy (one answer each) and sampled (a group each,
         seeded by the run's seed alone, so evaluations of two adapters sample alike)."""
         greedy = sampled = 0.0
-        examples = split.examples
+        examples, samples = split.examples, []
         for start in range(0, len(examples), batch_size):
             prompts = self.collate(
                 [examples[i] for i in range(start, min(start + batch_size, len(examples)))]
             )
             prompts = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in prompts.items()}
-            greedy += float(self.sample(model, prompts, 1, self.seed, greedy=True)["rewards"].sum())
+            best = self.sample(model, prompts, 1, self.seed, greedy=True)
+            greedy += float(best["rewards"].sum())
             g = self.section.num_generations
             sampled += float(self.sample(model, prompts, g, self.seed + start)["rewards"].sum()) / g
+            for p, c, out in zip(prompts["prompts"], prompts["columns"], best["texts"], strict=True):
+                if len(samples) < 3:  # a few greedy answers to read (eval's table shows them)
+                    samples.append({"prompt": p, "reference": str(c.get("answer", "")), "output": out})
         n = max(len(examples), 1)
-        return {"reward": sampled / n, "reward_greedy": greedy / n, "prompts": len(examples)}
+        return {
+            "reward": sampled / n,
+            "reward_greedy": greedy / n,
+            "examples": len(examples),
+            "samples": samples,
+        }
