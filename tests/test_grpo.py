@@ -177,3 +177,16 @@ def test_sigkill_then_resume_samples_and_trains_as_uninterrupted(tmp_path, promp
     # The same samples and the same updates, bit for bit: resuming replays the same kernels on the
     # same seeded samples (an RNG not restored would sample other completions: other rewards).
     assert got == want
+
+
+def test_two_processes_count_each_prompt_once(tmp_path, prompts, capsys) -> None:
+    """12 prompts on 2 processes × 5 per micro-batch: Accelerate repeats 8 prompts to even out
+    the epoch's last round; they are sampled (every process takes part) but count nothing."""
+    recipe = grpo_recipe(tmp_path, prompts, [{"kind": "regex", "pattern": "[A-Z]"}], "two")
+    code, _, err = cli(
+        "train", str(recipe), "training.batch_size=5", "training.log_every=2", "--num-processes", "2",
+        capsys=capsys,
+    )  # fmt: skip
+    assert code == 0, err[-2000:]
+    summary = json.loads((tmp_path / "two" / "eval.json").read_text())["train"]
+    assert summary["steps"] == 2 and summary["completions"] == 12 * 2, summary

@@ -127,6 +127,9 @@ class GRPO(Objective):
         is_eos = completion == self.tokenizer.eos_token_id
         ends = torch.where(is_eos.any(1), is_eos.int().argmax(1), completion.shape[1])
         keep = torch.arange(completion.shape[1], device=device).unsqueeze(0) <= ends.unsqueeze(1)
+        real = torch.ones(len(ids), dtype=torch.float64, device=device)
+        if "repeat" in prompts:  # a prompt Accelerate repeats to even out the epoch: no tokens, no sums
+            real = (~prompts["repeat"]).repeat_interleave(generations).double()
         texts = [
             self.tokenizer.decode(c[: int(k.sum())], skip_special_tokens=True)
             for c, k in zip(completion, keep, strict=True)
@@ -141,7 +144,8 @@ class GRPO(Objective):
             "prompt_ids": ids,
             "prompt_mask": mask,
             "completion_ids": completion,
-            "completion_mask": keep.long(),
+            "completion_mask": keep.long() * real.long().unsqueeze(1),
+            "real": real,
             "rewards_per_func": per_func,
             "rewards": per_func @ weights,
             "texts": texts,  # type: ignore[dict-item]
@@ -174,7 +178,7 @@ class GRPO(Objective):
                 with torch.no_grad(), peft.disable_adapter():
                     b["ref_logps"] = token_logps(peft, b, s.temperature)
         local = torch.stack(
-            [torch.tensor(float(sum(len(b["rewards"]) for b in batches)), device=accelerator.device),
+            [sum(b["real"].sum() for b in batches).to(accelerator.device),
              sum(b["completion_mask"].sum() for b in batches).double().to(accelerator.device)]
         )  # fmt: skip
         total = accelerator.reduce(local, "sum")
@@ -189,19 +193,20 @@ class GRPO(Objective):
             logps, logps.detach(), batch.get("ref_logps"), batch["advantages"], s.beta, s.epsilon
         )
         loss = normalised(per_token, mask, s.loss_type, step.totals, s.max_new_tokens)
-        rewards = batch["rewards_per_func"]
+        rewards, real = batch["rewards_per_func"], batch["real"]
+        groups = real[:: s.num_generations]  # 1 for each group of a real (not repeated) prompt
         sums = {
             "loss": loss.detach().double(),
-            "completions": torch.tensor(float(len(rewards)), dtype=torch.float64, device=logps.device),
+            "completions": real.sum(),
             "completion_tokens": mask.sum().double(),
             "kl": (kl.detach() * mask).sum().double() if kl is not None else mask.sum().double() * 0,
             "clipped": (clipped * mask).sum().double(),
-            "reward": batch["rewards"].sum(),
-            "reward_std": batch["group_std"].sum(),
-            "groups": torch.tensor(float(len(batch["group_std"])), dtype=torch.float64, device=logps.device),
+            "reward": (batch["rewards"] * real).sum(),
+            "reward_std": (batch["group_std"] * groups).sum(),
+            "groups": groups.sum(),
         }
         for i, name in enumerate(self.rewards.names):
-            sums[f"reward_{name}"] = rewards[:, i].sum()
+            sums[f"reward_{name}"] = (rewards[:, i] * real).sum()
         return loss, sums
 
     def metrics(self, sums: dict[str, float]) -> dict[str, float]:
