@@ -377,7 +377,7 @@ class Recipe(_Section):
         data = self.data
         if problem := objective_problem(objective, self.model.task, data.packing, data.train_on, data.format):
             raise ValueError(problem)
-        if OBJECTIVES[objective].formats == ("prompts",) and not self.grpo.rewards:
+        if OBJECTIVES[objective].generates and not self.grpo.rewards:
             raise ValueError(f"training.objective: {objective} needs grpo.rewards (at least one reward)")
         task, fits = self.model.task, TASKS[self.model.task].metrics
         defaults = TASKS[task].default_metrics

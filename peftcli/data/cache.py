@@ -75,7 +75,7 @@ def prepare(
         tokenizer.chat_template = chat_template(section, tokenizer)
     train = Source(section.train, "data.train")
     held_out = Source(section.eval, "data.eval") if isinstance(section.eval, str) else None
-    if OBJECTIVES[objective].formats == ("prompts",):  # sampled in training: no tokens to cache
+    if OBJECTIVES[objective].generates:  # prompts, answered in training: no tokens to cache
         from peftcli.data.prompts import prepare_prompts
 
         held = [] if held_out is not None else _held_out_rows(section, sum(1 for _ in train.rows()), seed)

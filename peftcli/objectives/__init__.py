@@ -46,6 +46,7 @@ class ObjectiveSpec:
     reference: bool  # compares the policy with a frozen reference
     metrics: tuple[str, ...]  # () = the task's (tasks.TASKS)
     sequences: int = 1  # sequences one example is scored as, in one forward pass
+    generates: bool = False  # samples its own answers to prompts in training (online RL)
 
     @property
     def task_loss(self) -> bool:
@@ -65,7 +66,7 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {
         ObjectiveSpec("kto", ("unpaired",), True, ("loss", "reward_accuracy", "reward_margin")),
         # Online RL: prompts (text or chat messages) and the columns its rewards read; it samples
         # its own answers. The reference is the base with the adapter disabled (beta > 0).
-        ObjectiveSpec("grpo", ("prompts",), True, ("reward",)),
+        ObjectiveSpec("grpo", ("prompts",), True, ("reward",), generates=True),
     ]
 }
 assert tuple(OBJECTIVES) == get_args(Objective)
