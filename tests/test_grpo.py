@@ -190,3 +190,26 @@ def test_two_processes_count_each_prompt_once(tmp_path, prompts, capsys) -> None
     assert code == 0, err[-2000:]
     summary = json.loads((tmp_path / "two" / "eval.json").read_text())["train"]
     assert summary["steps"] == 2 and summary["completions"] == 12 * 2, summary
+
+
+def test_chat_prompts_render_with_the_template_and_estimate_plans_the_groups(tmp_path) -> None:
+    """A messages prompt ends with the template's generation prompt (the model writes the turn);
+    `estimate` counts each prompt's group of answers."""
+    from peftcli.data.cache import prepare
+    from peftcli.model.load import load_tokenizer
+    from peftcli.recipe_file import load_recipe
+
+    rows = [{"prompt": [{"role": "user", "content": f"say {w}"}], "answer": w.upper()} for w in WORDS]
+    train = write_jsonl(tmp_path / "chat.jsonl", rows)
+    recipe_path = grpo_recipe(tmp_path, train, [{"kind": "exact_match"}], "chat", num_generations=3)
+    recipe = load_recipe(recipe_path)
+    tokenizer = load_tokenizer(recipe.model)
+    data = prepare(recipe.data, tokenizer, 0, "causal_lm", "grpo")
+    example = data.train.examples[0]
+    text = tokenizer.apply_chat_template(example["prompt"], tokenize=False, add_generation_prompt=True)
+    assert tokenizer.decode(example["input_ids"]) == text and example["columns"] == {
+        "answer": example["columns"]["answer"]
+    }
+    out = run_cli("estimate", str(recipe_path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "batch 2 prompts = 6 sequences × 52 tokens" in out.stdout, out.stdout
