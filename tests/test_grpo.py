@@ -213,3 +213,13 @@ def test_chat_prompts_render_with_the_template_and_estimate_plans_the_groups(tmp
     out = run_cli("estimate", str(recipe_path))
     assert out.returncode == 0, out.stderr[-2000:]
     assert "batch 2 prompts = 6 sequences × 52 tokens" in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize("loss_type, scale", [("grpo", "batch"), ("dr_grpo", "none")])
+def test_other_loss_types_and_scalings_train(tmp_path, prompts, capsys, loss_type: str, scale: str) -> None:
+    rewards = [{"kind": "length", "min_chars": 2, "max_chars": 6}]
+    recipe = grpo_recipe(tmp_path, prompts, rewards, "o", loss_type=loss_type, scale_rewards=scale)
+    code, _, err = cli("train", str(recipe), capsys=capsys)
+    assert code == 0, err[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").open() if '"loss"' in line]
+    assert len(rows) == 2 and all(0 <= r["reward"] <= 1 for r in rows), rows

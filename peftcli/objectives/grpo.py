@@ -163,17 +163,16 @@ class GRPO(Objective):
         advantages = rewards - mean
         if s.scale_rewards == "group":
             advantages = advantages / (std + 1e-4)  # TRL's epsilon: a group of equal rewards stays 0
-        elif s.scale_rewards == "batch":  # the std over every completion of every process
-            n = torch.stack(
-                [rewards.numel() * torch.ones_like(mean[0, 0]), rewards.sum(), rewards.square().sum()]
-            )
+        elif s.scale_rewards == "batch":  # the std over every (real) completion of every process
+            real = torch.cat([b["real"] for b in batches]).view(-1, g)
+            n = torch.stack([real.sum(), (rewards * real).sum(), (rewards.square() * real).sum()])
             n = accelerator.reduce(n, "sum")
             var = (n[2] - n[1] ** 2 / n[0]) / (n[0] - 1).clamp(min=1)
             advantages = advantages / (var.clamp(min=0).sqrt() + 1e-4)
         peft = model.module if hasattr(model, "module") else model
         for b, a, sd in zip(batches, advantages.split([len(b["rewards"]) // g for b in batches]), std.split(
             [len(b["rewards"]) // g for b in batches]), strict=True):  # fmt: skip
-            b["advantages"], b["group_std"] = a.reshape(-1).float(), sd.reshape(-1)
+            b["advantages"], b["group_std"] = a.reshape(-1), sd.reshape(-1)
             if s.beta != 0.0:
                 with torch.no_grad(), peft.disable_adapter():
                     b["ref_logps"] = token_logps(peft, b, s.temperature)
@@ -190,7 +189,12 @@ class GRPO(Objective):
         logps = token_logps(model, batch, s.temperature)
         mask = batch["completion_mask"].to(logps.dtype)
         per_token, kl, clipped = grpo_token_loss(
-            logps, logps.detach(), batch.get("ref_logps"), batch["advantages"], s.beta, s.epsilon
+            logps,
+            logps.detach(),
+            batch.get("ref_logps"),
+            batch["advantages"].to(logps.dtype),
+            s.beta,
+            s.epsilon,
         )
         loss = normalised(per_token, mask, s.loss_type, step.totals, s.max_new_tokens)
         rewards, real = batch["rewards_per_func"], batch["real"]
