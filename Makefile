@@ -12,7 +12,7 @@ STAMP       := $(VENV)/.peftcli-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo demo-preference test test-all test-gpu test-latest test-interop lock lock-interop bench bench-memory gpu-wheels gpu-check lint clean
+.PHONY: setup demo demo-preference demo-rl test test-all test-gpu test-latest test-interop lock lock-interop bench bench-memory gpu-wheels gpu-check lint clean
 
 # Installs exactly the lock: its pins with --require-hashes and --no-deps (nothing resolved, so
 # nothing newer slips in), then torch (its dependencies are in the lock already; a CUDA build
@@ -36,6 +36,11 @@ demo: setup
 # SFT, then DPO from it; ORPO and SimPO from the base: preference accuracy and greedy answers.
 demo-preference: setup
 	$(BIN)/python scripts/preference_demo.py
+
+# GRPO from the base with a user reward (capitals): reward before/after and greedy answers.
+demo-rl: setup
+	$(BIN)/peftcli train recipes/rl/grpo.yaml --overwrite
+	$(BIN)/peftcli eval runs/rl-grpo --compare-base
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -223,6 +223,10 @@ def check_preference_data(recipe: Recipe) -> list[str]:
     lines = [f"data: {rows} rows of {fmt} (training.objective: {objective})"]
     if isinstance(section.eval, str) and not sources.is_hub_dataset(section.eval):
         lines.append(f"eval data: {preference.scan(section.eval, fmt, objective, 'data.eval')[1]} rows")
+    if fmt == "prompts":  # the rewards' code is imported and called once, on the first row
+        from peftcli.objectives.rewards import try_rewards
+
+        lines.append(try_rewards(recipe.grpo.rewards, sources.Source(section.train).first()[1]))
     return lines
 
 

@@ -14,19 +14,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from peftcli.methods.table import METHODS, canonical_method
 from peftcli.objectives import OBJECTIVES, DpoLoss, Objective, objective_problem
+from peftcli.objectives.rl_section import GrpoSection
 from peftcli.tasks import TASKS, Task
 
 MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
 Metric = Literal[
-    "loss",
-    "perplexity",
-    "exact_match",
-    "accuracy",
-    "f1",
-    "preference_accuracy",
-    "reward_accuracy",
-    "reward_margin",
-]
+    "loss", "perplexity", "exact_match", "accuracy", "f1", "preference_accuracy", "reward_accuracy",
+    "reward_margin", "reward",
+]  # fmt: skip
 MAX_SEED = 2**32 - 1  # numpy's limit; training seeds numpy, torch and random with it
 
 
@@ -189,11 +184,13 @@ class DataSection(_Section):
         "classification",
         "preference",
         "unpaired",
+        "prompts",
     ] = Field(
         "auto",
         description="How rows become model inputs; auto detects it from the columns. preference: "
         "prompt/chosen/rejected (strings, or chosen/rejected conversations with an optional prompt); "
-        "unpaired (KTO): prompt/completion/label, label true for a desirable answer.",
+        "unpaired (KTO): prompt/completion/label, label true for a desirable answer; prompts (GRPO): "
+        "prompt (text or messages) and the columns the rewards read.",
     )
     chat_template: str | None = Field(
         None,
@@ -270,8 +267,8 @@ class TrainingSection(_Section):
     )
     objective: Objective = Field(
         "sft",
-        description="sft: the task's loss on the data's answers; dpo | orpo | simpo | kto: preference "
-        "tuning on pairs (unpaired answers for kto), with the `preference` section's settings.",
+        description="sft: the task's loss on the answers; dpo | orpo | simpo | kto: preference tuning on "
+        "pairs (kto: unpaired answers), see `preference`; grpo: online RL on prompts, see `grpo`.",
     )
 
     @field_validator("output_dir")
@@ -342,6 +339,7 @@ class Recipe(_Section):
     data: DataSection
     training: TrainingSection = Field(default_factory=TrainingSection)
     preference: PreferenceSection = Field(default_factory=PreferenceSection)
+    grpo: GrpoSection = Field(default_factory=GrpoSection)
     eval: EvalSection = Field(default_factory=EvalSection)
 
     @field_validator("name")
@@ -379,6 +377,8 @@ class Recipe(_Section):
         data = self.data
         if problem := objective_problem(objective, self.model.task, data.packing, data.train_on, data.format):
             raise ValueError(problem)
+        if OBJECTIVES[objective].generates and not self.grpo.rewards:
+            raise ValueError(f"training.objective: {objective} needs grpo.rewards (at least one reward)")
         task, fits = self.model.task, TASKS[self.model.task].metrics
         defaults = TASKS[task].default_metrics
         what = f"model.task: {task}"

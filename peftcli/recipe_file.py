@@ -196,6 +196,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, recorded: 
         value = getattr(recipe.data, key)
         if isinstance(value, str) and not (key == "chat_template" and "{" in value):  # a path
             setattr(recipe.data, key, _resolve_data_path(value, path.parent))
+    for reward in recipe.grpo.rewards:  # a user reward's file, as a data path
+        where, _, name = (reward.function or "").rpartition(":")
+        if where.endswith(".py"):
+            reward.function = f"{_resolve_data_path(where, path.parent)}:{name}"
     if recipe.peft.init_from is not None:
         from peftcli.methods.saved import adopt_settings
 

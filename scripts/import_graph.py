@@ -62,7 +62,7 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
     (
         "objectives",
         tuple(
-            f"peftcli.objectives.{m}" for m in ("preference", "sft", "pairs", "kto", "reference", "build")
+            f"peftcli.objectives.{m}" for m in ("preference", "sft", "pairs", "kto", "grpo", "reference", "build")
         ),
     ),
     ("results", ("peftcli.cards",)),

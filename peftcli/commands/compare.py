@@ -32,7 +32,7 @@ from peftcli.run_folder.lock import writable
 from peftcli.run_folder.plan import protected_paths
 
 RESULT_ENV = "PEFTCLI_COMPARE_RESULT"  # where a worker writes its JSON result
-TASK_METRICS = ("exact_match", "accuracy", "preference_accuracy", "reward_accuracy")
+TASK_METRICS = ("exact_match", "accuracy", "preference_accuracy", "reward_accuracy", "reward")  # reward: grpo
 COLUMNS = [
     "method",
     "variants",  # peft.init, rslora, LoRA+, rank/alpha patterns: what the recipe adds to the method

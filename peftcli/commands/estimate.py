@@ -37,10 +37,9 @@ import math
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from peftcli.commands.estimate_activations import activations
+from peftcli.commands.estimate_activations import activations, sequences
 from peftcli.console import parse_memory, quiet_libraries
 from peftcli.errors import UserError
-from peftcli.objectives import sequences_per_example
 
 if TYPE_CHECKING:
     from peftcli.recipe import Recipe
@@ -212,8 +211,7 @@ def run_plan(recipe: Recipe, on_gpu: bool, num_processes: int) -> dict[str, Any]
         "quantization": recipe.model.quantization,
         "batch_size": recipe.training.batch_size,
         "objective": recipe.training.objective,
-        "sequences": recipe.training.batch_size * sequences_per_example(recipe.training.objective),
-        "max_length": recipe.data.max_length,
+        **sequences(recipe),
         "gradient_checkpointing": recipe.training.gradient_checkpointing,
         "num_processes": num_processes,
         "variants": variants_set(recipe.peft),  # init, rslora, LoRA+, rank/alpha patterns

@@ -126,9 +126,7 @@ def activations(
     from peftcli.methods import METHODS
 
     method = METHODS[recipe.peft.method]
-    # Preference pairs are scored as 2 sequences each (chosen and rejected, in one batch).
-    batch = recipe.training.batch_size * sequences_per_example(recipe.training.objective)
-    length = recipe.data.max_length
+    batch, length = sequences(recipe).values()
     if method.kind == "prompt":  # virtual tokens are positions too
         length += int(
             recipe.peft.options.get("num_virtual_tokens", method.defaults.get("num_virtual_tokens", 0))
@@ -180,3 +178,17 @@ def head_bytes(
         chunk = min(tokens, rows) * vocab * (4 + (act_bytes if act_bytes < 4 else 0))
         return {"logits": saved + chunk, "saved": saved}
     return {"logits": 12 * tokens * vocab, "saved": 4 * tokens * vocab}
+
+
+def sequences(recipe: Recipe) -> dict[str, int]:
+    """One micro-batch's sequences and their longest length: preference pairs are 2 sequences
+    each (chosen and rejected, in one batch); GRPO's are each prompt's group of sampled answers,
+    prompt + max_new_tokens long."""
+    n = recipe.training.batch_size * sequences_per_example(recipe.training.objective)
+    length = recipe.data.max_length
+    if OBJECTIVES[recipe.training.objective].generates:
+        return {
+            "sequences": n * recipe.grpo.num_generations,
+            "max_length": length + recipe.grpo.max_new_tokens,
+        }
+    return {"sequences": n, "max_length": length}

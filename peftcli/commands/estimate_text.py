@@ -57,7 +57,10 @@ def format_estimate(result: dict[str, Any]) -> str:
         lines.append(
             f"note: {objective.name} scores the log-probabilities of whole answers (no fused head)"
             + (
-                "; its reference is the same model with the adapter disabled (or the starting adapter), "
+                "; it samples a group of answers per prompt (batch × num_generations sequences of prompt"
+                " + max_new_tokens, counted above); its reference is the base (the adapter disabled)"
+                if objective.generates
+                else "; its reference is the same model with the adapter disabled (or the starting adapter), "
                 "scored once before training without gradients: no second copy of the weights"
                 if objective.reference
                 else "; no reference model"
@@ -68,7 +71,8 @@ def format_estimate(result: dict[str, Any]) -> str:
 
 def _batch(plan: dict[str, Any]) -> str:
     if plan.get("sequences", plan["batch_size"]) != plan["batch_size"]:
-        return f"{plan['batch_size']} pairs = {plan['sequences']} sequences"
+        unit = "prompts" if OBJECTIVES[plan.get("objective", "sft")].generates else "pairs"
+        return f"{plan['batch_size']} {unit} = {plan['sequences']} sequences"
     return str(plan["batch_size"])
 
 

@@ -146,12 +146,15 @@ def run_preference_eval(target: Any, data: Path | None, compare_base: bool, name
     model.eval()
     start = recipe.peft.init_from if recipe else None
     settings = recipe.preference if recipe else PreferenceSection()
-    objective = build_objective(name, "causal_lm", tokenizer, EvalSection(), settings, start is not None)
+    grpo = recipe.grpo if recipe else None  # GRPO: the run's rewards
+    objective = build_objective(
+        name, "causal_lm", tokenizer, EvalSection(), settings, start is not None, grpo
+    )
     saved = Layout(target.run_dir).reference if target.run_dir and data is None else None
     batch, n = training.batch_size, len(split.examples)
     objective.prepare(model, {"eval": split.examples}, accelerator, batch, saved, start=start, keep=False)
     results: dict[str, Any] = {}
-    what = {"preference": "pairs", "unpaired": "answers"}[OBJECTIVES[name].formats[0]]
+    what = {"preference": "pairs", "unpaired": "answers", "prompts": "prompts"}[OBJECTIVES[name].formats[0]]
     if compare_base:
         say(f"peftcli: evaluating the base model on {n} {what}")
         with model.disable_adapter():

@@ -211,10 +211,12 @@ class Shard:
         if "pair_mask" in batch:  # preference batches: one mask entry per pair (or KTO answer)
             rows = batch["pair_mask"].shape[0]
         else:
-            rows = batch["labels"].shape[0]
+            rows = batch["input_ids"].shape[0]
         if first + rows <= self.examples:
             return batch
-        repeat = torch.arange(first, first + rows, device=batch["labels"].device) >= self.examples
+        repeat = torch.arange(first, first + rows, device=batch["input_ids"].device) >= self.examples
+        if "labels" not in batch and "pair_mask" not in batch:  # prompts (GRPO): sampled, counted as nothing
+            return {**batch, "repeat": repeat}
         if "pair_mask" in batch:
             sequences = repeat.repeat(batch["row_tokens"].shape[0] // rows)  # chosen rows, then rejected
             tokens = batch["row_tokens"].masked_fill(sequences, 0)

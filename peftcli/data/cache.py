@@ -75,6 +75,11 @@ def prepare(
         tokenizer.chat_template = chat_template(section, tokenizer)
     train = Source(section.train, "data.train")
     held_out = Source(section.eval, "data.eval") if isinstance(section.eval, str) else None
+    if OBJECTIVES[objective].generates:  # prompts, answered in training: no tokens to cache
+        from peftcli.data.prompts import prepare_prompts
+
+        held = [] if held_out is not None else _held_out_rows(section, sum(1 for _ in train.rows()), seed)
+        return prepare_prompts(section, tokenizer, train, held_out, held)
     if not on_task_data:
         fmt = preference.detect(train.first()[1], section.format, objective)
         if held_out is not None:

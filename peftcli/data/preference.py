@@ -38,10 +38,13 @@ def detect(row: dict[str, Any], wanted: str, objective: str, key: str = "data.fo
     from peftcli.objectives import OBJECTIVES
 
     fmt = OBJECTIVES[objective].formats[0] if wanted == "auto" else wanted
-    need = PAIR_COLUMNS if fmt == "preference" else UNPAIRED_COLUMNS
+    need, shape = {
+        "preference": (PAIR_COLUMNS, "chosen+rejected (and prompt)"),
+        "unpaired": (UNPAIRED_COLUMNS, "prompt+completion+label"),
+        "prompts": (("prompt",), "a prompt and the columns the rewards read"),
+    }[fmt]
     missing = [c for c in need if c not in row]
     if missing:
-        shape = "chosen+rejected (and prompt)" if fmt == "preference" else "prompt+completion+label"
         raise UserError(
             f"{key}: training.objective: {objective} needs {fmt} rows ({shape}); "
             f"the data has {sorted(row)}, missing `{missing[0]}`",
@@ -132,6 +135,10 @@ def unpaired(row: dict[str, Any], where: str) -> tuple[Answer, bool]:
 
 
 def check_row(row: dict[str, Any], fmt: str, where: str) -> None:
+    if fmt == "prompts":  # GRPO: a prompt, text or messages (data.prompts renders it)
+        if not isinstance(row.get("prompt"), str):
+            _messages(row.get("prompt"), "prompt", where)
+        return
     pair(row, where) if fmt == "preference" else unpaired(row, where)
 
 

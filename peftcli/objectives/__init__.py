@@ -9,7 +9,9 @@ on, whether it compares the policy with a reference model, what evaluation compu
   answer plus λ times the log-sigmoid of the log odds ratio; no reference;
 - simpo: SimPO (Meng et al., 2024), length-normalised log-likelihood margin minus γ; no reference;
 - kto: Kahneman-Tversky Optimization (Ethayarajh et al., 2024) on unpaired answers labelled
-  desirable or not, against a reference and a batch estimate of the KL term.
+  desirable or not, against a reference and a batch estimate of the KL term;
+- grpo: online RL with rewards (GRPO, Shao et al., 2024): the model samples a group of answers
+  per prompt, the `grpo.rewards` score them, each moves by its advantage within its group.
 
 This module imports nothing heavy: the recipe schema, `validate` and the data checks read it.
 How each objective trains and evaluates is a class of its own (base.py: the interface; sft.py,
@@ -21,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-Objective = Literal["sft", "dpo", "orpo", "simpo", "kto"]
+Objective = Literal["sft", "dpo", "orpo", "simpo", "kto", "grpo"]
 DpoLoss = Literal["sigmoid", "ipo", "hinge", "robust"]
 
 # What evaluation computes on preference data. `preference_accuracy`: share of pairs whose chosen
@@ -44,6 +46,7 @@ class ObjectiveSpec:
     reference: bool  # compares the policy with a frozen reference
     metrics: tuple[str, ...]  # () = the task's (tasks.TASKS)
     sequences: int = 1  # sequences one example is scored as, in one forward pass
+    generates: bool = False  # samples its own answers to prompts in training (online RL)
 
     @property
     def task_loss(self) -> bool:
@@ -61,6 +64,9 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {
         ObjectiveSpec("simpo", ("preference",), False, PREFERENCE_METRICS, sequences=2),
         # KTO's mismatched answer for its KL estimate goes through a separate pass without gradients.
         ObjectiveSpec("kto", ("unpaired",), True, ("loss", "reward_accuracy", "reward_margin")),
+        # Online RL: prompts (text or chat messages) and the columns its rewards read; it samples
+        # its own answers. The reference is the base with the adapter disabled (beta > 0).
+        ObjectiveSpec("grpo", ("prompts",), True, ("reward",), generates=True),
     ]
 }
 assert tuple(OBJECTIVES) == get_args(Objective)

@@ -38,6 +38,7 @@ class Objective:
     name: str
     sums: tuple[str, ...]  # what a step or an evaluation adds up (float64); metrics are ratios of them
     counted: str  # the sum the run's summary totals (supervised_tokens, pairs)
+    step: int = 0  # the optimizer step being taken (the loop sets it; GRPO seeds its sampling by it)
 
     def collate(self, examples: list[dict[str, Any]]) -> Batch:
         """A micro-batch of the objective's examples (the training and evaluation loaders use it)."""

@@ -7,18 +7,34 @@ from typing import Any
 
 from peftcli.objectives import OBJECTIVES
 from peftcli.objectives.base import Objective
+from peftcli.objectives.grpo import GRPO
 from peftcli.objectives.kto import KTO
 from peftcli.objectives.pairs import DPO, ORPO, SimPO
 from peftcli.objectives.sft import SFT
 
-CLASSES: dict[str, type[Objective]] = {"sft": SFT, "dpo": DPO, "orpo": ORPO, "simpo": SimPO, "kto": KTO}
+CLASSES: dict[str, type[Objective]] = {
+    "sft": SFT,
+    "dpo": DPO,
+    "orpo": ORPO,
+    "simpo": SimPO,
+    "kto": KTO,
+    "grpo": GRPO,
+}
 assert tuple(CLASSES) == tuple(OBJECTIVES)
 
 
 def build_objective(
-    name: str, task: str, tokenizer: Any, eval_section: Any, preference: Any, start: bool = False
+    name: str,
+    task: str,
+    tokenizer: Any,
+    eval_section: Any,
+    preference: Any,
+    start: bool = False,
+    grpo: Any = None,
 ) -> Objective:
     """`name`'s objective, for a model of `task` and its tokenizer; `eval_section` and
     `preference` are the recipe's sections, `start` whether the run starts from an adapter
-    (peft.init_from: for DPO and KTO, the reference)."""
+    (peft.init_from: for DPO and KTO, the reference); `grpo` the grpo section (its rewards)."""
+    if grpo is not None and CLASSES[name] is GRPO:
+        return GRPO(name, task, tokenizer, eval_section, preference, start, grpo)
     return CLASSES[name](name, task, tokenizer, eval_section, preference, start)

@@ -160,6 +160,7 @@ def load_stages(recipe: Recipe, where: run_folder.Plan, accelerator: Any) -> Sta
         recipe.eval,
         recipe.preference,
         recipe.peft.init_from is not None,
+        recipe.grpo,
     )
     if recipe.peft.init == "eva":  # from the run's first training batches, in the run's order
         used = eva(model, make_loader(data, recipe.training, objective.collate), accelerator.device)

@@ -31,7 +31,8 @@ class MetricsLog:
 
 def plot_losses(metrics_path: Path, out: Path, title: str = "") -> None:
     """Train and eval loss against the optimizer step; for preference objectives a second panel
-    with the reward margin and the reward accuracy (train and eval)."""
+    with the reward margin and the reward accuracy (train and eval); for GRPO one with the mean
+    reward, each reward's mean, and the held-out reward."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -40,7 +41,8 @@ def plot_losses(metrics_path: Path, out: Path, title: str = "") -> None:
     rows = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    preference = any("reward_margin" in r for r in rows)
+    online = any("reward" in r for r in rows)  # GRPO's sampled rewards
+    preference = online or any("reward_margin" in r for r in rows)
     fig, axes = plt.subplots(1, 2 if preference else 1, figsize=(11.0 if preference else 6.4, 4.0), dpi=110)
     ax = axes[0] if preference else axes
     if train:
@@ -48,12 +50,14 @@ def plot_losses(metrics_path: Path, out: Path, title: str = "") -> None:
     if evals:
         ax.plot(*zip(*evals, strict=True), "o-", label="eval loss", color="tab:orange")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (per pair)" if preference else "loss (per supervised token)")
+    ax.set_ylabel(
+        "loss (per step)" if online else "loss (per pair)" if preference else "loss (per supervised token)"
+    )
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     if preference:
-        _plot_rewards(axes[1], rows)
+        (_plot_online_rewards if online else _plot_rewards)(axes[1], rows)
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
@@ -90,3 +94,17 @@ def _plot_rewards(ax: Any, rows: list[dict[str, Any]]) -> None:
     lines = ax.get_legend_handles_labels()
     more = twin.get_legend_handles_labels()
     ax.legend(lines[0] + more[0], lines[1] + more[1], loc="lower right", fontsize="small")
+
+
+def _plot_online_rewards(ax: Any, rows: list[dict[str, Any]]) -> None:
+    """GRPO: the sampled completions' mean reward, each reward's, and the held-out reward."""
+    keys = list(dict.fromkeys(k for r in rows for k in r if k == "reward" or k.startswith("reward_")))
+    keys = [k for k in keys if k != "reward_std"] + ["eval_reward", "eval_reward_greedy"]
+    for key in keys:
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        if points:
+            ax.plot(*zip(*points, strict=True), "o--" if key.startswith("eval_") else "-", label=key)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("mean reward")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize="small")

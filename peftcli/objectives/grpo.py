@@ -1,0 +1,254 @@
+"""GRPO: online RL with rewards (Shao et al., 2024), on the one objective interface.
+
+Per optimizer step `begin_step` samples `num_generations` completions of each prompt of the
+step's micro-batches with HF `generate` (seeded by the run's seed, the step, the process and the
+micro-batch, so a resumed run samples what an uninterrupted one would), scores them with the
+recipe's rewards, and turns each prompt's group into advantages: (reward − the group's mean),
+divided by the group's (or the batch's) std. A group never spans processes (each process samples
+whole groups for its own prompts), so its statistics are exact with any number of processes;
+`scale_rewards: batch` sums over all processes in one all-reduce.
+
+The loss is TRL's GRPOTrainer's (token-level importance ratio, clipped to [1-ε, 1+ε], plus
+β times the k3 estimate of KL(π‖π_ref)). Each generation batch is trained on once (TRL's
+num_iterations = 1), so the ratio is 1 in value and only its gradient acts. The reference is
+the base model: the adapter disabled, no second copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+
+from peftcli.objectives.base import Batch, Objective, Step
+from peftcli.objectives.rewards import Rewards
+
+
+def grpo_token_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    ref_logps: torch.Tensor | None,
+    advantages: torch.Tensor,
+    beta: float,
+    epsilon: float,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Per-token loss [n, T], per-token KL (None when β = 0), and which tokens were clipped."""
+    ratio = torch.exp(logps - old_logps)
+    clipped_ratio = torch.clamp(ratio, 1 - epsilon, 1 + epsilon)
+    a = advantages.unsqueeze(1)
+    per_token = -torch.min(ratio * a, clipped_ratio * a)
+    clipped = (ratio * a) > (clipped_ratio * a)
+    kl = None
+    if beta != 0.0:
+        kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1  # type: ignore[operator]
+        per_token = per_token + beta * kl
+    return per_token, kl, clipped
+
+
+def normalised(
+    per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, totals: dict[str, Any], max_new_tokens: int
+) -> torch.Tensor:
+    """A micro-batch's share of the global batch's loss (see GrpoSection.loss_type): divided by
+    what the whole global batch holds, so accumulation and processes give one big batch's loss."""
+    if loss_type == "grpo":  # each completion's mean over its tokens, then the mean over completions
+        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / totals["completions"]
+    if loss_type == "dr_grpo":  # a constant length: no bias towards short or long answers
+        return (per_token * mask).sum() / (totals["completions"] * max_new_tokens)
+    return (per_token * mask).sum() / totals["tokens"]  # dapo: every token of the batch alike
+
+
+def token_logps(model: Any, batch: Batch, temperature: float) -> torch.Tensor:
+    """Log-probabilities [n, T] of the completion tokens (logits / temperature, as TRL)."""
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    t = batch["completion_ids"].shape[1]
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, -t - 1 : -1, :].float() / temperature
+    return torch.gather(logits.log_softmax(-1), 2, batch["completion_ids"].unsqueeze(-1)).squeeze(-1)
+
+
+class GRPO(Objective):
+    counted = "completions"
+
+    def __init__(
+        self,
+        name: str,
+        task: str,
+        tokenizer: Any,
+        eval_section: Any,
+        preference: Any = None,
+        start: bool = False,
+        section: Any = None,
+    ):
+        self.name, self.task, self.tokenizer, self.eval_section = name, task, tokenizer, eval_section
+        self.section, self.rewards = section, Rewards(section.rewards)
+        # load_stages seeds torch with training.seed before it builds the objective.
+        self.seed = torch.initial_seed()
+        self.sums = (
+            "loss", "steps", "completions", "completion_tokens", "kl", "clipped", "reward", "reward_std", "groups",
+        ) + tuple(f"reward_{n}" for n in self.rewards.names)  # fmt: skip
+
+    def collate(self, examples: list[dict[str, Any]], multiple: int = 1, limit: int | None = None) -> Batch:
+        """Prompts, left-padded for generation, with their text and the rows' other columns."""
+        longest = max(len(e["input_ids"]) for e in examples)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(examples), longest), pad, dtype=torch.long)
+        mask = torch.zeros((len(examples), longest), dtype=torch.long)
+        for row, e in enumerate(examples):
+            ids[row, longest - len(e["input_ids"]) :] = torch.tensor(e["input_ids"])
+            mask[row, longest - len(e["input_ids"]) :] = 1
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "num_tokens": mask.sum(),
+            "prompts": [e["prompt"] for e in examples],  # type: ignore[dict-item]
+            "columns": [e["columns"] for e in examples],  # type: ignore[dict-item]
+            "rows": [e["row"] for e in examples],  # type: ignore[dict-item]
+        }
+
+    def sample(self, model: Any, prompts: Batch, generations: int, seed: int, greedy: bool = False) -> Batch:
+        """`generations` completions of each prompt, scored: a micro-batch to train on."""
+        peft = model.module if hasattr(model, "module") else model
+        s, device = self.section, prompts["input_ids"].device
+        ids = prompts["input_ids"].repeat_interleave(generations, 0)
+        mask = prompts["attention_mask"].repeat_interleave(generations, 0)
+        was_training = peft.training
+        peft.eval()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+            torch.manual_seed(seed)
+            out = peft.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=s.max_new_tokens,
+                do_sample=not greedy, temperature=s.temperature, top_p=s.top_p, top_k=0,
+                pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+            )  # fmt: skip
+        peft.train(was_training)
+        completion = out[:, ids.shape[1] :]
+        # A completion ends at its first EOS (kept: the model learns to stop); the rest is padding.
+        is_eos = completion == self.tokenizer.eos_token_id
+        ends = torch.where(is_eos.any(1), is_eos.int().argmax(1), completion.shape[1])
+        keep = torch.arange(completion.shape[1], device=device).unsqueeze(0) <= ends.unsqueeze(1)
+        real = torch.ones(len(ids), dtype=torch.float64, device=device)
+        if "repeat" in prompts:  # a prompt Accelerate repeats to even out the epoch: no tokens, no sums
+            real = (~prompts["repeat"]).repeat_interleave(generations).double()
+        texts = [
+            self.tokenizer.decode(c[: int(k.sum())], skip_special_tokens=True)
+            for c, k in zip(completion, keep, strict=True)
+        ]
+        repeat = lambda xs: [x for x in xs for _ in range(generations)]  # noqa: E731
+        scores = self.rewards.score(
+            repeat(prompts["prompts"]), texts, repeat(prompts["columns"]), repeat(prompts["rows"])
+        )
+        per_func = torch.tensor(scores, dtype=torch.float64, device=device).reshape(len(texts), -1)
+        weights = torch.tensor(self.rewards.weights, dtype=torch.float64, device=device)
+        return {
+            "prompt_ids": ids,
+            "prompt_mask": mask,
+            "completion_ids": completion,
+            "completion_mask": keep.long() * real.long().unsqueeze(1),
+            "real": real,
+            "rewards_per_func": per_func,
+            "rewards": per_func @ weights,
+            "texts": texts,  # type: ignore[dict-item]
+        }
+
+    def step_seed(self, accelerator: Any, index: int) -> int:
+        text = f"{self.seed}/{self.step}/{accelerator.process_index}/{index}"
+        return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
+
+    def begin_step(self, model: Any, group: list[Batch], accelerator: Any) -> Step:
+        s, g = self.section, self.section.num_generations
+        batches = [self.sample(model, b, g, self.step_seed(accelerator, i)) for i, b in enumerate(group)]
+        rewards = torch.cat([b["rewards"] for b in batches]).view(-1, g)
+        mean, std = rewards.mean(1, keepdim=True), rewards.std(1, keepdim=True)
+        advantages = rewards - mean
+        if s.scale_rewards == "group":
+            advantages = advantages / (std + 1e-4)  # TRL's epsilon: a group of equal rewards stays 0
+        elif s.scale_rewards == "batch":  # the std over every (real) completion of every process
+            real = torch.cat([b["real"] for b in batches]).view(-1, g)
+            n = torch.stack([real.sum(), (rewards * real).sum(), (rewards.square() * real).sum()])
+            n = accelerator.reduce(n, "sum")
+            var = (n[2] - n[1] ** 2 / n[0]) / (n[0] - 1).clamp(min=1)
+            advantages = advantages / (var.clamp(min=0).sqrt() + 1e-4)
+        peft = model.module if hasattr(model, "module") else model
+        for b, a, sd in zip(batches, advantages.split([len(b["rewards"]) // g for b in batches]), std.split(
+            [len(b["rewards"]) // g for b in batches]), strict=True):  # fmt: skip
+            b["advantages"], b["group_std"] = a.reshape(-1), sd.reshape(-1)
+            if s.beta != 0.0:
+                with torch.no_grad(), peft.disable_adapter():
+                    b["ref_logps"] = token_logps(peft, b, s.temperature)
+        local = torch.stack(
+            [sum(b["real"].sum() for b in batches).to(accelerator.device),
+             sum(b["completion_mask"].sum() for b in batches).double().to(accelerator.device)]
+        )  # fmt: skip
+        total = accelerator.reduce(local, "sum")
+        one = torch.ones((), dtype=torch.float64, device=accelerator.device)
+        return Step(batches, {"completions": total[0], "tokens": total[1].clamp(min=1)}, {"steps": one})
+
+    def loss(self, model: Any, batch: Batch, step: Step) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        s = self.section
+        logps = token_logps(model, batch, s.temperature)
+        mask = batch["completion_mask"].to(logps.dtype)
+        per_token, kl, clipped = grpo_token_loss(
+            logps,
+            logps.detach(),
+            batch.get("ref_logps"),
+            batch["advantages"].to(logps.dtype),
+            s.beta,
+            s.epsilon,
+        )
+        loss = normalised(per_token, mask, s.loss_type, step.totals, s.max_new_tokens)
+        rewards, real = batch["rewards_per_func"], batch["real"]
+        groups = real[:: s.num_generations]  # 1 for each group of a real (not repeated) prompt
+        sums = {
+            "loss": loss.detach().double(),
+            "completions": real.sum(),
+            "completion_tokens": mask.sum().double(),
+            "kl": (kl.detach() * mask).sum().double() if kl is not None else mask.sum().double() * 0,
+            "clipped": (clipped * mask).sum().double(),
+            "reward": (batch["rewards"] * real).sum(),
+            "reward_std": (batch["group_std"] * groups).sum(),
+            "groups": groups.sum(),
+        }
+        for i, name in enumerate(self.rewards.names):
+            sums[f"reward_{name}"] = (rewards[:, i] * real).sum()
+        return loss, sums
+
+    def metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        n, tokens = max(sums["completions"], 1.0), max(sums["completion_tokens"], 1.0)
+        out = {
+            "loss": sums["loss"] / max(sums["steps"], 1.0),
+            "reward": sums["reward"] / n,
+            "reward_std": sums["reward_std"] / max(sums["groups"], 1.0),
+            "kl": sums["kl"] / tokens,
+            "completion_length": sums["completion_tokens"] / n,
+            "clip_fraction": sums["clipped"] / tokens,
+        }
+        out.update({f"reward_{k}": sums[f"reward_{k}"] / n for k in self.rewards.names})
+        return out
+
+    def evaluate(
+        self, model: Any, split: Any, accelerator: Any, batch_size: int, final: bool = False
+    ) -> dict[str, Any]:
+        """Mean reward on the split's prompts: greedy (one answer each) and sampled (a group each,
+        seeded by the run's seed alone, so evaluations of two adapters sample alike)."""
+        greedy = sampled = 0.0
+        examples, samples = split.examples, []
+        for start in range(0, len(examples), batch_size):
+            prompts = self.collate(
+                [examples[i] for i in range(start, min(start + batch_size, len(examples)))]
+            )
+            prompts = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in prompts.items()}
+            best = self.sample(model, prompts, 1, self.seed, greedy=True)
+            greedy += float(best["rewards"].sum())
+            g = self.section.num_generations
+            sampled += float(self.sample(model, prompts, g, self.seed + start)["rewards"].sum()) / g
+            for p, c, out in zip(prompts["prompts"], prompts["columns"], best["texts"], strict=True):
+                if len(samples) < 3:  # a few greedy answers to read (eval's table shows them)
+                    samples.append({"prompt": p, "reference": str(c.get("answer", "")), "output": out})
+        n = max(len(examples), 1)
+        return {
+            "reward": sampled / n,
+            "reward_greedy": greedy / n,
+            "examples": len(examples),
+            "samples": samples,
+        }
