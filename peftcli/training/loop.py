@@ -174,8 +174,7 @@ def fit(
     started = time.perf_counter()
     last: dict[str, Any] = {}
     for step in range(done + 1, p.total_steps + 1):
-        group = next(t.groups)
-        objective.step = step
+        group, objective.step = next(t.groups), step  # a sampling objective seeds by the step
         sums = backward(model, group, objective, accelerator, penalty, t.peft_model)
         window.add(sums, sum(b["num_tokens"] for b in group))  # on the device: nothing read back
         grad_norm = (
