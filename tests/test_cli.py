@@ -49,6 +49,7 @@ def test_schema_is_json_schema_with_every_section(capsys):
         "data",
         "training",
         "preference",
+        "grpo",
         "eval",
     }
 
