@@ -40,7 +40,7 @@ LLAMA_FACTOR = 3
 VLLM_TIE = 1e-4
 METHODS = {  # name: recipe peft section (all on tiny-llama-bpe, all linear layers)
     "lora": {"method": "lora"},
-    "rslora": {"method": "lora", "options": {"use_rslora": True}},
+    "rslora": {"method": "lora", "rslora": True},
     "dora": {"method": "dora"},
     "qlora": {"method": "qlora"},
     "lora+modules_to_save": {"method": "lora", "options": {"modules_to_save": ["lm_head"]}},
