@@ -143,15 +143,25 @@ def trained_bpe_tokenizer(
 # frozen random model then has logits large enough for an adapter to make sharp predictions.
 
 
-def _tiny_llama() -> tuple[Any, Any]:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = byte_level_tokenizer(
+def _chatml_byte_tokenizer() -> Any:
+    """tiny-llama's tokenizer (tiny-mixtral's too): byte-level, ChatML specials and template."""
+    return byte_level_tokenizer(
         ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"],
         {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"},
         wrap=("<s>", None),
         chat_template=CHATML_TEMPLATE,
     )
+
+
+def _stop_at_turn_end(model: Any, tok: Any) -> None:
+    """Generation stops at the end of an assistant turn as well as at </s>."""
+    model.generation_config.eos_token_id = [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
+
+
+def _tiny_llama() -> tuple[Any, Any]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = _chatml_byte_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tok),
         hidden_size=128,
@@ -167,8 +177,7 @@ def _tiny_llama() -> tuple[Any, Any]:
         initializer_range=128**-0.5,
     )
     model = LlamaForCausalLM(config)
-    # Stop at the end of an assistant turn as well as at </s>.
-    model.generation_config.eos_token_id = [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
+    _stop_at_turn_end(model, tok)
     return model, tok
 
 
@@ -178,12 +187,7 @@ def _tiny_mixtral() -> tuple[Any, Any]:
     # tiny-llama's tokenizer; 4 experts, 2 per token. transformers 5 holds each block's
     # experts as two fused 3-D parameters (gate_up_proj, down_proj) and its router as a plain
     # weight: none of them is an nn.Linear, so `all-linear` alone leaves them out.
-    tok = byte_level_tokenizer(
-        ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"],
-        {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"},
-        wrap=("<s>", None),
-        chat_template=CHATML_TEMPLATE,
-    )
+    tok = _chatml_byte_tokenizer()
     config = MixtralConfig(
         vocab_size=len(tok),
         hidden_size=64,
@@ -202,7 +206,7 @@ def _tiny_mixtral() -> tuple[Any, Any]:
         router_jitter_noise=0.0,
     )
     model = MixtralForCausalLM(config)
-    model.generation_config.eos_token_id = [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
+    _stop_at_turn_end(model, tok)
     return model, tok
 
 
@@ -234,7 +238,7 @@ def _tiny_llama_bpe() -> tuple[Any, Any]:
         initializer_range=128**-0.5,
     )
     model = LlamaForCausalLM(config)
-    model.generation_config.eos_token_id = [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
+    _stop_at_turn_end(model, tok)
     return model, tok
 
 
