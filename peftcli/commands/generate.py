@@ -184,15 +184,18 @@ def run_generate(
     else:
         from transformers import set_seed
 
+        from peftcli.methods.generation import generate
+
         set_seed(seed)
         with torch.no_grad():
-            out = model.generate(
-                input_ids=torch.tensor([ids], device=device),
-                attention_mask=torch.ones((1, len(ids)), dtype=torch.long, device=device),
-                max_new_tokens=max_new_tokens,
+            out = generate(
+                model,
+                torch.tensor([ids], device=device),
+                torch.ones((1, len(ids)), dtype=torch.long, device=device),
+                max_new_tokens,
+                tokenizer.pad_token_id,
                 do_sample=True,
                 temperature=temperature,
-                pad_token_id=tokenizer.pad_token_id,
             )
         new = out[0] if getattr(model.config, "is_encoder_decoder", False) else out[0, len(ids) :]
         output = tokenizer.decode(new, skip_special_tokens=True)

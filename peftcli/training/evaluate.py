@@ -10,6 +10,7 @@ import torch
 
 from peftcli.data.batching import collate
 from peftcli.data.splits import Reference, Split
+from peftcli.methods.generation import generate
 from peftcli.training.losses import example_losses, forward
 
 if TYPE_CHECKING:
@@ -76,13 +77,7 @@ def generate_answers(
         longest = max(len(p) for p in chunk)
         ids = torch.tensor([[pad] * (longest - len(p)) + p for p in chunk], device=device)
         mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in chunk], device=device)
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad,
-        )
+        out = generate(model, ids, mask, max_new_tokens, pad)
         # Decoder-only models return prompt + continuation; encoder-decoders the decoder only.
         new = out if getattr(model.config, "is_encoder_decoder", False) else out[:, longest:]
         answers += tokenizer.batch_decode(new, skip_special_tokens=True)
