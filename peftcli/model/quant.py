@@ -30,6 +30,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from peftcli.errors import UserError
+from peftcli.model.parts import PROJECTOR_NAMES, VISION_NAMES
+from peftcli.tasks import TASKS
 
 if TYPE_CHECKING:
     from peftcli.recipe import ModelSection
@@ -56,6 +58,9 @@ def quantization_config(section: ModelSection, dtype: Any) -> Any:
     # A classifier's head is created fresh and trained in full precision (PEFT's
     # modules_to_save); quantizing it would leave an uninitialised 4/8-bit layer.
     skip = {"llm_int8_skip_modules": list(CLASSIFIER_HEADS)} if section.task == "seq_cls" else {}
+    if TASKS[section.task].vision:  # the language model only, as peers do: the vision tower and
+        # the projector keep their dtype (the head too, as for a text model)
+        skip = {"llm_int8_skip_modules": [*VISION_NAMES, *PROJECTOR_NAMES, "lm_head"]}
     if section.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True, **skip)
     return BitsAndBytesConfig(

@@ -1,0 +1,220 @@
+"""Vision-language fine-tuning on builtin:tiny-llava: image+text messages train (LoRA, QLoRA, DoRA)
+with the loss on the assistant's text only, the frozen parts stay frozen, the adapter reloads with
+plain transformers + PEFT and its processor, and bad images are refused in one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from .conftest import cli, one_error_line, run_cli, write_jsonl, write_recipe
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
+
+
+def image_rows(folder: Path, n: int = 32) -> list[dict]:
+    """Plain squares of four colours, asked for their colour; every other row names its image
+    through the `images` column instead of the part."""
+    from PIL import Image
+
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        name = list(COLOURS)[i % len(COLOURS)]
+        Image.new("RGB", (40, 40), COLOURS[name]).save(folder / "img" / f"{i}.png")
+        image = {"type": "image", "image": f"img/{i}.png"} if i % 2 else {"type": "image"}
+        row = {
+            "messages": [
+                {"role": "user", "content": [image, {"type": "text", "text": "What colour is it?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": name}]},
+            ]
+        }
+        if not i % 2:
+            row["images"] = [f"img/{i}.png"]
+        rows.append(row)
+    return rows
+
+
+@pytest.fixture
+def image_data(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "train.jsonl", image_rows(tmp_path))
+
+
+def vlm_recipe(tmp_path: Path, name: str = "r", **sections) -> Path:
+    sections.setdefault("training", {})
+    sections["training"] = {"output_dir": str(tmp_path / f"run-{name}"), "max_steps": 6, **sections["training"]}
+    model = {"name_or_path": "builtin:tiny-llava", "task": "image_text", **sections.pop("model", {})}
+    data = {"train": str(tmp_path / "train.jsonl"), "max_length": 64, **sections.pop("data", {})}
+    return write_recipe(tmp_path / f"{name}.yaml", model=model, data=data, **sections)
+
+
+def losses(run: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def tokenizer():
+    from peftcli.model.load import load_tokenizer
+    from peftcli.recipe import ModelSection
+
+    return load_tokenizer(ModelSection(name_or_path="builtin:tiny-llava", task="image_text"))
+
+
+def test_only_the_assistants_text_carries_loss_token_by_token(tmp_path, image_data):
+    from peftcli.data import Encoder, new_stats, read_rows
+    from peftcli.recipe import DataSection
+
+    tok = tokenizer()
+    encoder = Encoder(tok, "messages", DataSection(train=str(image_data)), "image_text")
+    rows = read_rows(str(image_data))[:4]
+    examples = encoder.examples(rows, new_stats())
+    image_id = tok.convert_tokens_to_ids("<image>")
+    for (where, row), example in zip(rows, examples, strict=True):
+        ids, labels = example["input_ids"], example["labels"]
+        answer = row["messages"][-1]["content"][0]["text"]
+        # 32x32 images in 8x8 patches: 16 tokens each, in one run where the placeholder stood.
+        assert ids.count(image_id) == 16
+        first = ids.index(image_id)
+        assert ids[first : first + 16] == [image_id] * 16
+        supervised = [i for i, y in enumerate(labels) if y != -100]
+        # The loss is on exactly the answer and the end of its turn, nothing before it.
+        assert tok.decode([ids[i] for i in supervised]) == answer + "<|im_end|>"
+        assert supervised == list(range(supervised[0], supervised[0] + len(supervised)))
+        assert tok.decode(ids[: supervised[0]]).endswith("<|im_start|>assistant\n")
+        assert all(labels[i] == ids[i] for i in supervised)
+        assert example["images"] == [str((image_data.parent / "img" / f"{rows.index((where, row))}.png").resolve())]
+
+
+@pytest.mark.parametrize(
+    "method,model",
+    [("lora", {}), ("dora", {}), ("qlora", {"quantization": "4bit"})],
+)
+def test_methods_train_on_images_and_text_with_falling_loss(tmp_path, image_data, capsys, method, model):
+    recipe = vlm_recipe(
+        tmp_path,
+        peft={"method": method},
+        model=model,
+        training={"max_steps": 8, "lr": 5e-3},
+        eval={"metrics": ["loss", "exact_match"], "max_new_tokens": 4},
+    )
+    code, _, err = cli("train", str(recipe), capsys=capsys)
+    assert code == 0, err
+    run = tmp_path / "run-r"
+    seen = losses(run)
+    assert seen[-1] < seen[0] * 0.8, seen
+    assert "exact_match" in json.loads((run / "eval.json").read_text())
+    if method == "qlora":
+        assert "vision tower and projector stay in" in err
+    # The processor travels with the adapter, so eval, generate and merge find it.
+    assert (run / "adapter" / "processor_config.json").is_file()
+
+
+def test_frozen_parts_stay_out_of_the_adapter_and_the_projector_trains_when_asked(tmp_path, image_data, capsys):
+    from safetensors.torch import load_file
+
+    from peftcli.model import builtin
+
+    base = load_file(builtin.materialise("tiny-llava") / "model.safetensors")
+    frozen = vlm_recipe(tmp_path, "frozen")
+    assert cli("train", str(frozen), capsys=capsys)[0] == 0
+    saved = load_file(tmp_path / "run-frozen" / "adapter" / "adapter_model.safetensors")
+    assert saved and all("language_model" in k for k in saved), sorted(saved)[:5]
+    projector = vlm_recipe(tmp_path, "projector", peft={"train_projector": True})
+    assert cli("train", str(projector), capsys=capsys)[0] == 0
+    saved = load_file(tmp_path / "run-projector" / "adapter" / "adapter_model.safetensors")
+    trained = {k: v for k, v in saved.items() if "multi_modal_projector" in k}
+    assert len(trained) == 4  # two linears, weight and bias, saved whole
+    assert not any("vision_tower" in k for k in saved)
+    for key, value in trained.items():
+        original = next(v for k, v in base.items() if k.endswith(key.split("multi_modal_projector.")[1]) and "projector" in k)
+        assert not torch.equal(value, original), key
+
+
+def test_bad_images_end_in_one_line_naming_the_row_and_write_nothing(tmp_path, image_data):
+    rows = image_rows(tmp_path, 4)
+    (tmp_path / "img" / "corrupt.png").write_bytes(b"not a png at all")
+    cases = {
+        "missing": ({"type": "image", "image": "img/nope.png"}, "image not found"),
+        "corrupt": ({"type": "image", "image": "img/corrupt.png"}, "cannot read image"),
+        "extra": (None, "has 1 path(s) but only 0 image part(s) take one"),
+    }
+    for name, (part, message) in cases.items():
+        bad = json.loads(json.dumps(rows))
+        if part is None:
+            bad[3]["images"] = ["img/0.png"]
+        else:
+            bad[3]["messages"][0]["content"][0] = part
+        data = write_jsonl(tmp_path / f"{name}.jsonl", bad)
+        recipe = vlm_recipe(tmp_path, name, data={"train": str(data)})
+        proc = run_cli("train", str(recipe))
+        line = one_error_line(proc)
+        assert message in line and f"{name}.jsonl:4" in line, line
+        assert not (tmp_path / f"run-{name}").exists()
+    # An image in a row of a text-only model.
+    recipe = vlm_recipe(tmp_path, "text", model={"name_or_path": "builtin:tiny-llama", "task": "causal_lm"})
+    line = one_error_line(run_cli("train", str(recipe)))
+    assert "train.jsonl:1" in line and "image" in line and "image_text" in line, line
+
+
+def test_a_vision_language_model_is_not_loaded_as_a_text_model(tmp_path, image_data):
+    recipe = vlm_recipe(tmp_path, model={"task": "causal_lm"})
+    line = one_error_line(run_cli("train", str(recipe)))
+    assert "vision-language model" in line and "image_text" in line, line
+
+
+RELOAD = """
+import json, sys, torch
+from PIL import Image
+from peft import PeftModel
+from transformers import AutoModelForImageTextToText, AutoProcessor
+adapter, image, out = sys.argv[1:]
+base = json.load(open(adapter + "/adapter_config.json"))["base_model_name_or_path"]
+processor = AutoProcessor.from_pretrained(adapter)
+model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base), adapter).eval()
+messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]}]
+text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+inputs = processor(text=text, images=[Image.open(image)], return_tensors="pt", add_special_tokens=False)
+with torch.no_grad():
+    torch.save({"ids": inputs["input_ids"], "logits": model(**inputs).logits}, out)
+assert not any(m.startswith("peftcli") for m in sys.modules)
+"""
+
+
+def test_the_adapter_reloads_with_plain_transformers_peft_and_its_processor(tmp_path, image_data, capsys):
+    from peft import PeftModel
+
+    from peftcli.data import Encoder
+    from peftcli.data.batching import collate
+    from peftcli.model.load import load_model
+    from peftcli.recipe import DataSection, ModelSection
+
+    recipe = vlm_recipe(tmp_path, eval={"metrics": ["loss"]})
+    assert cli("train", str(recipe), capsys=capsys)[0] == 0
+    adapter = tmp_path / "run-r" / "adapter"
+    subprocess.run(
+        [sys.executable, "-c", RELOAD, str(adapter), str(tmp_path / "img" / "1.png"), str(tmp_path / "plain.pt")],
+        check=True,
+    )
+    plain = torch.load(tmp_path / "plain.pt")
+    # peftcli's own pipeline on the same conversation: its tokens, its collated pixels.
+    tok = tokenizer()
+    row = image_rows(tmp_path, 2)[1]
+    row["messages"] = row["messages"][:1]
+    encoder = Encoder(tok, "messages", DataSection(train=str(image_data)), "image_text")
+    prompt = encoder.reference({**row, "messages": [*row["messages"], {"role": "assistant", "content": "x"}]}, f"data.train: {image_data}:2")
+    assert prompt.prompt_ids == plain["ids"][0].tolist()
+    batch = collate([{"input_ids": prompt.prompt_ids, "labels": prompt.prompt_ids, "images": prompt.images}], tok.pad_token_id, processor=tok.processor)
+    section = ModelSection(name_or_path="builtin:tiny-llava", task="image_text")
+    model = PeftModel.from_pretrained(load_model(section), str(adapter)).eval()
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"]).logits
+    # float32 forward passes of one model in two processes, same kernels: equal up to float32
+    # rounding of 4-layer sums (~1e-6 relative); 1e-5 absolute on logits of size ~1 is margin.
+    assert torch.allclose(logits, plain["logits"], rtol=0, atol=1e-5)
