@@ -22,6 +22,10 @@ Metric = Literal[
     "loss", "perplexity", "exact_match", "accuracy", "f1", "preference_accuracy", "reward_accuracy",
     "reward_margin", "reward",
 ]  # fmt: skip
+DataFormat = Literal[
+    "auto", "text", "completion", "alpaca", "messages", "sharegpt", "classification", "preference",
+    "unpaired", "prompts",
+]  # fmt: skip
 MAX_SEED = 2**32 - 1  # numpy's limit; training seeds numpy, torch and random with it
 
 
@@ -180,10 +184,7 @@ class DataSection(_Section):
     eval: float | str | None = Field(
         0.1, description="Eval data: a path, or the fraction of train held out (0 = none)."
     )
-    format: Literal[
-        "auto", "text", "completion", "alpaca", "messages", "sharegpt", "classification", "preference",
-        "unpaired", "prompts",
-    ] = Field(  # fmt: skip
+    format: DataFormat = Field(
         "auto",
         description="How rows become model inputs; auto detects it from the columns. preference: "
         "prompt/chosen/rejected (strings, or chosen/rejected conversations with an optional prompt); "

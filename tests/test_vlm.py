@@ -49,7 +49,11 @@ def image_data(tmp_path) -> Path:
 
 def vlm_recipe(tmp_path: Path, name: str = "r", **sections) -> Path:
     sections.setdefault("training", {})
-    sections["training"] = {"output_dir": str(tmp_path / f"run-{name}"), "max_steps": 6, **sections["training"]}
+    sections["training"] = {
+        "output_dir": str(tmp_path / f"run-{name}"),
+        "max_steps": 6,
+        **sections["training"],
+    }
     model = {"name_or_path": "builtin:tiny-llava", "task": "image_text", **sections.pop("model", {})}
     data = {"train": str(tmp_path / "train.jsonl"), "max_length": 64, **sections.pop("data", {})}
     return write_recipe(tmp_path / f"{name}.yaml", model=model, data=data, **sections)
@@ -89,7 +93,9 @@ def test_only_the_assistants_text_carries_loss_token_by_token(tmp_path, image_da
         assert supervised == list(range(supervised[0], supervised[0] + len(supervised)))
         assert tok.decode(ids[: supervised[0]]).endswith("<|im_start|>assistant\n")
         assert all(labels[i] == ids[i] for i in supervised)
-        assert example["images"] == [str((image_data.parent / "img" / f"{rows.index((where, row))}.png").resolve())]
+        assert example["images"] == [
+            str((image_data.parent / "img" / f"{rows.index((where, row))}.png").resolve())
+        ]
 
 
 @pytest.mark.parametrize(
@@ -116,7 +122,9 @@ def test_methods_train_on_images_and_text_with_falling_loss(tmp_path, image_data
     assert (run / "adapter" / "processor_config.json").is_file()
 
 
-def test_frozen_parts_stay_out_of_the_adapter_and_the_projector_trains_when_asked(tmp_path, image_data, capsys):
+def test_frozen_parts_stay_out_of_the_adapter_and_the_projector_trains_when_asked(
+    tmp_path, image_data, capsys
+):
     from safetensors.torch import load_file
 
     from peftcli.model import builtin
@@ -133,7 +141,11 @@ def test_frozen_parts_stay_out_of_the_adapter_and_the_projector_trains_when_aske
     assert len(trained) == 4  # two linears, weight and bias, saved whole
     assert not any("vision_tower" in k for k in saved)
     for key, value in trained.items():
-        original = next(v for k, v in base.items() if k.endswith(key.split("multi_modal_projector.")[1]) and "projector" in k)
+        original = next(
+            v
+            for k, v in base.items()
+            if k.endswith(key.split("multi_modal_projector.")[1]) and "projector" in k
+        )
         assert not torch.equal(value, original), key
 
 
@@ -199,7 +211,14 @@ def test_the_adapter_reloads_with_plain_transformers_peft_and_its_processor(tmp_
     assert cli("train", str(recipe), capsys=capsys)[0] == 0
     adapter = tmp_path / "run-r" / "adapter"
     subprocess.run(
-        [sys.executable, "-c", RELOAD, str(adapter), str(tmp_path / "img" / "1.png"), str(tmp_path / "plain.pt")],
+        [
+            sys.executable,
+            "-c",
+            RELOAD,
+            str(adapter),
+            str(tmp_path / "img" / "1.png"),
+            str(tmp_path / "plain.pt"),
+        ],
         check=True,
     )
     plain = torch.load(tmp_path / "plain.pt")
@@ -208,9 +227,16 @@ def test_the_adapter_reloads_with_plain_transformers_peft_and_its_processor(tmp_
     row = image_rows(tmp_path, 2)[1]
     row["messages"] = row["messages"][:1]
     encoder = Encoder(tok, "messages", DataSection(train=str(image_data)), "image_text")
-    prompt = encoder.reference({**row, "messages": [*row["messages"], {"role": "assistant", "content": "x"}]}, f"data.train: {image_data}:2")
+    prompt = encoder.reference(
+        {**row, "messages": [*row["messages"], {"role": "assistant", "content": "x"}]},
+        f"data.train: {image_data}:2",
+    )
     assert prompt.prompt_ids == plain["ids"][0].tolist()
-    batch = collate([{"input_ids": prompt.prompt_ids, "labels": prompt.prompt_ids, "images": prompt.images}], tok.pad_token_id, processor=tok.processor)
+    batch = collate(
+        [{"input_ids": prompt.prompt_ids, "labels": prompt.prompt_ids, "images": prompt.images}],
+        tok.pad_token_id,
+        processor=tok.processor,
+    )
     section = ModelSection(name_or_path="builtin:tiny-llava", task="image_text")
     model = PeftModel.from_pretrained(load_model(section), str(adapter)).eval()
     with torch.no_grad():
@@ -218,3 +244,122 @@ def test_the_adapter_reloads_with_plain_transformers_peft_and_its_processor(tmp_
     # float32 forward passes of one model in two processes, same kernels: equal up to float32
     # rounding of 4-layer sums (~1e-6 relative); 1e-5 absolute on logits of size ~1 is margin.
     assert torch.allclose(logits, plain["logits"], rtol=0, atol=1e-5)
+
+
+def test_merge_writes_a_plain_image_text_folder_equal_to_the_adapter(tmp_path, image_data, capsys):
+    from peft import PeftModel
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from peftcli.model import builtin
+
+    recipe = vlm_recipe(tmp_path, eval={"metrics": ["loss"]})
+    assert cli("train", str(recipe), capsys=capsys)[0] == 0
+    code, _, err = cli("merge", str(tmp_path / "run-r"), "-o", str(tmp_path / "merged"), capsys=capsys)
+    assert code == 0, err
+    assert "AutoModelForImageTextToText" in err
+    processor = AutoProcessor.from_pretrained(tmp_path / "merged")
+    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged").eval()
+    base = AutoModelForImageTextToText.from_pretrained(builtin.materialise("tiny-llava"))
+    adapted = PeftModel.from_pretrained(base, str(tmp_path / "run-r" / "adapter")).eval()
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]}
+    ]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    inputs = processor(text=text, images=[Image.open(tmp_path / "img" / "3.png")], return_tensors="pt")
+    with torch.no_grad():
+        a, b = merged(**inputs).logits, adapted(**inputs).logits
+    # float32: W + s·BA folded once vs x·W + s·(x·A)·B, the same sums in another order: rounding
+    # of ~1e-7 relative through 4 layers, on logits of size ~1; 1e-4 is margin, not tuned.
+    assert torch.allclose(a, b, rtol=0, atol=1e-4), (a - b).abs().max()
+    assert not torch.allclose(
+        a, AutoModelForImageTextToText.from_pretrained(builtin.materialise("tiny-llava"))(**inputs).logits
+    )
+
+
+def test_generate_eval_and_export_in_a_fresh_process(tmp_path, image_data, capsys):
+    recipe = vlm_recipe(tmp_path, eval={"metrics": ["loss", "exact_match"], "max_new_tokens": 3})
+    assert cli("train", str(recipe), capsys=capsys)[0] == 0
+    run = tmp_path / "run-r"
+    proc = run_cli(
+        "generate",
+        str(run),
+        "--image",
+        str(tmp_path / "img" / "0.png"),
+        "--prompt",
+        "What colour is it?",
+        "--max-new-tokens",
+        "3",
+        "--json",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["template"] == "chat"
+    proc = run_cli("eval", str(run), "--data", str(image_data), "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["examples"] == 32 and "exact_match" in result, result
+    line = one_error_line(
+        run_cli("generate", str(run), "--image", str(tmp_path / "nope.png"), "--prompt", "x")
+    )
+    assert "--image: image not found" in line
+    line = one_error_line(run_cli("export", str(run), "--to", "gguf", "-o", str(tmp_path / "m.gguf")))
+    assert "vision-language model cannot be exported to GGUF" in line and not (tmp_path / "m.gguf").exists()
+
+
+def test_data_preview_shows_the_image_tokens_and_the_supervised_text(tmp_path, image_data):
+    proc = run_cli("data", str(vlm_recipe(tmp_path)), "--preview", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "images             24 (16 tokens each, none carries loss)" in proc.stdout
+    assert f"[16 × <image>: {(tmp_path / 'img' / '1.png').resolve()}]What colour is it?" in proc.stdout
+    assert "«green<|im_end|>»" in proc.stdout
+    line = one_error_line(run_cli("train", str(vlm_recipe(tmp_path, data={"packing": True}))))
+    assert "packing" in line
+
+
+def test_two_processes_equal_one(tmp_path, image_data, capsys):
+    from safetensors.torch import load_file
+
+    from .test_train import EXACT
+
+    common = {"model": {"dtype": "float64"}, "peft": {"dropout": 0.0}}
+    runs = {}
+    for name, batch, processes in (("one", 8, []), ("two", 4, ["--num-processes", "2"])):
+        recipe = vlm_recipe(
+            tmp_path, name, **common, training={"batch_size": batch, "max_steps": 4, "mixed_precision": "no"}
+        )
+        code, _, err = cli("train", str(recipe), *processes, capsys=capsys)
+        assert code == 0, err
+        runs[name] = load_file(tmp_path / f"run-{name}" / "adapter" / "adapter_model.safetensors")
+    # float64 weights: EXACT's reason is at its definition (test_train.py)
+    for key in runs["one"]:
+        assert torch.allclose(runs["one"][key], runs["two"][key], rtol=0, atol=EXACT), key
+
+
+def test_sigkill_then_resume_is_bit_exact(tmp_path, image_data, capsys):
+    from safetensors.torch import load_file
+
+    from peftcli.recipe_file import load_recipe
+    from peftcli.training.run import train
+
+    from .test_resume import EVERY, STEPS, kill_after_first_checkpoint
+
+    recipe = vlm_recipe(
+        tmp_path,
+        peft={"dropout": 0.1},
+        data={"eval": 0.0},
+        training={"max_steps": STEPS, "batch_size": 4, "save_every": EVERY, "log_every": 1, "lr": 1e-3},
+    )
+    run = tmp_path / "run-r"
+    assert kill_after_first_checkpoint(recipe, run) < STEPS
+    code, _, err = cli("train", str(recipe), "--resume", capsys=capsys)
+    assert code == 0 and "resuming" in err, err
+    train(load_recipe(recipe, [f"training.output_dir={tmp_path / 'reference'}"]))
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    reference = [json.loads(x) for x in (tmp_path / "reference" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert [r["loss"] for r in rows] == [r["loss"] for r in reference]
+    resumed = load_file(run / "adapter" / "adapter_model.safetensors")
+    uninterrupted = load_file(tmp_path / "reference" / "adapter" / "adapter_model.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    for key in resumed:
+        assert torch.equal(resumed[key], uninterrupted[key]), key

@@ -40,6 +40,9 @@ from typing import TYPE_CHECKING, Any
 from peftcli.commands.estimate_activations import activations, sequences
 from peftcli.console import parse_memory, quiet_libraries
 from peftcli.errors import UserError
+from peftcli.methods.apply import within_parts
+from peftcli.model.parts import parameter_counts
+from peftcli.tasks import TASKS
 
 if TYPE_CHECKING:
     from peftcli.recipe import Recipe
@@ -155,7 +158,10 @@ def estimate(recipe: Recipe, gpu_memory: str | None = None, num_processes: int =
     if on_gpu:  # what the fused head's chunk takes a share of
         device = gpu_bytes if gpu_bytes is not None else torch.cuda.mem_get_info()[1]
         free = max(device - GPU_RESERVE_BYTES - memory["weights_bytes"] - 4 * memory["adapter_bytes"], 0)
-    act = activations(recipe, base.config, peft_model, index, act_bytes, on_gpu, free)
+    if TASKS[recipe.model.task].vision:  # activations of the language model: its tokens and layers
+        params["parts"] = parameter_counts(peft_model.named_parameters())
+        index = within_parts(index, recipe.peft.model_copy(update={"train_vision": False}), recipe.model.task)
+    act = activations(recipe, base.config.get_text_config(), peft_model, index, act_bytes, on_gpu, free)
     memory.update(
         optimizer_bytes=2 * memory["adapter_bytes"],
         gradients_bytes=memory["adapter_bytes"] * (2 if num_processes > 1 else 1),

@@ -18,9 +18,9 @@ from peftcli.data.formats import (
     scan,
     string_field,
 )
+from peftcli.data.images import image_messages, tokens_per_image
 from peftcli.data.sources import Row, Source, first_line
 from peftcli.data.splits import Reference, Split
-from peftcli.data.images import image_messages, tokens_per_image
 from peftcli.errors import UserError
 from peftcli.tasks import IGNORE, TASKS
 

@@ -41,7 +41,9 @@ def _text(part: dict[str, Any], where: str) -> dict[str, str]:
     return {"type": "text", "text": part["text"]}
 
 
-def image_messages(row: dict[str, Any], where: str, roles: tuple[str, ...]) -> tuple[list[dict[str, Any]], list[str]]:
+def image_messages(
+    row: dict[str, Any], where: str, roles: tuple[str, ...]
+) -> tuple[list[dict[str, Any]], list[str]]:
     """The conversation with its content as parts (`{"type": "image"}` where an image stands),
     and the image files in the order they appear, as absolute paths (not opened)."""
     messages = row.get("messages")
@@ -81,7 +83,7 @@ def image_messages(row: dict[str, Any], where: str, roles: tuple[str, ...]) -> t
     if from_column < len(column):
         raise UserError(
             f"{where}: its `images` column has {len(column)} path(s) but only {from_column} image "
-            "part(s) take one; add a {\"type\": \"image\"} part for each"
+            'part(s) take one; add a {"type": "image"} part for each'
         )
     return out, files
 
@@ -109,7 +111,9 @@ def check_image(path: str, where: str) -> None:
     except FileNotFoundError:
         raise UserError(f"{where}: image not found: {path}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise UserError(f"{where}: cannot read image {path}: {str(exc).splitlines()[0] if str(exc) else 'corrupt'}") from None
+        raise UserError(
+            f"{where}: cannot read image {path}: {str(exc).splitlines()[0] if str(exc) else 'corrupt'}"
+        ) from None
 
 
 def load_images(paths: list[str]) -> list[Any]:
@@ -118,8 +122,13 @@ def load_images(paths: list[str]) -> list[Any]:
 
     images = []
     for path in paths:
-        with Image.open(path) as image:
-            images.append(image.convert("RGB"))
+        try:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        except OSError as exc:  # gone or damaged since the data was checked
+            raise UserError(
+                f"image {path}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'}"
+            ) from None
     return images
 
 

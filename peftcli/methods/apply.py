@@ -182,7 +182,9 @@ def within_parts(index: LinearIndex, section: PeftSection, task: str) -> LinearI
     if not TASKS[task].vision:
         if section.train_vision or section.train_projector:
             key = "train_vision" if section.train_vision else "train_projector"
-            raise UserError(f"peft.{key} applies to vision-language models (model.task: image_text); remove it")
+            raise UserError(
+                f"peft.{key} applies to vision-language models (model.task: image_text); remove it"
+            )
         return index
     parts = {LANGUAGE, VISION} if section.train_vision else {LANGUAGE}
     names = [n for n in index.names if part_of(n) in parts]

@@ -47,3 +47,26 @@ def parameter_counts(named: Iterable[tuple[str, Any]]) -> dict[str, dict[str, in
 
 def is_vision_language(config: Any) -> bool:
     return getattr(config, "vision_config", None) is not None
+
+
+def part_lines(counts: dict[str, dict[str, int]], notes: dict[str, str]) -> list[str]:
+    """`validate` and `estimate`: each part's parameters, and what training does to it."""
+    total = sum(c["params"] for c in counts.values())
+    width = max(len(p) for p in PARTS)
+    rows = [f"parts of a vision-language model ({total:,} parameters):"]
+    for part in PARTS:
+        c = counts[part]
+        trainable = f", {c['trainable']:,} trainable" if c.get("trainable") else ""
+        rows.append(f"  {part:<{width}}  {c['params']:>12,} parameters{trainable}: {notes[part]}")
+    return rows
+
+
+def part_notes(
+    method: str, adapted: dict[str, int], train_projector: bool, train_vision: bool
+) -> dict[str, str]:
+    """What training does to each part: `adapted` counts the modules the method targets in each."""
+    return {
+        VISION: f"{method} on {adapted.get(VISION, 0)} modules" if train_vision else "frozen",
+        PROJECTOR: "trained in full" if train_projector else "frozen",
+        LANGUAGE: f"{method} on {adapted.get(LANGUAGE, 0)} modules",
+    }
