@@ -363,3 +363,81 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path, image_data, capsys):
     assert resumed.keys() == uninterrupted.keys()
     for key in resumed:
         assert torch.equal(resumed[key], uninterrupted[key]), key
+
+
+def test_validate_and_estimate_count_each_part_exactly(tmp_path, image_data):
+    from transformers import AutoModelForImageTextToText
+
+    from peftcli.model import builtin
+
+    model = AutoModelForImageTextToText.from_pretrained(builtin.materialise("tiny-llava"))
+    params = {
+        part: sum(p.numel() for n, p in model.named_parameters() if key(n))
+        for part, key in {
+            "vision tower": lambda n: "vision_tower" in n,
+            "projector": lambda n: "multi_modal_projector" in n,
+            "language model": lambda n: "vision_tower" not in n and "multi_modal_projector" not in n,
+        }.items()
+    }
+    # LoRA r=4 on every linear of the language model: r * (in + out) each.
+    linears = [
+        m for n, m in model.named_modules() if "language_model" in n and isinstance(m, torch.nn.Linear)
+    ]
+    lora = sum(4 * (m.in_features + m.out_features) for m in linears)
+    proc = run_cli("validate", str(vlm_recipe(tmp_path)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout + proc.stderr
+    assert f"vision tower  {params['vision tower']:>14,} parameters: frozen" in out, out
+    assert f"projector     {params['projector']:>14,} parameters: frozen" in out, out
+    assert (
+        f"language model{params['language model']:>14,} parameters: lora on {len(linears)} modules" in out
+    ), out
+    proc = run_cli("estimate", str(vlm_recipe(tmp_path)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"{params['language model'] + lora:,} parameters, {lora:,} trainable: adapted" in proc.stdout, (
+        proc.stdout
+    )
+
+
+def test_a_batch_keeps_its_image_counts_straight(tmp_path, image_data):
+    """Rows with two, none and one image: one pixel_values in the order their tokens stand, which
+    the model matches with its image tokens (it refuses a count that differs)."""
+    from peftcli.data import Encoder, new_stats
+    from peftcli.data.batching import collate
+    from peftcli.data.images import pixel_values
+    from peftcli.model.load import load_model
+    from peftcli.recipe import DataSection, ModelSection
+
+    image_rows(tmp_path, 3)
+    two = {"type": "image", "image": "img/1.png"}, {"type": "image", "image": "img/2.png"}
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": [*two, {"type": "text", "text": "Same?"}]},
+                {"role": "assistant", "content": "no"},
+            ]
+        },
+        {"messages": [{"role": "user", "content": "No image."}, {"role": "assistant", "content": "ok"}]},
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image"}]},
+                {"role": "assistant", "content": "red"},
+            ],
+            "images": ["img/0.png"],
+        },
+    ]
+    data = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    tok = tokenizer()
+    encoder = Encoder(tok, "messages", DataSection(train=str(data)), "image_text")
+    examples = encoder.examples([(f"data.train: {data}:{i + 1}", r) for i, r in enumerate(rows)], new_stats())
+    assert [len(e["images"]) for e in examples] == [2, 0, 1]
+    batch = collate(examples, tok.pad_token_id, processor=tok.processor)
+    files = [str((tmp_path / "img" / f"{i}.png").resolve()) for i in (1, 2, 0)]
+    assert torch.equal(batch["pixel_values"], pixel_values(tok.processor, files))
+    model = load_model(ModelSection(name_or_path="builtin:tiny-llava", task="image_text"))
+    with torch.no_grad():
+        model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"],
+        )
