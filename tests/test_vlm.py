@@ -122,31 +122,43 @@ def test_methods_train_on_images_and_text_with_falling_loss(tmp_path, image_data
     assert (run / "adapter" / "processor_config.json").is_file()
 
 
-def test_frozen_parts_stay_out_of_the_adapter_and_the_projector_trains_when_asked(
-    tmp_path, image_data, capsys
-):
+def test_frozen_parts_are_bitwise_unchanged_after_training(tmp_path, image_data):
+    """The vision tower and projector after training equal the base's bit for bit (QLoRA too,
+    which leaves them in their dtype); with peft.train_projector the projector trains (a copy,
+    saved whole) and the vision tower still does not."""
     from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
 
     from peftcli.model import builtin
+    from peftcli.recipe_file import load_recipe
+    from peftcli.training.run import train
 
-    base = load_file(builtin.materialise("tiny-llava") / "model.safetensors")
-    frozen = vlm_recipe(tmp_path, "frozen")
-    assert cli("train", str(frozen), capsys=capsys)[0] == 0
-    saved = load_file(tmp_path / "run-frozen" / "adapter" / "adapter_model.safetensors")
-    assert saved and all("language_model" in k for k in saved), sorted(saved)[:5]
-    projector = vlm_recipe(tmp_path, "projector", peft={"train_projector": True})
-    assert cli("train", str(projector), capsys=capsys)[0] == 0
-    saved = load_file(tmp_path / "run-projector" / "adapter" / "adapter_model.safetensors")
-    trained = {k: v for k, v in saved.items() if "multi_modal_projector" in k}
-    assert len(trained) == 4  # two linears, weight and bias, saved whole
-    assert not any("vision_tower" in k for k in saved)
-    for key, value in trained.items():
-        original = next(
-            v
-            for k, v in base.items()
-            if k.endswith(key.split("multi_modal_projector.")[1]) and "projector" in k
-        )
-        assert not torch.equal(value, original), key
+    base = AutoModelForImageTextToText.from_pretrained(builtin.materialise("tiny-llava")).model
+    for name, sections in {
+        "lora": {},
+        "qlora": {"peft": {"method": "qlora"}, "model": {"quantization": "4bit"}},
+        "projector": {"peft": {"train_projector": True}},
+    }.items():
+        trained = train(load_recipe(vlm_recipe(tmp_path, name, **sections))).model
+        inner = trained.get_base_model().model
+        for part in ("vision_tower", "multi_modal_projector"):
+            after = dict(getattr(inner, part).named_parameters())
+            for key, before in getattr(base, part).named_parameters():
+                key = key if key in after else f"original_module.{key}"  # PEFT's modules_to_save wrapper
+                assert after[key].dtype == before.dtype and torch.equal(after[key].cpu(), before), (name, key)
+                assert not after[key].requires_grad, (name, key)
+        saved = load_file(tmp_path / f"run-{name}" / "adapter" / "adapter_model.safetensors")
+        assert not any("vision_tower" in k for k in saved), name
+        copies = {k: v for k, v in saved.items() if "multi_modal_projector" in k}
+        if name != "projector":
+            assert not copies and all("language_model" in k for k in saved), (name, sorted(saved)[:4])
+            continue
+        assert len(copies) == 4  # two linears, weight and bias, saved whole
+        for key, value in copies.items():
+            original = dict(base.multi_modal_projector.named_parameters())[
+                key.split("multi_modal_projector.")[1]
+            ]
+            assert not torch.equal(value, original), key
 
 
 def test_bad_images_end_in_one_line_naming_the_row_and_write_nothing(tmp_path, image_data):

@@ -42,6 +42,7 @@ from peftcli.console import parse_memory, quiet_libraries
 from peftcli.errors import UserError
 from peftcli.methods.apply import within_parts
 from peftcli.model.parts import parameter_counts
+from peftcli.model.quant import skip_modules
 from peftcli.tasks import TASKS
 
 if TYPE_CHECKING:
@@ -87,10 +88,12 @@ def load_config(recipe: Recipe, labels: list[str] | None) -> Any:
     return config_of(recipe.model, labels)
 
 
-def quantized_weights(model: Any, quantization: str) -> dict[int, tuple[int, int]]:
+def quantized_weights(
+    model: Any, quantization: str, keep: list[str] | None = None
+) -> dict[int, tuple[int, int]]:
     """id(weight) → (numel, output rows) for the weights bitsandbytes would quantize: the
     same selection transformers makes (linear layers, minus the head, tied weights and the
-    model's fp32 modules)."""
+    model's fp32 modules, and `keep`: the recipe's modules left unquantized)."""
     if quantization == "none":
         return {}
     import torch.nn as nn
@@ -98,7 +101,7 @@ def quantized_weights(model: Any, quantization: str) -> dict[int, tuple[int, int
     from transformers.quantizers.base import HfQuantizer
     from transformers.quantizers.quantizers_utils import should_convert_module
 
-    skip = HfQuantizer.get_modules_to_not_convert(model, None, model._keep_in_fp32_modules)
+    skip = HfQuantizer.get_modules_to_not_convert(model, keep, model._keep_in_fp32_modules)
     out = {}
     for name, module in model.named_modules():
         if (type(module) is nn.Linear or isinstance(module, Conv1D)) and should_convert_module(name, skip):
@@ -149,7 +152,7 @@ def estimate(recipe: Recipe, gpu_memory: str | None = None, num_processes: int =
     base = meta_model(recipe.model, config, dtype)
     index = LinearIndex.from_model(base)
     quantization = recipe.model.quantization
-    quantized = quantized_weights(base, quantization)
+    quantized = quantized_weights(base, quantization, skip_modules(recipe.model))
     peft_model = wrap_like(base, recipe.peft, recipe.model.task, total_steps=steps)
     params, memory = count_parameters(peft_model, quantized, quantization)
     params["coverage"] = coverage.of_model(peft_model)  # what the trainable parameters reach
