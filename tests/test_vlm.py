@@ -453,3 +453,31 @@ def test_a_batch_keeps_its_image_counts_straight(tmp_path, image_data):
             attention_mask=batch["attention_mask"],
             pixel_values=batch["pixel_values"],
         )
+
+
+@pytest.mark.parametrize(
+    "sections",
+    [
+        {},
+        {"model": {"quantization": "4bit"}, "peft": {"method": "qlora"}},
+        {"peft": {"train_projector": True}},
+    ],
+    ids=["lora", "qlora", "projector"],
+)
+def test_estimate_counts_and_bytes_equal_the_real_model(tmp_path, image_data, sections):
+    from peftcli.commands.estimate import estimate
+    from peftcli.methods.apply import apply_method
+    from peftcli.model.load import load_model
+    from peftcli.recipe_file import load_recipe
+    from peftcli.training.accelerator import trainable_summary
+
+    from .test_estimate import tensor_bytes
+
+    recipe = load_recipe(vlm_recipe(tmp_path, **sections))
+    est = estimate(recipe)
+    real = apply_method(load_model(recipe.model), recipe.peft, "image_text", total_steps=10)
+    counts = trainable_summary(real)
+    assert est["total_params"] == counts["total_params"]
+    assert est["trainable_params"] == counts["trainable_params"]
+    assert est["parts"]["vision tower"]["trainable"] == 0
+    assert est["memory"]["weights_bytes"] + est["memory"]["adapter_bytes"] == tensor_bytes(real)  # exact
