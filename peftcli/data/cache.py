@@ -75,6 +75,8 @@ def prepare(
     on_task_data = OBJECTIVES[objective].task_loss  # SFT: the task's formats; else pairs or answers
     if section.chat_template is not None:
         tokenizer.chat_template = chat_template(section, tokenizer)
+        if hasattr(tokenizer, "processor"):  # saved with the adapter, whose template it carries
+            tokenizer.processor.chat_template = tokenizer.chat_template
     train = Source(section.train, "data.train")
     held_out = Source(section.eval, "data.eval") if isinstance(section.eval, str) else None
     if OBJECTIVES[objective].generates:  # prompts, answered in training: no tokens to cache
