@@ -481,3 +481,16 @@ def test_estimate_counts_and_bytes_equal_the_real_model(tmp_path, image_data, se
     assert est["trainable_params"] == counts["trainable_params"]
     assert est["parts"]["vision tower"]["trainable"] == 0
     assert est["memory"]["weights_bytes"] + est["memory"]["adapter_bytes"] == tensor_bytes(real)  # exact
+
+
+@pytest.mark.slow  # one process per method (24 s); compare itself is proven on text, training here above
+def test_compare_tabulates_methods_on_image_text(tmp_path, image_data, capsys):
+    recipe = vlm_recipe(tmp_path, eval={"metrics": ["loss"]})
+    out = tmp_path / "cmp"
+    code, stdout, err = cli(
+        "compare", str(recipe), "--methods", "lora,ia3", "--max-steps", "3", "--output-dir", str(out), "--json",
+        capsys=capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    rows = {r["method"]: r for r in json.loads(stdout)["rows"]}
+    assert set(rows) == {"lora", "ia3"} and all(r["eval_loss"] > 0 for r in rows.values()), rows
