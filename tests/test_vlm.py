@@ -168,11 +168,14 @@ def test_bad_images_end_in_one_line_naming_the_row_and_write_nothing(tmp_path, i
         "missing": ({"type": "image", "image": "img/nope.png"}, "image not found"),
         "corrupt": ({"type": "image", "image": "img/corrupt.png"}, "cannot read image"),
         "extra": (None, "has 1 path(s) but only 0 image part(s) take one"),
+        "spelled": ({"type": "text", "text": "<image>"}, "1 image(s), but the rendered conversation holds 2"),
     }
     for name, (part, message) in cases.items():
         bad = json.loads(json.dumps(rows))
         if part is None:
             bad[3]["images"] = ["img/0.png"]
+        elif part["type"] == "text":  # the placeholder spelled in the text, beside the row's image
+            bad[3]["messages"][0]["content"].append(part)
         else:
             bad[3]["messages"][0]["content"][0] = part
         data = write_jsonl(tmp_path / f"{name}.jsonl", bad)

@@ -123,6 +123,13 @@ class Encoder:
             messages, files = image_messages(row, where, MESSAGE_ROLES)
             text, spans = self._render_spans(messages, where)
             enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+            if enc["input_ids"].count(image_id) != len(files) * self.image[1]:
+                raise UserError(
+                    f"{where}: {len(files)} image(s), but the rendered conversation holds "
+                    f"{enc['input_ids'].count(image_id) / self.image[1]:g} image placeholders ({self.image[0]})",
+                    'write an image as a {"type": "image"} part, never as text; a data.chat_template '
+                    "must render each image part as the placeholder",
+                )
             labels = [
                 t if t != image_id and any(s <= a and b <= e for s, e in spans) else IGNORE
                 for t, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
