@@ -186,24 +186,25 @@ def card_body(
 def usage(kind: Kind, model: dict[str, Any], method: str, folder: Path) -> list[str]:
     from peftcli.tasks import TASKS
 
-    auto = TASKS[model.get("task") or "causal_lm"].auto_class
+    spec = TASKS[model.get("task") or "causal_lm"]
+    auto, reader = spec.auto_class, "AutoProcessor" if spec.vision else "AutoTokenizer"
     base, here = str(model.get("name_or_path")), json.dumps(str(folder))
     if kind == "merged":
         code = [
-            f"from transformers import {auto}, AutoTokenizer",
+            f"from transformers import {auto}, {reader}",
             "",
             f"model = {auto}.from_pretrained({here})",
         ]
     else:
         shown = json.dumps(base) if not base.startswith("builtin:") else '"<the base model folder>"'
-        code = [f"from transformers import {auto}, AutoTokenizer", "from peft import PeftModel", ""]
+        code = [f"from transformers import {auto}, {reader}", "from peft import PeftModel", ""]
         if own_tuner(method):
             code += ["import peftcli.methods.tuners  # registers peftcli's own PEFT tuner", ""]
         code += [
             f"base = {auto}.from_pretrained({shown})",
             f"model = PeftModel.from_pretrained(base, {here})",
         ]
-    code.append(f"tokenizer = AutoTokenizer.from_pretrained({here})")
+    code.append(f"{'processor' if spec.vision else 'tokenizer'} = {reader}.from_pretrained({here})")
     notes = []
     if base.startswith("builtin:"):
         notes = [

@@ -14,7 +14,7 @@ from peftcli.errors import UserError
 from peftcli.objectives import OBJECTIVES
 from peftcli.recipe import Recipe
 from peftcli.run_folder.layout import Layout
-from peftcli.tasks import ENCODER_ONLY
+from peftcli.tasks import ENCODER_ONLY, TASKS
 
 # Architectures whose position embeddings are a learned table: a longer input fails with an
 # index error mid-training. model_type → (config key of the table size, slots kept for padding).
@@ -83,6 +83,14 @@ def check_model(recipe: Recipe, config: dict[str, Any] | None) -> list[str]:
     if task == "seq2seq_lm" and not encoder_decoder:
         raise UserError(
             f"model.task: seq2seq_lm needs an encoder-decoder model; {kind} is not one", "use causal_lm"
+        )
+    if config.get("vision_config") is not None and not TASKS[task].vision:
+        raise UserError(
+            f"model.task: {task}, but {kind} is a vision-language model", "set model.task: image_text"
+        )
+    if TASKS[task].vision and config.get("vision_config") is None:
+        raise UserError(
+            f"model.task: {task} needs a vision-language model; {kind} has no vision part", "use causal_lm"
         )
     if task == "causal_lm" and (encoder_decoder or kind in ENCODER_ONLY):
         raise UserError(
@@ -154,7 +162,24 @@ def check_targets(recipe: Recipe, folder: Path | None) -> list[str]:
         line += (
             f" and {len(targets['parameters'])} parameters ({', '.join(targets['target_parameters'][:4])})"
         )
-    return [line, *lines(coverage)]
+    return [line, *lines(coverage), *_vision_parts(recipe, folder, targets["names"])]
+
+
+def _vision_parts(recipe: Recipe, folder: Path | None, adapted: list[str]) -> list[str]:
+    """A vision-language model's parameters per part (from the checkpoint's headers)."""
+    from math import prod
+
+    from peftcli.methods.targets import safetensors_shapes
+    from peftcli.model.parts import PARTS, part_lines, part_notes, part_of
+
+    if not TASKS[recipe.model.task].vision or folder is None:
+        return []
+    counts = {p: {"params": 0} for p in PARTS}
+    for key, shape in safetensors_shapes(folder).items():
+        counts[part_of(key)]["params"] += prod(shape)
+    modules = {p: sum(part_of(n) == p for n in adapted) for p in PARTS}
+    peft = recipe.peft
+    return part_lines(counts, part_notes(peft.method, modules, peft.train_projector, peft.train_vision))
 
 
 def check_data(recipe: Recipe, folder: Path | None) -> list[str]:

@@ -146,6 +146,12 @@ def generate(
         bool, typer.Option("--raw", help="Use the prompt as plain text, even for a run trained on chat data.")
     ] = False,
     system: Annotated[str | None, typer.Option("--system", help="A system message (chat template).")] = None,
+    image: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--image", help="An image shown before the prompt (vision-language models; repeatable)."
+        ),
+    ] = None,
     trust_remote_code: TrustOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -153,7 +159,7 @@ def generate(
     from peftcli.commands.generate import format_result, run_generate
 
     result = run_generate(
-        target, prompt, max_new_tokens, temperature, seed, chat, system, trust_remote_code, raw
+        target, prompt, max_new_tokens, temperature, seed, chat, system, trust_remote_code, raw, image or []
     )
     emit(result, json_out, format_result)
 

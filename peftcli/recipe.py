@@ -22,6 +22,10 @@ Metric = Literal[
     "loss", "perplexity", "exact_match", "accuracy", "f1", "preference_accuracy", "reward_accuracy",
     "reward_margin", "reward",
 ]  # fmt: skip
+DataFormat = Literal[
+    "auto", "text", "completion", "alpaca", "messages", "sharegpt", "classification", "preference",
+    "unpaired", "prompts",
+]  # fmt: skip
 MAX_SEED = 2**32 - 1  # numpy's limit; training seeds numpy, torch and random with it
 
 
@@ -118,6 +122,12 @@ class PeftSection(_Section):
         "(qlora) | eva (the run's first batches). PiSSA/OLoRA are saved converted (rank 2r) for the original base.",
     )
     rslora: bool = Field(False, description="Rank-stabilised LoRA: the update scaled by alpha/sqrt(r).")
+    train_projector: bool = Field(
+        False, description="image_text: train the projector (image features -> text embeddings) in full."
+    )
+    train_vision: bool = Field(
+        False, description="image_text: adapt the vision tower too (the method's targets there); else frozen."
+    )
     lora_plus_ratio: float | None = Field(None, gt=0, description="LoRA+: B learns at this × training.lr.")
     rank_pattern: dict[str, int] = Field(
         default_factory=dict, description="Per-module r: name or regex -> r."
@@ -174,18 +184,7 @@ class DataSection(_Section):
     eval: float | str | None = Field(
         0.1, description="Eval data: a path, or the fraction of train held out (0 = none)."
     )
-    format: Literal[
-        "auto",
-        "text",
-        "completion",
-        "alpaca",
-        "messages",
-        "sharegpt",
-        "classification",
-        "preference",
-        "unpaired",
-        "prompts",
-    ] = Field(
+    format: DataFormat = Field(
         "auto",
         description="How rows become model inputs; auto detects it from the columns. preference: "
         "prompt/chosen/rejected (strings, or chosen/rejected conversations with an optional prompt); "

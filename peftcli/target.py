@@ -34,6 +34,8 @@ def _model_task(path: Path) -> str:
     config = json.loads((path / "config.json").read_text())
     if _is_classifier(config) or config.get("model_type") in ENCODER_ONLY:
         return "seq_cls"
+    if config.get("vision_config") is not None:  # a vision-language model (merged or base)
+        return "image_text"
     return "seq2seq_lm" if config.get("is_encoder_decoder") else "causal_lm"
 
 
@@ -94,6 +96,9 @@ def _open_target(path: Path) -> Target:
         if not base:
             raise UserError(f"{path}/adapter_config.json names no base model (base_model_name_or_path)")
         task = task_of_peft_type(cfg.get("task_type"))
+        folder = Path(builtin.resolve(base, key="")).expanduser()
+        if task == "causal_lm" and (folder / "config.json").is_file():
+            task = _model_task(folder)  # a vision-language base: its adapter is a causal LM's to PEFT
         return Target(ModelSection(name_or_path=base, task=task), path, None, None)
     if (path / "config.json").is_file():
         return Target(ModelSection(name_or_path=str(path), task=_model_task(path)), None, None, None)

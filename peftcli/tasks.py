@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-Task = Literal["causal_lm", "seq2seq_lm", "seq_cls"]
+Task = Literal["causal_lm", "seq2seq_lm", "seq_cls", "image_text"]
 
 # The label of a token (or, for classification, an example) that carries no loss, in every task:
 # Hugging Face's convention, which PyTorch's cross-entropy ignores.
@@ -26,6 +26,8 @@ class TaskSpec:
     metrics: tuple[str, ...]  # what evaluation computes
     default_metrics: tuple[str, ...]  # what it reports when eval.metrics is null
     pipeline_tag: str = "text-generation"  # the Hub's pipeline_tag, in a model card
+    next_token: bool = False  # a decoder's labels: position t predicts token t+1
+    vision: bool = False  # images in its data: a processor beside the tokenizer
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -39,6 +41,7 @@ TASKS: dict[str, TaskSpec] = {
             ("messages", "sharegpt", "alpaca", "completion", "text"),
             ("loss", "perplexity", "exact_match"),
             ("loss", "perplexity"),
+            next_token=True,
         ),
         TaskSpec(
             "seq2seq_lm",
@@ -59,6 +62,20 @@ TASKS: dict[str, TaskSpec] = {
             ("loss", "accuracy", "f1"),
             ("loss", "accuracy", "f1"),
             "text-classification",
+        ),
+        # A vision-language model (LLaVA, Qwen2-VL, Idefics3, ...): a decoder over text and image
+        # tokens, trained on image+text messages; PEFT wraps it as a causal LM.
+        TaskSpec(
+            "image_text",
+            "AutoModelForImageTextToText",
+            "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
+            "CAUSAL_LM",
+            ("messages",),
+            ("loss", "perplexity", "exact_match"),
+            ("loss", "perplexity"),
+            "image-text-to-text",
+            next_token=True,
+            vision=True,
         ),
     ]
 }

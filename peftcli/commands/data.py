@@ -6,10 +6,14 @@ the first training rows: what the model reads, and which tokens carry loss.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from peftcli.data.images import tokens_per_image
+from peftcli.tasks import TASKS
 from peftcli.training.losses import IGNORE
 
 MARK = ("«", "»")  # around supervised text when stdout is not a terminal
@@ -56,6 +60,11 @@ def run_data(recipe_path: Path, overrides: list[str] | None, preview: int) -> Re
         "longest": int(lengths.max()),
         "eval_examples": len(prepared.eval.examples) if prepared.eval else 0,
     }
+    if TASKS[task].vision:
+        token, per_image = tokens_per_image(tokenizer.processor)
+        files = prepared.train.examples.images if hasattr(prepared.train.examples, "images") else None
+        stats["images"] = sum(len(f) for f in files or [])
+        stats["tokens_per_image"] = per_image
     report = Report(stats, [])
     for i, example in enumerate(prepared.train.examples[:preview], 1):
         for answer, sequence in _sequences(example):
@@ -86,13 +95,24 @@ def _show(
     task: str,
     labels: Any,
 ) -> None:
-    report.segments.append(_segments(example, tokenizer, task, labels))
+    runs = _segments(example, tokenizer, task, labels)
+    if example.get("images"):  # each image's run of tokens as one marker, with its file
+        files = iter(example["images"])
+        collapse = partial(_image_marker, token=tokenizer.processor.image_token, files=files)
+        runs = [
+            (re.sub(rf"(?:{re.escape(tokenizer.processor.image_token)})+", collapse, t), y) for t, y in runs
+        ]
+    report.segments.append(runs)
     report.names.append(f"example {i}" + (f", {answer}" if answer else ""))
     shown = {
         "text": _decode(tokenizer, example["input_ids"]),
         "target": _target(example, tokenizer, task, labels),
     }
     report.examples.append({**shown, "answer": answer} if answer else shown)
+
+
+def _image_marker(match: re.Match, token: str, files: Any) -> str:
+    return f"[{len(match.group(0)) // len(token)} × {token}: {next(files, '?')}]"
 
 
 def _decode(tokenizer: Any, ids: list[int]) -> str:
@@ -113,7 +133,7 @@ def _segments(
     example: dict[str, Any], tokenizer: Any, task: str, labels: list[str] | None
 ) -> list[tuple[str, bool]]:
     """The input as runs of (text, carries loss); a packed row's examples end with a newline."""
-    if task != "causal_lm":
+    if not TASKS[task].next_token:
         return [
             (_decode(tokenizer, example["input_ids"]), False),
             (" → ", False),
@@ -161,6 +181,11 @@ def format_report(report: Report, color: bool = False) -> str:
         ("padding", f"{100 * s['padding_fraction']:.1f}% of batch positions ({report.batching})"),
         ("truncated", f"{s['truncated']:,}"),
         ("longest", f"{s['longest']:,} tokens"),
+        *(
+            [("images", f"{s['images']:,} ({s['tokens_per_image']} tokens each, none carries loss)")]
+            if "images" in s
+            else []
+        ),
         ("eval examples", f"{s['eval_examples']:,}"),
         ("cache", report.cache),
     ]

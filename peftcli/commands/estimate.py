@@ -40,6 +40,10 @@ from typing import TYPE_CHECKING, Any
 from peftcli.commands.estimate_activations import activations, sequences
 from peftcli.console import parse_memory, quiet_libraries
 from peftcli.errors import UserError
+from peftcli.methods.apply import within_parts
+from peftcli.model.parts import parameter_counts
+from peftcli.model.quant import skip_modules
+from peftcli.tasks import TASKS
 
 if TYPE_CHECKING:
     from peftcli.recipe import Recipe
@@ -84,10 +88,12 @@ def load_config(recipe: Recipe, labels: list[str] | None) -> Any:
     return config_of(recipe.model, labels)
 
 
-def quantized_weights(model: Any, quantization: str) -> dict[int, tuple[int, int]]:
+def quantized_weights(
+    model: Any, quantization: str, keep: list[str] | None = None
+) -> dict[int, tuple[int, int]]:
     """id(weight) → (numel, output rows) for the weights bitsandbytes would quantize: the
     same selection transformers makes (linear layers, minus the head, tied weights and the
-    model's fp32 modules)."""
+    model's fp32 modules, and `keep`: the recipe's modules left unquantized)."""
     if quantization == "none":
         return {}
     import torch.nn as nn
@@ -95,7 +101,7 @@ def quantized_weights(model: Any, quantization: str) -> dict[int, tuple[int, int
     from transformers.quantizers.base import HfQuantizer
     from transformers.quantizers.quantizers_utils import should_convert_module
 
-    skip = HfQuantizer.get_modules_to_not_convert(model, None, model._keep_in_fp32_modules)
+    skip = HfQuantizer.get_modules_to_not_convert(model, keep, model._keep_in_fp32_modules)
     out = {}
     for name, module in model.named_modules():
         if (type(module) is nn.Linear or isinstance(module, Conv1D)) and should_convert_module(name, skip):
@@ -146,7 +152,7 @@ def estimate(recipe: Recipe, gpu_memory: str | None = None, num_processes: int =
     base = meta_model(recipe.model, config, dtype)
     index = LinearIndex.from_model(base)
     quantization = recipe.model.quantization
-    quantized = quantized_weights(base, quantization)
+    quantized = quantized_weights(base, quantization, skip_modules(recipe.model))
     peft_model = wrap_like(base, recipe.peft, recipe.model.task, total_steps=steps)
     params, memory = count_parameters(peft_model, quantized, quantization)
     params["coverage"] = coverage.of_model(peft_model)  # what the trainable parameters reach
@@ -155,7 +161,10 @@ def estimate(recipe: Recipe, gpu_memory: str | None = None, num_processes: int =
     if on_gpu:  # what the fused head's chunk takes a share of
         device = gpu_bytes if gpu_bytes is not None else torch.cuda.mem_get_info()[1]
         free = max(device - GPU_RESERVE_BYTES - memory["weights_bytes"] - 4 * memory["adapter_bytes"], 0)
-    act = activations(recipe, base.config, peft_model, index, act_bytes, on_gpu, free)
+    if TASKS[recipe.model.task].vision:  # activations of the language model: its tokens and layers
+        params["parts"] = parameter_counts(peft_model.named_parameters())
+        index = within_parts(index, recipe.peft.model_copy(update={"train_vision": False}), recipe.model.task)
+    act = activations(recipe, base.config.get_text_config(), peft_model, index, act_bytes, on_gpu, free)
     memory.update(
         optimizer_bytes=2 * memory["adapter_bytes"],
         gradients_bytes=memory["adapter_bytes"] * (2 if num_processes > 1 else 1),

@@ -29,6 +29,15 @@ def format_estimate(result: dict[str, Any]) -> str:
         from peftcli.methods.coverage import lines as coverage_lines
 
         lines[2:2] = coverage_lines(result["coverage"])
+    if result.get("parts"):  # a vision-language model: each part's parameters, exact
+        from peftcli.model.parts import part_lines
+
+        full = "trained in full (PEFT holds a trained copy beside the original)"
+        adapted = {
+            p: (full if p == "projector" else "adapted") if c["trainable"] else "frozen"
+            for p, c in result["parts"].items()
+        }
+        lines[2:2] = part_lines(result["parts"], adapted)
     for key in ("weights", "adapter", "optimizer", "gradients", "activations", "total"):
         lines.append(f"  {key:<12} {human_bytes(memory[f'{key}_bytes']):>11}")
     if plan["num_processes"] > 1:

@@ -12,6 +12,7 @@ from peftcli.recipe import (
 )
 from peftcli.run_folder.layout import Layout
 from peftcli.target import eval_split, labels_of, open_target, target_tokenizer
+from peftcli.tasks import TASKS
 
 
 def run_eval(
@@ -34,7 +35,12 @@ def run_eval(
         from peftcli.harness import require_lm_eval, run_harness
 
         require_lm_eval()  # before the run is opened
-        return run_harness(open_target(path, trust_remote_code), harness, harness_args, compare_base)
+        target = open_target(path, trust_remote_code)
+        if TASKS[target.model.task].vision:
+            raise UserError(
+                f"--harness scores text models (lm-eval's hf model); this one is {target.model.task}"
+            )
+        return run_harness(target, harness, harness_args, compare_base)
     quiet_libraries()
     target = open_target(path, trust_remote_code)
     if compare_base and target.adapter is None:

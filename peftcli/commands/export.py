@@ -48,6 +48,12 @@ def export(
         f"(PeftModel.from_pretrained), or `peftcli generate {path}`",
     )
     section = source.target.model
+    if section.task == "image_text":
+        raise UserError(
+            f"{path}: a vision-language model cannot be exported to GGUF: the file would hold the language "
+            "model without its vision tower and projector",
+            "use `peftcli merge` for a transformers model folder that loads with its processor",
+        )
     if section.task != "causal_lm":
         raise UserError(
             f"{path}: a {section.task} model cannot be exported to GGUF; export writes causal language models",

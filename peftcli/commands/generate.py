@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from peftcli.console import say
+from peftcli.data.images import pixel_values
 from peftcli.errors import UserError
+from peftcli.model.parts import LANGUAGE, part_of
 from peftcli.recipe import DataSection
 from peftcli.target import Target, labels_of, open_target, saved_tokenizer, target_tokenizer
 
@@ -34,9 +36,16 @@ def check_template(target: Target, tokenizer: Any) -> str | None:
 
 
 def prompt_ids(
-    tokenizer: Any, prompt: str, task: str, chat: bool, system: str | None, section: DataSection | None = None
+    tokenizer: Any,
+    prompt: str,
+    task: str,
+    chat: bool,
+    system: str | None,
+    section: DataSection | None = None,
+    images: list[str] | None = None,
 ) -> list[int]:
-    """Token ids of the prompt exactly as training rendered the prompt part of an example."""
+    """Token ids of the prompt exactly as training rendered the prompt part of an example (the
+    images, as absolute paths, before the prompt's text)."""
     from peftcli.data import Encoder
 
     # The tokenizer carries the template to use (the run saved its own with the adapter).
@@ -55,8 +64,15 @@ def prompt_ids(
             )
         messages = [{"role": "system", "content": system}] if system is not None else []
         # The prompt part of a conversation whose (empty) answer is to be generated.
+        content: Any = prompt
+        if images:
+            content = [*({"type": "image", "image": f} for f in images), {"type": "text", "text": prompt}]
         row = {
-            "messages": [*messages, {"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]
+            "messages": [
+                *messages,
+                {"role": "user", "content": content},
+                {"role": "assistant", "content": ""},
+            ]
         }
         reference = Encoder(tokenizer, "messages", section, task).reference(row, "--prompt")
     else:
@@ -98,6 +114,8 @@ def learned_positions(model: Any) -> int | None:
     limit = getattr(model.config, "max_position_embeddings", None)
     for name, module in model.named_modules():
         last = name.rsplit(".", 1)[-1]
+        if part_of(name) != LANGUAGE:  # a vision tower's patch positions are not the text's
+            continue
         if isinstance(module, torch.nn.Embedding) and ("pos" in last or last == "wpe"):
             if limit is None or module.num_embeddings == limit:
                 return module.num_embeddings
@@ -138,6 +156,7 @@ def run_generate(
     system: str | None = None,
     trust_remote_code: bool = False,
     raw: bool = False,
+    image: list[Path] | None = None,
 ) -> dict[str, Any]:
     """`{"prompt", "output", "template", "empty"}`; for classifiers `{"prompt", "label",
     "probabilities"}`. A run trained on chat data renders the prompt with its chat template
@@ -155,7 +174,8 @@ def run_generate(
     task = target.model.task
     if chat and task == "seq_cls":
         raise UserError("--chat does not apply to a classifier: drop it to classify the raw text")
-    chat, why = prompt_style(target, chat, raw)
+    images = check_images(image or [], task, raw)
+    chat, why = prompt_style(target, chat, raw) if not images else (True, "--image")
     if system is not None and not chat:
         raise UserError("--system needs --chat (the system message goes into the chat template)")
     quiet_libraries()
@@ -165,7 +185,7 @@ def run_generate(
     if chat and (warning := check_template(target, tokenizer)):
         say(warning)
     section = target.recipe.data if target.recipe else None
-    ids = prompt_ids(tokenizer, prompt, task, chat, system, section)
+    ids = prompt_ids(tokenizer, prompt, task, chat, system, section, images)
     labels = labels_of(target)
     model = load_target_model(target, labels)
     check_positions(model, len(ids), 0 if task == "seq_cls" else max_new_tokens, target.model.name_or_path)
@@ -180,13 +200,14 @@ def run_generate(
         return {"prompt": prompt, "label": names[best], "probabilities": dict(zip(names, probs, strict=True))}
 
     if temperature == 0:
-        output = generate_answers(model, tokenizer, [ids], max_new_tokens)[0]
+        output = generate_answers(model, tokenizer, [ids], max_new_tokens, images=[images])[0]
     else:
         from transformers import set_seed
 
         from peftcli.methods.generation import generate
 
         set_seed(seed)
+        extra = {"pixel_values": pixel_values(tokenizer.processor, images).to(device)} if images else {}
         with torch.no_grad():
             out = generate(
                 model,
@@ -194,6 +215,7 @@ def run_generate(
                 torch.ones((1, len(ids)), dtype=torch.long, device=device),
                 max_new_tokens,
                 tokenizer.pad_token_id,
+                model_inputs=extra,
                 do_sample=True,
                 temperature=temperature,
             )
@@ -202,6 +224,20 @@ def run_generate(
     if not output:
         say("peftcli: the generation is empty: the model ended it (end-of-sequence) before any text")
     return {"prompt": prompt, "output": output, "template": "chat" if chat else "raw", "empty": not output}
+
+
+def check_images(paths: list[Path], task: str, raw: bool) -> list[str]:
+    """--image files as absolute paths, each checked to open as an image."""
+    from peftcli.data.images import check_image
+    from peftcli.tasks import TASKS
+
+    if paths and not TASKS[task].vision:
+        raise UserError(f"--image needs a vision-language model (model.task: image_text); this one is {task}")
+    if paths and raw:
+        raise UserError("--image needs the chat template, and --raw turns it off", "drop one of them")
+    for path in paths:
+        check_image(str(path), "--image")
+    return [str(p.expanduser().resolve()) for p in paths]
 
 
 def prompt_style(target: Target, chat: bool, raw: bool) -> tuple[bool, str]:

@@ -32,6 +32,7 @@ from peftcli.merging import (
 from peftcli.methods import METHODS
 from peftcli.run_folder.layout import Layout
 from peftcli.target import Target, labels_of
+from peftcli.tasks import TASKS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # PEFT's add_weighted_adapter combinations. `cat` stacks the adapters (rank = sum of ranks), so
@@ -139,7 +140,8 @@ def save_dtype(choice: str, target: Target) -> Any:
         )
     if choice != "auto":
         return getattr(torch, choice)
-    config = load_config(target.model.model_copy(update={"task": "causal_lm"}))
+    task = "image_text" if TASKS[target.model.task].vision else "causal_lm"  # no classifier labels
+    config = load_config(target.model.model_copy(update={"task": task}))
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
@@ -215,9 +217,15 @@ def eval_rows(source: Source, tokenizer: Any, labels: Any) -> list[dict[str, Any
         return []
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # the data stage's progress is not merge's
-            return list(eval_split(source.target, tokenizer, None, labels).examples[:ROWS])
+            rows = list(eval_split(source.target, tokenizer, None, labels).examples[:ROWS])
     except UserError:
         return []
+    from peftcli.data.images import pixel_values
+
+    return [
+        r | {"pixel_values": pixel_values(tokenizer.processor, r["images"])} if r.get("images") else r
+        for r in rows
+    ]
 
 
 def write_merged_card(out: Path, first: Source, report: dict[str, Any]) -> None:
@@ -258,9 +266,10 @@ def compare_losses(
     accelerator = make_accelerator(TrainingSection(report_to=["jsonl"], mixed_precision="no"), Path("."))
     task, batch, pad = recipe.model.task, recipe.training.batch_size, tokenizer.pad_token_id
     adapter_model = load_adapter_model(quantized, [source], ["default"])
-    adapter_loss = loss_metrics(adapter_model, split, task, accelerator, batch, pad)["loss"]
+    processor = getattr(tokenizer, "processor", None)
+    adapter_loss = loss_metrics(adapter_model, split, task, accelerator, batch, pad, processor)["loss"]
     merged.to(accelerator.device)
-    merged_loss = loss_metrics(merged, split, task, accelerator, batch, pad)["loss"]
+    merged_loss = loss_metrics(merged, split, task, accelerator, batch, pad, processor)["loss"]
     merged.to("cpu")
     result = {
         "adapter_loss": adapter_loss,
@@ -284,7 +293,7 @@ def write_folder(out: Path, model: Any, tokenizer: Any, report: dict[str, Any], 
     try:
         try:
             model.save_pretrained(work)
-            tokenizer.save_pretrained(work)
+            getattr(tokenizer, "processor", tokenizer).save_pretrained(work)  # a processor: its tokenizer too
             (work / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
             outputs.mark(work, "merge")
         except OSError as exc:

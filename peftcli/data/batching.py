@@ -48,11 +48,16 @@ def collator(data: Prepared, device: Any, collate_fn: Any) -> Any:
 
 
 def collate(
-    examples: list[dict[str, Any]], pad_id: int, multiple: int = 1, limit: int | None = None
+    examples: list[dict[str, Any]],
+    pad_id: int,
+    multiple: int = 1,
+    limit: int | None = None,
+    processor: Any = None,
 ) -> dict[str, Any]:
     """Pad to the longest example in the batch (right padding), rounded up to `multiple` within
     `limit`; labels are padded on their own, so decoder targets (seq2seq) may differ in length from
-    the inputs."""
+    the inputs. Image+text examples: their images are read now, by `processor`, into one
+    `pixel_values` in the order their image tokens stand in the batch."""
     import torch
 
     longest = padded_length(max(len(e["input_ids"]) for e in examples), multiple, limit)
@@ -69,6 +74,11 @@ def collate(
         "row_tokens": row_tokens,
         "num_tokens": row_tokens.sum(),
     }
+    files = [f for e in examples for f in e.get("images", ())]
+    if files:
+        from peftcli.data.images import pixel_values
+
+        batch["pixel_values"] = pixel_values(processor, files)
     if "position_ids" in examples[0]:
         # Packed rows: the mask comes from the position ids (see `pack`); the padding tail
         # counts up from 0 too, making it a segment of its own that nothing attends across.

@@ -22,10 +22,12 @@ from typing import TYPE_CHECKING, Any
 from peftcli.console import is_main_process, say
 from peftcli.data.encode import BATCH_ROWS, Encoder, batches, new_stats
 from peftcli.data.formats import CHAT_FORMATS, FORMAT_COLUMNS, chat_template, choose_format, scan
+from peftcli.data.images import tokens_per_image
 from peftcli.data.packing import pack_split
 from peftcli.data.sources import Row, Source
 from peftcli.data.splits import Prepared, Reference, Split, TokenArrays, Writer
 from peftcli.errors import UserError
+from peftcli.tasks import TASKS
 
 if TYPE_CHECKING:
     from peftcli.recipe import DataSection
@@ -73,6 +75,8 @@ def prepare(
     on_task_data = OBJECTIVES[objective].task_loss  # SFT: the task's formats; else pairs or answers
     if section.chat_template is not None:
         tokenizer.chat_template = chat_template(section, tokenizer)
+        if hasattr(tokenizer, "processor"):  # saved with the adapter, whose template it carries
+            tokenizer.processor.chat_template = tokenizer.chat_template
     train = Source(section.train, "data.train")
     held_out = Source(section.eval, "data.eval") if isinstance(section.eval, str) else None
     if OBJECTIVES[objective].generates:  # prompts, answered in training: no tokens to cache
@@ -106,6 +110,10 @@ def prepare(
         "train_on": section.train_on,
         "packing": section.packing,
     }
+    if TASKS[task].vision:  # the tokens an image expands to come from the processor; image
+        # paths are relative to the data files, and the cache holds them resolved
+        inputs["image_tokens"] = tokens_per_image(tokenizer.processor)
+        inputs["data_files"] = [str(f.resolve()) for s in (train, held_out) if s is not None for f in s.files]
     key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24]
     folder = cache_root() / key
     hit = (folder / "meta.json").is_file()
@@ -171,9 +179,10 @@ def _build(
     encoder = Encoder(tokenizer, fmt, section, task, found.labels)
     stats, eval_stats = new_stats(), new_stats()
     has_eval = bool(held) or held_out is not None
-    writers = {"train": Writer(folder, "train")}
+    vision = TASKS[task].vision  # each example's image files beside its tokens
+    writers = {"train": Writer(folder, "train", images=vision)}
     if has_eval:
-        writers["eval"] = Writer(folder, "eval")
+        writers["eval"] = Writer(folder, "eval", images=vision)
         references = open(folder / "eval.references.jsonl", "w", encoding="utf-8")
 
     def write(batch: list[Row], name: str) -> None:
@@ -184,7 +193,8 @@ def _build(
                 continue
             writers[name].add(example)
             if name == "eval" and (ref := encoder.reference(row, where)) is not None:
-                references.write(json.dumps({"prompt_ids": ref.prompt_ids, "answer": ref.answer}) + "\n")
+                saved = {"prompt_ids": ref.prompt_ids, "answer": ref.answer}
+                references.write(json.dumps(saved | ({"images": ref.images} if ref.images else {})) + "\n")
 
     pending: dict[str, list[Row]] = {"train": [], "eval": []}
     for name, row in routed(train.rows(), held):

@@ -11,16 +11,18 @@ from typing import TYPE_CHECKING, Any
 
 from peftcli.data.formats import (
     CHAT_FORMATS,
+    MESSAGE_ROLES,
     chat_messages,
     chat_template,
     prompt_and_answer,
     scan,
     string_field,
 )
+from peftcli.data.images import image_messages, tokens_per_image
 from peftcli.data.sources import Row, Source, first_line
 from peftcli.data.splits import Reference, Split
 from peftcli.errors import UserError
-from peftcli.tasks import IGNORE
+from peftcli.tasks import IGNORE, TASKS
 
 if TYPE_CHECKING:
     from peftcli.recipe import DataSection
@@ -63,6 +65,9 @@ class Encoder:
         self.prefix = [t for t in full[:start] if t != tokenizer.eos_token_id]
         self._fast = _fast_encoder(tokenizer)
         self.template = chat_template(section, tokenizer) if fmt in CHAT_FORMATS else None
+        # Vision-language: each image placeholder the template writes is expanded to the tokens
+        # the processor gives an image, so ids and labels are final before any image is read.
+        self.image = tokens_per_image(tokenizer.processor) if TASKS[task].vision else None
         if fmt in CHAT_FORMATS and not self.template:
             raise UserError(
                 f"data.format: {fmt} needs a chat template, and this tokenizer has none",
@@ -92,7 +97,45 @@ class Encoder:
             sources = self.tok([p for p, _ in pairs])["input_ids"]
             targets = self._ids([a for _, a in pairs])
             return [self._seq2seq(s, t + self.eos, stats) for s, t in zip(sources, targets, strict=True)]
+        if self.image is not None:
+            return [self._with_images(*example, stats) for example in self._labelled_images(rows)]
         return [self._causal(ids, labels, stats) for ids, labels in self._labelled(rows)]
+
+    def _with_images(
+        self, ids: list[int], labels: list[int], files: list[str], stats: dict[str, int]
+    ) -> dict[str, Any] | None:
+        """A causal example with its image files; a row whose image tokens do not all fit in
+        max_length is dropped (a cut image cannot be matched with its pixels)."""
+        image_id = self.tok.convert_tokens_to_ids(self.image[0])
+        if image_id in ids[self.section.max_length :]:
+            stats["rows"] += 1
+            stats["dropped"] += 1
+            return None
+        example = self._causal(ids, labels, stats)
+        return None if example is None else example | {"images": files}
+
+    def _labelled_images(self, rows: Sequence[Row]) -> list[tuple[list[int], list[int], list[str]]]:
+        """Token ids, labels and image files of image+text rows: the assistant's text carries
+        loss (`train_on` is completion: an image token never does)."""
+        image_id = self.tok.convert_tokens_to_ids(self.image[0])
+        out = []
+        for where, row in rows:
+            messages, files = image_messages(row, where, MESSAGE_ROLES)
+            text, spans = self._render_spans(messages, where)
+            enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+            if enc["input_ids"].count(image_id) != len(files) * self.image[1]:
+                raise UserError(
+                    f"{where}: {len(files)} image(s), but the rendered conversation holds "
+                    f"{enc['input_ids'].count(image_id) / self.image[1]:g} image placeholders ({self.image[0]})",
+                    'write an image as a {"type": "image"} part, never as text; a data.chat_template '
+                    "must render each image part as the placeholder",
+                )
+            labels = [
+                t if t != image_id and any(s <= a and b <= e for s, e in spans) else IGNORE
+                for t, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
+            ]
+            out.append((enc["input_ids"], labels, files))
+        return out
 
     def _causal(self, ids: list[int], labels: list[int], stats: dict[str, int]) -> dict[str, Any] | None:
         stats["rows"] += 1
@@ -144,7 +187,8 @@ class Encoder:
     # ---- causal LM: token ids and which of them carry loss
 
     def encode(self, row: dict[str, Any], where: str) -> tuple[list[int], list[bool]]:
-        ids, labels = self._labelled([(where, row)])[0]
+        labelled = self._labelled_images if self.image is not None else self._labelled
+        ids, labels = labelled([(where, row)])[0][:2]
         return ids, [y != IGNORE for y in labels]
 
     def _labelled(self, rows: Sequence[Row]) -> list[tuple[list[int], list[int]]]:
@@ -176,12 +220,13 @@ class Encoder:
         from jinja2 import TemplateError
 
         try:
-            return self.tok.apply_chat_template(
+            text = self.tok.apply_chat_template(
                 messages,
                 chat_template=self.template,
                 tokenize=False,
                 add_generation_prompt=generation_prompt,
             )
+            return text.replace(self.image[0], self.image[0] * self.image[1]) if self.image else text
         except TemplateError as exc:
             raise UserError(
                 f"{where}: the chat template cannot render this conversation: {first_line(exc)}",
@@ -216,7 +261,14 @@ class Encoder:
                 else self.prefix + self._ids([prompt])[0]
             )
             return Reference(ids, answer)
-        if self.fmt in CHAT_FORMATS:
+        if self.image is not None:
+            messages, files = image_messages(row, where, MESSAGE_ROLES)
+            if messages[-1]["role"] == "assistant":
+                prompt = self._render(messages[:-1], True, where)
+                answer = "".join(p["text"] for p in messages[-1]["content"] if p["type"] == "text")
+                shown = sum(p["type"] == "image" for m in messages[:-1] for p in m["content"])
+                return Reference(self._ids([prompt])[0], answer, files[:shown])
+        elif self.fmt in CHAT_FORMATS:
             messages = chat_messages(row, self.fmt, where)
             if messages[-1]["role"] == "assistant":
                 prompt = self._render(messages[:-1], True, where)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from peftcli.data.images import check_image, has_images, image_messages
 from peftcli.data.sources import Row, Source
 from peftcli.errors import UserError
 from peftcli.tasks import TASKS
@@ -197,6 +198,18 @@ def scan(source: Source | str, wanted: str, task: str, key: str = "data.train") 
     for where, row in source.rows():
         if not count:
             fmt = choose_format(row, wanted, fmt_key, task)
+        if TASKS[task].vision:
+            messages, files = image_messages(row, where, MESSAGE_ROLES)
+            for path in files:
+                check_image(path, where)
+            answers += any(m["role"] == "assistant" for m in messages)
+            count += 1
+            continue
+        if fmt in CHAT_FORMATS and has_images(row):
+            raise UserError(
+                f"{where}: this row has an image, and model.task: {task} reads text only",
+                "train a vision-language model with model.task: image_text, or remove the images",
+            )
         check_row(row, fmt, where)
         if fmt == "classification":
             label = row.get("label")

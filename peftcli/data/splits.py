@@ -3,6 +3,7 @@ flat token files of a cache entry (`Writer` writes them, `TokenArrays` reads the
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ class Reference:
 
     prompt_ids: list[int]
     answer: str
+    images: list[str] = field(default_factory=list)  # the prompt's image files, in order
 
 
 @dataclass
@@ -51,9 +53,10 @@ class Writer:
     """Appends one split's examples to flat files: int32 tokens and int64 offsets.
 
     `<split>.input_ids` + `<split>.input_offsets`, `<split>.labels` + `<split>.label_offsets`
-    (a class id is a label of length 1), and `<split>.position_ids` for packed rows."""
+    (a class id is a label of length 1), `<split>.position_ids` for packed rows, and
+    `<split>.images.jsonl` (each example's image files, one JSON list a line) for image data."""
 
-    def __init__(self, folder: Path, name: str, positions: bool = False):
+    def __init__(self, folder: Path, name: str, positions: bool = False, images: bool = False):
         parts = ["input_ids", "input_offsets", "labels", "label_offsets"] + (
             ["position_ids"] if positions else []
         )
@@ -61,6 +64,8 @@ class Writer:
         self.n_inputs = self.n_labels = self.count = 0
         for p in ("input_offsets", "label_offsets"):
             self.files[p].write(_int64([0]))
+        if images:
+            self.files["images"] = open(folder / f"{name}.images.jsonl", "w", encoding="utf-8")
 
     def add(self, example: dict[str, Any]) -> None:
         ids, labels = example["input_ids"], example["labels"]
@@ -74,6 +79,8 @@ class Writer:
         self.files["label_offsets"].write(_int64([self.n_labels]))
         if "position_ids" in self.files:
             self.files["position_ids"].write(_int32(example["position_ids"]))
+        if "images" in self.files:
+            self.files["images"].write(json.dumps(example["images"]) + "\n")
 
     def close(self) -> None:
         for f in self.files.values():
@@ -130,6 +137,12 @@ class TokenArrays(Examples):
         self.labels = _map(folder / f"{name}.labels.bin", "int32")
         self.label_offsets = _map(folder / f"{name}.label_offsets.bin", "int64")
         self.position_ids = _map(folder / f"{name}.position_ids.bin", "int32")
+        images = folder / f"{name}.images.jsonl"  # paths only: small, read whole
+        self.images = (
+            [json.loads(line) for line in images.read_text(encoding="utf-8").splitlines()]
+            if images.is_file()
+            else None
+        )
 
     def __len__(self) -> int:
         return len(self.input_offsets) - 1
@@ -143,6 +156,8 @@ class TokenArrays(Examples):
         }
         if self.position_ids is not None:
             example["position_ids"] = self.position_ids[a:b].tolist()
+        if self.images is not None:
+            example["images"] = self.images[i]
         return example
 
     def __eq__(self, other: object) -> bool:

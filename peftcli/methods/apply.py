@@ -14,6 +14,7 @@ from peftcli.methods.hooks import Context
 from peftcli.methods.options import config_class, options_problems
 from peftcli.methods.table import METHODS, Method
 from peftcli.methods.targets import CONV1D_MODEL_TYPES, LinearIndex, resolve_targets
+from peftcli.model.parts import LANGUAGE, PROJECTOR, VISION, part_modules, part_of
 from peftcli.tasks import TASKS
 
 if TYPE_CHECKING:
@@ -150,7 +151,7 @@ def apply_method(model: nn.Module, section: PeftSection, task: str, total_steps:
     method = METHODS[section.method]
     check_carries(method, model.config.model_type, task)  # a hub model checked only now
     inits.check_model_type(section, model.config.model_type, CONV1D_MODEL_TYPES)
-    index = LinearIndex.from_model(model)
+    index = within_parts(LinearIndex.from_model(model), section, task)
     targets: dict[str, Any] = {"names": []}
     if method.kind == "targets":
         targets = resolve_targets(index, section.target_modules, section.layers, list(method.default_targets))
@@ -163,6 +164,8 @@ def apply_method(model: nn.Module, section: PeftSection, task: str, total_steps:
         kwargs.update({k: v for k, v in derived.items() if k not in section.options})  # options win
     targets.pop("names")
     targets.pop("parameters", None)
+    if section.train_projector:  # trained in full and saved with the adapter (PEFT's modules_to_save)
+        kwargs["modules_to_save"] = [*kwargs.get("modules_to_save", []), *part_modules(model, PROJECTOR)]
     try:
         config = config_class(method.config_class)(task_type=TASKS[task].peft_task_type, **targets, **kwargs)
         peft_model = get_peft_model(model, config)
@@ -171,6 +174,23 @@ def apply_method(model: nn.Module, section: PeftSection, task: str, total_steps:
     if not on_meta:
         inits.after_wrap(peft_model, section)
     return peft_model
+
+
+def within_parts(index: LinearIndex, section: PeftSection, task: str) -> LinearIndex:
+    """A vision-language model's linears that the method may adapt: the language model's, and the
+    vision tower's with `peft.train_vision` (the projector is trained in full or not at all)."""
+    if not TASKS[task].vision:
+        if section.train_vision or section.train_projector:
+            key = "train_vision" if section.train_vision else "train_projector"
+            raise UserError(
+                f"peft.{key} applies to vision-language models (model.task: image_text); remove it"
+            )
+        return index
+    parts = {LANGUAGE, VISION} if section.train_vision else {LANGUAGE}
+    names = [n for n in index.names if part_of(n) in parts]
+    outside = [n for n in index.names if n not in names]
+    shapes = {n: index.shapes[n] for n in names}
+    return LinearIndex(names, index.attention & set(names), shapes, index.experts, index.routers, outside)
 
 
 def _on_meta(model: nn.Module) -> bool:

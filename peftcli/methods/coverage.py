@@ -209,7 +209,7 @@ def of_recipe(recipe: Recipe, folder: Path | None) -> tuple[dict[str, Any], dict
     checkpoint's headers, or for a mixture of experts from the model on the meta device. None
     when neither can be read."""
     from peftcli.methods import METHODS
-    from peftcli.methods.apply import check_parameters
+    from peftcli.methods.apply import check_parameters, within_parts
     from peftcli.methods.targets import resolve_targets, safetensors_shapes
 
     method = METHODS[recipe.peft.method]
@@ -220,6 +220,7 @@ def of_recipe(recipe: Recipe, folder: Path | None) -> tuple[dict[str, Any], dict
     index = LinearIndex.from_weights(folder)
     if index is None:
         return None
+    index = within_parts(index, recipe.peft, recipe.model.task)
     targets = resolve_targets(index, recipe.peft.target_modules, recipe.peft.layers, method.default_targets)
     check_parameters(method, recipe.peft, targets)
     tensors = {k: tuple(v) for k, v in safetensors_shapes(folder).items()}
@@ -233,14 +234,14 @@ def _on_meta(recipe: Recipe, method: Method) -> tuple[dict[str, Any], dict[str, 
     import torch
 
     from peftcli.console import quiet_libraries
-    from peftcli.methods.apply import check_parameters
+    from peftcli.methods.apply import check_parameters, within_parts
     from peftcli.methods.load import wrap_like
     from peftcli.methods.targets import resolve_targets
     from peftcli.model.load import load_config, meta_model
 
     quiet_libraries()
     base = meta_model(recipe.model, load_config(recipe.model), torch.float32)
-    index = LinearIndex.from_model(base)
+    index = within_parts(LinearIndex.from_model(base), recipe.peft, recipe.model.task)
     targets = resolve_targets(index, recipe.peft.target_modules, recipe.peft.layers, method.default_targets)
     check_parameters(method, recipe.peft, targets)
     return targets, of_model(wrap_like(base, recipe.peft, recipe.model.task, total_steps=1000))

@@ -34,10 +34,12 @@ def generate(
     eos_token_id: int | list[int] | None = None,
     logits_processor: Any = None,
     do_sample: bool = False,
+    model_inputs: dict[str, Any] | None = None,
     **sampling: Any,
 ) -> torch.Tensor:
     """HF `generate`'s result (decoder-only: prompt + continuation; encoder-decoder: the decoder's
-    ids) for every method. `sampling`: temperature/top_p/top_k as `generate` takes them."""
+    ids) for every method. `model_inputs`: the model's other inputs (a vision-language model's
+    `pixel_values`); `sampling`: temperature/top_p/top_k as `generate` takes them."""
     if not trained_forward_only(model):
         extra = {"eos_token_id": eos_token_id} if eos_token_id is not None else {}
         return model.generate(
@@ -48,8 +50,11 @@ def generate(
             logits_processor=logits_processor,
             do_sample=do_sample,
             **extra,
+            **(model_inputs or {}),
             **sampling,
         )
+    if model_inputs:  # refused at validate: prompt learning is not offered for vision-language models
+        raise NotImplementedError("prompt learning's generation takes token ids only")
     peft = model.module if hasattr(model, "module") else model
     stops = eos_token_id if eos_token_id is not None else peft.generation_config.eos_token_id
     stops = [] if stops is None else [stops] if isinstance(stops, int) else list(stops)

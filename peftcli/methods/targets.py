@@ -88,6 +88,7 @@ class LinearIndex:
     shapes: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (in_features, out_features)
     experts: dict[str, tuple[int, ...]] = field(default_factory=dict)  # parameter name -> shape
     routers: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    outside: list[str] = field(default_factory=list)  # linears left out (a vision tower): never targeted
 
     @property
     def num_layers(self) -> int:
@@ -317,7 +318,7 @@ def resolve_targets(
 
     # Prefer the short, portable form (module suffixes) when it selects exactly the same set.
     short = sorted({c.rsplit(".", 1)[-1] for c in chosen})
-    same = {n for n in index.names if n.rsplit(".", 1)[-1] in short}
+    same = {n for n in [*index.names, *index.outside] if n.rsplit(".", 1)[-1] in short}
     if wanted is not None:
         same = {n for n in same if (li := layer_index(n)) and li[1] in wanted}
     if same != chosen:

@@ -18,6 +18,7 @@ from typing import Any
 
 from peftcli.errors import UserError, did_you_mean
 from peftcli.home import home, make_dirs
+from peftcli.model.builtin_vlm import tiny_llava
 from peftcli.outputs import follow_umask
 
 # Llama 3's pre-tokenizer split rule: the builtin BPE tokenizer's, and a name GGUF readers know.
@@ -342,6 +343,11 @@ BUILTINS: dict[str, Builtin] = {
         Builtin("tiny-bert", "BERT encoder for classification, 2 layers, d=64", _tiny_bert),
         Builtin(
             "tiny-mixtral", "Mixtral MoE: 4 fused experts (top-2) per layer, 2 layers, d=64", _tiny_mixtral
+        ),
+        Builtin(
+            "tiny-llava",
+            "LLaVA vision-language: CLIP tower (32x32 images, 16 tokens each), tiny-llama's text, ChatML",
+            lambda: tiny_llava(byte_level_tokenizer),
         ),
     ]
 }

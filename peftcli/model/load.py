@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from peftcli.console import is_main_process, say
 from peftcli.errors import UserError
 from peftcli.model import builtin
 from peftcli.model.quant import prepare_quantized, quantization_config
@@ -72,6 +73,7 @@ def load_config(section: ModelSection, labels: list[str] | None = None) -> Any:
         config = AutoConfig.from_pretrained(path, **_common_kwargs(section))
     except (OSError, ValueError, KeyError) as exc:
         raise _load_error("config", path, exc) from None
+    check_vision(section, config)
     if section.task == "seq_cls":
         if labels is not None and section.num_labels not in (None, len(labels)):
             raise UserError(
@@ -86,12 +88,37 @@ def load_config(section: ModelSection, labels: list[str] | None = None) -> Any:
     return config
 
 
+def check_vision(section: ModelSection, config: Any) -> None:
+    """A vision-language model (a config with a vision part) is trained as image_text, and only
+    such a model is: never loaded as a text-only causal LM by mistake."""
+    vision = getattr(config, "vision_config", None) is not None
+    if vision and not TASKS[section.task].vision:
+        raise UserError(
+            f"model.task: {section.task}, but `{section.name_or_path}` is a vision-language model "
+            f"({config.model_type})",
+            "set model.task: image_text",
+        )
+    if TASKS[section.task].vision and not vision:
+        raise UserError(
+            f"model.task: {section.task} needs a vision-language model; `{section.name_or_path}` "
+            f"({config.model_type}) has no vision part",
+            "use causal_lm",
+        )
+
+
 def load_tokenizer(section: ModelSection) -> Any:
-    from transformers import AutoTokenizer
+    """The tokenizer; for image_text, the processor's, with the processor itself as its
+    `processor` attribute (it reads the images, and is saved with the adapter)."""
+    from transformers import AutoProcessor, AutoTokenizer
 
     path = source(section)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **_common_kwargs(section))
+        if TASKS[section.task].vision:
+            processor = AutoProcessor.from_pretrained(path, **_common_kwargs(section))
+            tokenizer = processor.tokenizer
+            tokenizer.processor = processor
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(path, **_common_kwargs(section))
     except (OSError, ValueError, KeyError) as exc:
         raise _load_error("tokenizer", path, exc) from None
     if tokenizer.pad_token is None:
@@ -163,6 +190,11 @@ def load_model(section: ModelSection, device: Any = None, labels: list[str] | No
         raise _load_error("weights", path, exc) from None
     if quant is not None:
         model = prepare_quantized(model)
+        if TASKS[section.task].vision and is_main_process():
+            say(
+                f"peftcli: note: model.quantization: {section.quantization} quantizes the language model; "
+                f"the vision tower and projector stay in {dtype}".replace("torch.", "")
+            )
     if getattr(model.config, "pad_token_id", None) is None and section.task == "seq_cls":
         model.config.pad_token_id = model.config.eos_token_id
     return model

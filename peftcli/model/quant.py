@@ -30,6 +30,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from peftcli.errors import UserError
+from peftcli.model.parts import PROJECTOR_NAMES, VISION_NAMES
+from peftcli.tasks import TASKS
 
 if TYPE_CHECKING:
     from peftcli.recipe import ModelSection
@@ -53,9 +55,8 @@ def quantization_config(section: ModelSection, dtype: Any) -> Any:
         ) from None
     from transformers import BitsAndBytesConfig
 
-    # A classifier's head is created fresh and trained in full precision (PEFT's
-    # modules_to_save); quantizing it would leave an uninitialised 4/8-bit layer.
-    skip = {"llm_int8_skip_modules": list(CLASSIFIER_HEADS)} if section.task == "seq_cls" else {}
+    modules = skip_modules(section)
+    skip = {"llm_int8_skip_modules": modules} if modules is not None else {}
     if section.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True, **skip)
     return BitsAndBytesConfig(
@@ -66,6 +67,21 @@ def quantization_config(section: ModelSection, dtype: Any) -> Any:
         bnb_4bit_compute_dtype=dtype,
         bnb_4bit_quant_storage=dtype,
     )
+
+
+def skip_modules(section: ModelSection) -> list[str] | None:
+    """The modules bitsandbytes leaves unquantized beyond its defaults (None: its defaults)."""
+    if section.task == "seq_cls":
+        # A classifier's head is created fresh and trained in full precision (PEFT's
+        # modules_to_save); quantizing it would leave an uninitialised 4/8-bit layer.
+        return list(CLASSIFIER_HEADS)
+    if TASKS[section.task].vision:
+        # The language model only, as peers do: the vision tower and the projector keep their
+        # dtype (the head too, as for a text model). transformers 5 matches a name from the
+        # start or as a suffix (regexes allowed), older releases as a substring.
+        parts = [*VISION_NAMES, *PROJECTOR_NAMES]
+        return [*parts, *(f".*{p}" for p in parts), "lm_head"]
+    return None
 
 
 def prepare_quantized(model: Any) -> Any:

@@ -28,7 +28,9 @@ class SFT(Objective):
         start: bool = False,
     ):
         self.name, self.task, self.tokenizer, self.eval_section = name, task, tokenizer, eval_section
-        self.collate = partial(collate, pad_id=tokenizer.pad_token_id)  # type: ignore[method-assign]
+        self.collate = partial(  # type: ignore[method-assign]
+            collate, pad_id=tokenizer.pad_token_id, processor=getattr(tokenizer, "processor", None)
+        )
 
     def begin_step(self, model: Any, group: list[Batch], accelerator: Any) -> Step:
         # Every token loss is divided by the supervised tokens of the whole global batch.

@@ -24,7 +24,7 @@ def save_adapter(
     OLoRA converted for the original base); `state`: the adapter's tensors gathered whole, where
     the model is sharded (FSDP)."""
     save_model(peft_model, folder, state)
-    tokenizer.save_pretrained(folder)
+    getattr(tokenizer, "processor", tokenizer).save_pretrained(folder)  # a processor: its tokenizer too
     if labels:  # class names, in the order of the classifier's outputs
         (folder / LABELS).write_text(json.dumps(labels) + "\n", encoding="utf-8")
     outputs.follow_umask(folder)  # safetensors writes its files 0600

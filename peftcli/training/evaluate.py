@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from peftcli.data.batching import collate
+from peftcli.data.images import pixel_values
 from peftcli.data.splits import Reference, Split
 from peftcli.methods.generation import generate
 from peftcli.training.losses import example_losses, forward
@@ -19,15 +20,15 @@ if TYPE_CHECKING:
 
 @torch.no_grad()
 def loss_metrics(
-    model: Any, split: Split, task: str, accelerator: Any, batch_size: int, pad_id: int
+    model: Any, split: Split, task: str, accelerator: Any, batch_size: int, pad_id: int, processor: Any = None
 ) -> dict[str, float]:
     """Mean loss per supervised token over the whole split (not a mean of batch means);
-    perplexity for language models, accuracy and macro-F1 for classification."""
+    perplexity for language models, accuracy and macro-F1 for classification. `processor` reads
+    the images of image+text examples."""
     from torch.utils.data import DataLoader
 
-    loader = accelerator.prepare(
-        DataLoader(split.examples, batch_size=batch_size, collate_fn=partial(collate, pad_id=pad_id))
-    )
+    collate_fn = partial(collate, pad_id=pad_id, processor=processor)
+    loader = accelerator.prepare(DataLoader(split.examples, batch_size=batch_size, collate_fn=collate_fn))
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.long)
@@ -64,9 +65,15 @@ def classification_scores(pred: torch.Tensor, truth: torch.Tensor) -> dict[str, 
 
 @torch.no_grad()
 def generate_answers(
-    model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 32
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    batch_size: int = 32,
+    images: list[list[str]] | None = None,
 ) -> list[str]:
-    """Greedy continuations of token-id prompts, batched with left padding."""
+    """Greedy continuations of token-id prompts, batched with left padding; `images`: each
+    prompt's image files (read by the tokenizer's processor)."""
     device = next(p for p in model.parameters()).device
     pad = tokenizer.pad_token_id
     was_training = model.training
@@ -77,7 +84,9 @@ def generate_answers(
         longest = max(len(p) for p in chunk)
         ids = torch.tensor([[pad] * (longest - len(p)) + p for p in chunk], device=device)
         mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in chunk], device=device)
-        out = generate(model, ids, mask, max_new_tokens, pad)
+        files = [f for row in (images or [])[start : start + batch_size] for f in row]
+        extra = {"pixel_values": pixel_values(tokenizer.processor, files).to(device)} if files else {}
+        out = generate(model, ids, mask, max_new_tokens, pad, model_inputs=extra)
         # Decoder-only models return prompt + continuation; encoder-decoders the decoder only.
         new = out if getattr(model.config, "is_encoder_decoder", False) else out[:, longest:]
         answers += tokenizer.batch_decode(new, skip_special_tokens=True)
@@ -88,7 +97,8 @@ def generate_answers(
 def exact_match(
     model: Any, tokenizer: Any, references: list[Reference], max_new_tokens: int
 ) -> dict[str, Any]:
-    answers = generate_answers(model, tokenizer, [r.prompt_ids for r in references], max_new_tokens)
+    prompts, images = [r.prompt_ids for r in references], [r.images for r in references]
+    answers = generate_answers(model, tokenizer, prompts, max_new_tokens, images=images)
     hits = [a.strip() == r.answer.strip() for a, r in zip(answers, references, strict=True)]
     samples = [
         {
@@ -117,7 +127,8 @@ def evaluate(
     from peftcli.tasks import TASKS
 
     wanted = set(section.metrics or TASKS[task].default_metrics)
-    measured = loss_metrics(model, split, task, accelerator, batch_size, tokenizer.pad_token_id)
+    processor = getattr(tokenizer, "processor", None)
+    measured = loss_metrics(model, split, task, accelerator, batch_size, tokenizer.pad_token_id, processor)
     keep = wanted | ({"accuracy", "f1"} if task == "seq_cls" else set())
     metrics: dict[str, Any] = {k: v for k, v in measured.items() if k in keep}
     want_em = with_exact_match if with_exact_match is not None else "exact_match" in wanted

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from peftcli.tasks import IGNORE
+from peftcli.tasks import IGNORE, TASKS
 
 
 def at_least_float32(logits: torch.Tensor) -> torch.Tensor:
@@ -28,7 +28,7 @@ def _targets(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[tor
         return logits[:, None], labels[:, None]
     # Prompt-learning methods prepend virtual tokens: keep the positions of real tokens.
     logits = logits[:, -labels.shape[1] :]
-    if task == "causal_lm":  # position t predicts token t+1
+    if TASKS[task].next_token:  # position t predicts token t+1
         return logits[:, :-1], labels[:, 1:]
     return logits, labels
 
@@ -36,12 +36,13 @@ def _targets(logits: torch.Tensor, labels: torch.Tensor, task: str) -> tuple[tor
 def supervised_tokens(batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
     """Tokens that carry loss (examples, for classification)."""
     labels = batch["labels"]
-    if task == "causal_lm":
+    if TASKS[task].next_token:
         labels = labels[:, 1:]
     return (labels != IGNORE).sum()
 
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+# pixel_values: a vision-language batch's images, in the order their image tokens stand.
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values")
 
 
 def forward(model: Any, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
@@ -67,7 +68,7 @@ def example_losses(
 
 
 def loss_sum(model: Any, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
-    if task == "causal_lm":
+    if TASKS[task].next_token:
         return _causal_loss_sum(model, batch)
     logits, labels = _targets(forward(model, batch, task), batch["labels"], task)
     return F.cross_entropy(

@@ -14,6 +14,7 @@ from peftcli.cards import write_run_card
 from peftcli.console import is_main_process, say
 from peftcli.errors import Interrupted
 from peftcli.methods.coverage import write as write_coverage
+from peftcli.model.parts import parameter_counts
 from peftcli.objectives import OBJECTIVES
 from peftcli.recipe import Recipe
 from peftcli.recipe_file import dump_recipe
@@ -21,6 +22,7 @@ from peftcli.run_folder import lifecycle as run_folder
 from peftcli.run_folder.lock import RunLock
 from peftcli.run_folder.plan import fingerprint, plan_folder, resume_point
 from peftcli.run_folder.save import save_adapter, write_json
+from peftcli.tasks import TASKS
 from peftcli.training.accelerator import describe, distribution, make_accelerator, trainable_summary
 from peftcli.training.tracking import MetricsLog
 
@@ -187,6 +189,12 @@ def report_start(recipe: Recipe, where: run_folder.Plan, stages: Stages, notes: 
         f"{counts['trainable_params']:,} trainable of {counts['total_params']:,} parameters "
         f"({100 * counts['trainable_params'] / counts['total_params']:.2f}%)"
     )
+    if TASKS[recipe.model.task].vision:  # which parts train, exact
+        parts = parameter_counts(stages.model.named_parameters())
+        say(
+            "peftcli: parts: "
+            + ", ".join(f"{p} {c['params']:,} ({c['trainable']:,} trainable)" for p, c in parts.items())
+        )
     what = {"preference": "pairs", "unpaired": "answers"}.get(data.format, "examples")
     say(
         f"peftcli: data {data.format}: {len(data.train.examples)} train / "
