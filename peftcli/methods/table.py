@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     import torch
 
 Kind = Literal["targets", "prompt", "adaption"]
+# Prompt learning is offered for text only: peftcli decodes it by whole forward passes
+# (methods/generation.py), which take token ids alone, not a vision-language model's images.
+TEXT_TASKS = frozenset(t for t, spec in TASKS.items() if not spec.vision)
 
 
 @dataclass(frozen=True)
@@ -179,6 +182,7 @@ METHODS: dict[str, Method] = {
             False,
             peft_type="PROMPT_TUNING",
             kind="prompt",
+            tasks=TEXT_TASKS,
             defaults=_PROMPT_DEFAULTS,
             derive=hooks.prompt_tokenizer,
             shards=False,
@@ -190,6 +194,7 @@ METHODS: dict[str, Method] = {
             False,
             peft_type="P_TUNING",
             kind="prompt",
+            tasks=TEXT_TASKS,
             defaults={**_PROMPT_DEFAULTS, "encoder_hidden_size": 128},
             shards=False,
         ),
@@ -200,6 +205,7 @@ METHODS: dict[str, Method] = {
             False,
             peft_type="PREFIX_TUNING",
             kind="prompt",
+            tasks=TEXT_TASKS,
             defaults=_PROMPT_DEFAULTS,
             kv_prefix=True,
             shards=False,
