@@ -86,7 +86,7 @@ def check_model(recipe: Recipe, config: dict[str, Any] | None) -> list[str]:
         )
     if config.get("vision_config") is not None and not TASKS[task].vision:
         raise UserError(
-            f"model.task: {task}, but {kind} is a vision-language model", "set model.task: image_text"
+            f"model.task: {task}, but {kind} is a vision-language model", "set model.task: image_text_to_text"
         )
     if TASKS[task].vision and config.get("vision_config") is None:
         raise UserError(

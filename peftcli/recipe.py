@@ -123,10 +123,10 @@ class PeftSection(_Section):
     )
     rslora: bool = Field(False, description="Rank-stabilised LoRA: the update scaled by alpha/sqrt(r).")
     train_projector: bool = Field(
-        False, description="image_text: train the projector (image features -> text embeddings) in full."
+        False, description="Vision-language: train the projector (image features -> text embeddings) in full."
     )
     train_vision: bool = Field(
-        False, description="image_text: adapt the vision tower too (the method's targets there); else frozen."
+        False, description="Vision-language: the method's targets in the vision tower too; else frozen."
     )
     lora_plus_ratio: float | None = Field(None, gt=0, description="LoRA+: B learns at this × training.lr.")
     rank_pattern: dict[str, int] = Field(

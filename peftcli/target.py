@@ -35,7 +35,7 @@ def _model_task(path: Path) -> str:
     if _is_classifier(config) or config.get("model_type") in ENCODER_ONLY:
         return "seq_cls"
     if config.get("vision_config") is not None:  # a vision-language model (merged or base)
-        return "image_text"
+        return "image_text_to_text"
     return "seq2seq_lm" if config.get("is_encoder_decoder") else "causal_lm"
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-Task = Literal["causal_lm", "seq2seq_lm", "seq_cls", "image_text"]
+Task = Literal["causal_lm", "seq2seq_lm", "seq_cls", "image_text_to_text"]
 
 # The label of a token (or, for classification, an example) that carries no loss, in every task:
 # Hugging Face's convention, which PyTorch's cross-entropy ignores.
@@ -66,7 +66,7 @@ TASKS: dict[str, TaskSpec] = {
         # A vision-language model (LLaVA, Qwen2-VL, Idefics3, ...): a decoder over text and image
         # tokens, trained on image+text messages; PEFT wraps it as a causal LM.
         TaskSpec(
-            "image_text",
+            "image_text_to_text",
             "AutoModelForImageTextToText",
             "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
             "CAUSAL_LM",

@@ -24,7 +24,9 @@ def wrapped(model_name: str, config: peft.PeftConfig, seed: int = 0):
     tok = transformers.AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:  # GPT-2: padding with end-of-text, as peftcli's data stage does
         tok.pad_token = tok.eos_token
-    auto = transformers.AutoModelForSeq2SeqLM if model_name == "tiny-t5" else transformers.AutoModelForCausalLM
+    auto = (
+        transformers.AutoModelForSeq2SeqLM if model_name == "tiny-t5" else transformers.AutoModelForCausalLM
+    )
     torch.manual_seed(seed)
     return tok, peft.get_peft_model(auto.from_pretrained(path), config).eval()
 
@@ -42,7 +44,9 @@ def reference(model, ids: list[int], n: int, encoder_decoder: bool = False) -> l
     new: list[int] = []
     for _ in range(n):
         if encoder_decoder:
-            logits = model(input_ids=prompt, attention_mask=torch.ones_like(prompt), decoder_input_ids=seq).logits
+            logits = model(
+                input_ids=prompt, attention_mask=torch.ones_like(prompt), decoder_input_ids=seq
+            ).logits
         else:
             logits = model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits
         token = int(logits[0, -1].argmax())
@@ -64,7 +68,9 @@ def left_padded(tok, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
 PROMPT_LEARNING = {
     "prefix": lambda task: peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=4),
     "prompt": lambda task: peft.PromptTuningConfig(task_type=task, num_virtual_tokens=4),
-    "p-tuning": lambda task: peft.PromptEncoderConfig(task_type=task, num_virtual_tokens=4, encoder_hidden_size=32),
+    "p-tuning": lambda task: peft.PromptEncoderConfig(
+        task_type=task, num_virtual_tokens=4, encoder_hidden_size=32
+    ),
 }
 
 
@@ -111,7 +117,9 @@ def test_weight_methods_use_hf_generate_unchanged():
     assert not trained_forward_only(model)
     ids, mask = left_padded(tok, PROMPTS)
     ours = generate(model, ids, mask, 6, tok.pad_token_id)
-    hf = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+    hf = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id
+    )
     assert torch.equal(ours, hf)
 
 

@@ -54,7 +54,7 @@ def vlm_recipe(tmp_path: Path, name: str = "r", **sections) -> Path:
         "max_steps": 6,
         **sections["training"],
     }
-    model = {"name_or_path": "builtin:tiny-llava", "task": "image_text", **sections.pop("model", {})}
+    model = {"name_or_path": "builtin:tiny-llava", "task": "image_text_to_text", **sections.pop("model", {})}
     data = {"train": str(tmp_path / "train.jsonl"), "max_length": 64, **sections.pop("data", {})}
     return write_recipe(tmp_path / f"{name}.yaml", model=model, data=data, **sections)
 
@@ -68,7 +68,7 @@ def tokenizer():
     from peftcli.model.load import load_tokenizer
     from peftcli.recipe import ModelSection
 
-    return load_tokenizer(ModelSection(name_or_path="builtin:tiny-llava", task="image_text"))
+    return load_tokenizer(ModelSection(name_or_path="builtin:tiny-llava", task="image_text_to_text"))
 
 
 def test_only_the_assistants_text_carries_loss_token_by_token(tmp_path, image_data):
@@ -76,7 +76,7 @@ def test_only_the_assistants_text_carries_loss_token_by_token(tmp_path, image_da
     from peftcli.recipe import DataSection
 
     tok = tokenizer()
-    encoder = Encoder(tok, "messages", DataSection(train=str(image_data)), "image_text")
+    encoder = Encoder(tok, "messages", DataSection(train=str(image_data)), "image_text_to_text")
     rows = read_rows(str(image_data))[:4]
     examples = encoder.examples(rows, new_stats())
     image_id = tok.convert_tokens_to_ids("<image>")
@@ -187,13 +187,13 @@ def test_bad_images_end_in_one_line_naming_the_row_and_write_nothing(tmp_path, i
     # An image in a row of a text-only model.
     recipe = vlm_recipe(tmp_path, "text", model={"name_or_path": "builtin:tiny-llama", "task": "causal_lm"})
     line = one_error_line(run_cli("train", str(recipe)))
-    assert "train.jsonl:1" in line and "image" in line and "image_text" in line, line
+    assert "train.jsonl:1" in line and "image" in line and "image_text_to_text" in line, line
 
 
 def test_a_vision_language_model_is_not_loaded_as_a_text_model(tmp_path, image_data):
     recipe = vlm_recipe(tmp_path, model={"task": "causal_lm"})
     line = one_error_line(run_cli("train", str(recipe)))
-    assert "vision-language model" in line and "image_text" in line, line
+    assert "vision-language model" in line and "image_text_to_text" in line, line
 
 
 RELOAD = """
@@ -241,7 +241,7 @@ def test_the_adapter_reloads_with_plain_transformers_peft_and_its_processor(tmp_
     tok = tokenizer()
     row = image_rows(tmp_path, 2)[1]
     row["messages"] = row["messages"][:1]
-    encoder = Encoder(tok, "messages", DataSection(train=str(image_data)), "image_text")
+    encoder = Encoder(tok, "messages", DataSection(train=str(image_data)), "image_text_to_text")
     prompt = encoder.reference(
         {**row, "messages": [*row["messages"], {"role": "assistant", "content": "x"}]},
         f"data.train: {image_data}:2",
@@ -252,7 +252,7 @@ def test_the_adapter_reloads_with_plain_transformers_peft_and_its_processor(tmp_
         tok.pad_token_id,
         processor=tok.processor,
     )
-    section = ModelSection(name_or_path="builtin:tiny-llava", task="image_text")
+    section = ModelSection(name_or_path="builtin:tiny-llava", task="image_text_to_text")
     model = PeftModel.from_pretrained(load_model(section), str(adapter)).eval()
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"]).logits
@@ -443,13 +443,13 @@ def test_a_batch_keeps_its_image_counts_straight(tmp_path, image_data):
     ]
     data = write_jsonl(tmp_path / "mixed.jsonl", rows)
     tok = tokenizer()
-    encoder = Encoder(tok, "messages", DataSection(train=str(data)), "image_text")
+    encoder = Encoder(tok, "messages", DataSection(train=str(data)), "image_text_to_text")
     examples = encoder.examples([(f"data.train: {data}:{i + 1}", r) for i, r in enumerate(rows)], new_stats())
     assert [len(e["images"]) for e in examples] == [2, 0, 1]
     batch = collate(examples, tok.pad_token_id, processor=tok.processor)
     files = [str((tmp_path / "img" / f"{i}.png").resolve()) for i in (1, 2, 0)]
     assert torch.equal(batch["pixel_values"], pixel_values(tok.processor, files))
-    model = load_model(ModelSection(name_or_path="builtin:tiny-llava", task="image_text"))
+    model = load_model(ModelSection(name_or_path="builtin:tiny-llava", task="image_text_to_text"))
     with torch.no_grad():
         model(
             input_ids=batch["input_ids"],
@@ -478,7 +478,7 @@ def test_estimate_counts_and_bytes_equal_the_real_model(tmp_path, image_data, se
 
     recipe = load_recipe(vlm_recipe(tmp_path, **sections))
     est = estimate(recipe)
-    real = apply_method(load_model(recipe.model), recipe.peft, "image_text", total_steps=10)
+    real = apply_method(load_model(recipe.model), recipe.peft, "image_text_to_text", total_steps=10)
     counts = trainable_summary(real)
     assert est["total_params"] == counts["total_params"]
     assert est["trainable_params"] == counts["trainable_params"]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from peftcli.errors import UserError, did_you_mean
+from peftcli.tasks import TASKS
 
 FORMATS = ("gguf",)
 
@@ -48,7 +49,7 @@ def export(
         f"(PeftModel.from_pretrained), or `peftcli generate {path}`",
     )
     section = source.target.model
-    if section.task == "image_text":
+    if TASKS[section.task].vision:
         raise UserError(
             f"{path}: a vision-language model cannot be exported to GGUF: the file would hold the language "
             "model without its vision tower and projector",

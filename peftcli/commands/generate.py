@@ -232,7 +232,9 @@ def check_images(paths: list[Path], task: str, raw: bool) -> list[str]:
     from peftcli.tasks import TASKS
 
     if paths and not TASKS[task].vision:
-        raise UserError(f"--image needs a vision-language model (model.task: image_text); this one is {task}")
+        raise UserError(
+            f"--image needs a vision-language model (model.task: image_text_to_text); this one is {task}"
+        )
     if paths and raw:
         raise UserError("--image needs the chat template, and --raw turns it off", "drop one of them")
     for path in paths:

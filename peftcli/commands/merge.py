@@ -140,7 +140,7 @@ def save_dtype(choice: str, target: Target) -> Any:
         )
     if choice != "auto":
         return getattr(torch, choice)
-    task = "image_text" if TASKS[target.model.task].vision else "causal_lm"  # no classifier labels
+    task = "image_text_to_text" if TASKS[target.model.task].vision else "causal_lm"  # no classifier labels
     config = load_config(target.model.model_copy(update={"task": task}))
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(dtype, str):

@@ -208,7 +208,7 @@ def scan(source: Source | str, wanted: str, task: str, key: str = "data.train") 
         if fmt in CHAT_FORMATS and has_images(row):
             raise UserError(
                 f"{where}: this row has an image, and model.task: {task} reads text only",
-                "train a vision-language model with model.task: image_text, or remove the images",
+                "train a vision-language model with model.task: image_text_to_text, or remove the images",
             )
         check_row(row, fmt, where)
         if fmt == "classification":

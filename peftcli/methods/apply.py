@@ -183,7 +183,7 @@ def within_parts(index: LinearIndex, section: PeftSection, task: str) -> LinearI
         if section.train_vision or section.train_projector:
             key = "train_vision" if section.train_vision else "train_projector"
             raise UserError(
-                f"peft.{key} applies to vision-language models (model.task: image_text); remove it"
+                f"peft.{key} applies to vision-language models (model.task: image_text_to_text); remove it"
             )
         return index
     parts = {LANGUAGE, VISION} if section.train_vision else {LANGUAGE}

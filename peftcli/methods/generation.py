@@ -22,7 +22,9 @@ def trained_forward_only(model: Any) -> bool:
     """Whether HF `generate` would sample something else than the model's forward pass."""
     peft = model.module if hasattr(model, "module") else model
     config = getattr(peft, "peft_config", {}).get(getattr(peft, "active_adapter", None))
-    return bool(config is not None and config.is_prompt_learning and not getattr(peft, "_adapters_disabled", False))
+    return bool(
+        config is not None and config.is_prompt_learning and not getattr(peft, "_adapters_disabled", False)
+    )
 
 
 def generate(
@@ -79,7 +81,9 @@ def generate(
         out[row, : len(tokens)] = tokens
     out = out.to(input_ids.device)
     if encoder_decoder:  # generate's decoder ids begin with the decoder's start token
-        start = torch.full((len(out), 1), peft.config.decoder_start_token_id, dtype=out.dtype, device=out.device)
+        start = torch.full(
+            (len(out), 1), peft.config.decoder_start_token_id, dtype=out.dtype, device=out.device
+        )
         return torch.cat([start, out], dim=1)
     return torch.cat([input_ids, out], dim=1)
 
@@ -112,7 +116,11 @@ def _decode(
     per token; a row that has stopped continues with padding, as in `generate`."""
     encoder_decoder = encoder_mask is not None
     start = peft.config.decoder_start_token_id if encoder_decoder else None
-    seq = torch.full((len(prompts), 1), start, dtype=prompts.dtype, device=prompts.device) if encoder_decoder else prompts
+    seq = (
+        torch.full((len(prompts), 1), start, dtype=prompts.dtype, device=prompts.device)
+        if encoder_decoder
+        else prompts
+    )
     done = torch.zeros(len(prompts), dtype=torch.bool, device=prompts.device)
     stop_ids = torch.tensor(stops, dtype=prompts.dtype, device=prompts.device)
     for _ in range(max_new_tokens):

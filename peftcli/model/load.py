@@ -89,14 +89,14 @@ def load_config(section: ModelSection, labels: list[str] | None = None) -> Any:
 
 
 def check_vision(section: ModelSection, config: Any) -> None:
-    """A vision-language model (a config with a vision part) is trained as image_text, and only
+    """A vision-language model (a config with a vision part) is trained as image_text_to_text, and only
     such a model is: never loaded as a text-only causal LM by mistake."""
     vision = getattr(config, "vision_config", None) is not None
     if vision and not TASKS[section.task].vision:
         raise UserError(
             f"model.task: {section.task}, but `{section.name_or_path}` is a vision-language model "
             f"({config.model_type})",
-            "set model.task: image_text",
+            "set model.task: image_text_to_text",
         )
     if TASKS[section.task].vision and not vision:
         raise UserError(
@@ -107,7 +107,7 @@ def check_vision(section: ModelSection, config: Any) -> None:
 
 
 def load_tokenizer(section: ModelSection) -> Any:
-    """The tokenizer; for image_text, the processor's, with the processor itself as its
+    """The tokenizer; for image_text_to_text, the processor's, with the processor itself as its
     `processor` attribute (it reads the images, and is saved with the adapter)."""
     from transformers import AutoProcessor, AutoTokenizer
 
