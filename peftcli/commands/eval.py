@@ -105,7 +105,7 @@ def preference_objective_of(target: Any, data: Path | None) -> str | None:
     from peftcli.objectives import OBJECTIVES, eval_objective
 
     trained = OBJECTIVES[target.recipe.training.objective if target.recipe else "sft"]
-    if data is None:
+    if data is None or trained.generates:  # GRPO: --data holds held-out prompts for its rewards
         return None if trained.task_loss else trained.name
     found = eval_objective(trained.name, preference_format(str(data)))
     if found is None and not trained.task_loss:
@@ -119,7 +119,7 @@ def run_preference_eval(target: Any, data: Path | None, compare_base: bool, name
     or its peft.init_from adapter —, read from the run when it scored this split in training;
     with --compare-base the base is scored against it too."""
     from peftcli.console import say
-    from peftcli.data import cache, preference
+    from peftcli.data import cache, preference, prompts
     from peftcli.data.splits import Split
     from peftcli.methods.load import load_adapter
     from peftcli.model.load import load_model
@@ -132,7 +132,9 @@ def run_preference_eval(target: Any, data: Path | None, compare_base: bool, name
     recipe = target.recipe
     tokenizer = target_tokenizer(target)
     training = recipe.training if recipe else TrainingSection()
-    if data is not None:
+    if data is not None and OBJECTIVES[name].generates:
+        split = prompts.encode_file(str(data), recipe.data, tokenizer)
+    elif data is not None:
         section = recipe.data if recipe else DataSection(train=str(data))
         split = Split(preference.encode_file(str(data), section, tokenizer, name))
     else:

@@ -12,16 +12,20 @@ whole groups for its own prompts), so its statistics are exact with any number o
 The loss is TRL's GRPOTrainer's (token-level importance ratio, clipped to [1-ε, 1+ε], plus
 β times the k3 estimate of KL(π‖π_ref)). Each generation batch is trained on once (TRL's
 num_iterations = 1), so the ratio is 1 in value and only its gradient acts. The reference is
-the base model: the adapter disabled, no second copy.
+what the policy starts from: the base (the adapter disabled), or with `peft.init_from` the
+starting adapter's weights, swapped in for the reference's forward pass — no second copy of the
+model either way (reference.as_reference).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from peftcli.objectives.base import Batch, Objective, Step
+from peftcli.objectives.reference import as_reference, starting_weights
 from peftcli.objectives.rewards import Rewards
 from peftcli.objectives.sampling import key_seed, sampling_processors
 
@@ -101,6 +105,8 @@ class GRPO(Objective):
         self.section, self.rewards = section, Rewards(section.rewards)
         # load_stages seeds torch with training.seed before it builds the objective.
         self.seed = torch.initial_seed()
+        self.start = start  # peft.init_from: the KL reference is the starting adapter, not the base
+        self.start_weights: dict[str, torch.Tensor] | None = None
         self.sums = (
             "loss", "steps", "completions", "completion_tokens", "kl", "clipped", "reward", "reward_std", "groups",
         ) + tuple(f"reward_{n}" for n in self.rewards.names)  # fmt: skip
@@ -173,6 +179,21 @@ class GRPO(Objective):
             "texts": texts,  # type: ignore[dict-item]
         }
 
+    def prepare(
+        self,
+        model: Any,
+        splits: dict[str, Any],
+        accelerator: Any,
+        batch_size: int,
+        saved: Path | None,
+        resumed: bool = False,
+        start: str | None = None,
+        keep: bool = True,
+    ) -> None:
+        """With a KL term and a starting adapter: its weights, the reference (kept at `saved`)."""
+        if self.start and self.section.beta != 0.0:
+            self.start_weights = starting_weights(model, saved, resumed, keep, accelerator)
+
     def begin_step(self, model: Any, group: list[Batch], accelerator: Any) -> Step:
         s, g = self.section, self.section.num_generations
         batches = [self.sample(model, b, g, (self.seed, self.step)) for b in group]
@@ -192,7 +213,7 @@ class GRPO(Objective):
             [len(b["rewards"]) // g for b in batches]), strict=True):  # fmt: skip
             b["advantages"], b["group_std"] = a.reshape(-1), sd.reshape(-1)
             if s.beta != 0.0:
-                with torch.no_grad(), peft.disable_adapter():
+                with torch.no_grad(), as_reference(peft, self.start_weights):
                     b["ref_logps"] = token_logps(peft, b, s.temperature)
         local = torch.stack(
             [sum(b["real"].sum() for b in batches).to(accelerator.device),
