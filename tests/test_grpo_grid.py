@@ -80,8 +80,9 @@ FAMILIES = [m for m, spec in METHODS.items() if "causal_lm" in spec.tasks]
 PROMPT_LEARNING = {
     m for m, spec in METHODS.items() if spec.kind == "prompt"
 }  # start with random virtual tokens
+SAMPLING = [m for m in FAMILIES if METHODS[m].samples]  # prefix tuning is refused (see its row)
 DEFAULT = {"lora", "qlora", "prompt-tuning", "llama-adapter"}  # `make test-all` trains the rest
-GRID = [pytest.param(m, id=m, marks=[] if m in DEFAULT else [pytest.mark.slow]) for m in FAMILIES]
+GRID = [pytest.param(m, id=m, marks=[] if m in DEFAULT else [pytest.mark.slow]) for m in SAMPLING]
 
 
 def left_padded(tokenizer) -> dict[str, torch.Tensor]:
@@ -97,29 +98,69 @@ def left_padded(tokenizer) -> dict[str, torch.Tensor]:
     }
 
 
+def moved_model(method: str, builtin: str = "tiny-llama") -> tuple:
+    """A tokenizer, the base model, and the base wrapped with `method` whose trainable
+    parameters are moved away from their (often identity) start, in eval mode."""
+    from peftcli.methods.apply import apply_method
+    from peftcli.model.load import load_model, load_tokenizer
+    from peftcli.recipe import ModelSection, PeftSection
+
+    section = ModelSection(
+        name_or_path=f"builtin:{builtin}", quantization="4bit" if method == "qlora" else "none"
+    )
+    model = apply_method(load_model(section), PeftSection(method=method), "causal_lm", total_steps=10)
+    model.eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.3)
+    return load_tokenizer(section), load_model(section), model
+
+
+@pytest.mark.parametrize("method", SAMPLING)
+def test_generation_samples_the_model_training_scores(method: str) -> None:
+    """GRPO's greedy answers (generate, as it samples) are, token by token, the argmax of the
+    logits training scores them with: the samples come from the policy being trained (prompt
+    and p-tuning only without generate's cache, see GRPO.sample)."""
+    from peftcli.objectives.build import build_objective
+    from peftcli.objectives.grpo import completion_logits
+    from peftcli.objectives.rl_section import GrpoSection
+    from peftcli.recipe import EvalSection
+
+    tokenizer, _, model = moved_model(method)
+    section = GrpoSection(max_new_tokens=6, rewards=[{"kind": "length"}])
+    objective = build_objective("grpo", "causal_lm", tokenizer, EvalSection(), None, False, section)
+    examples = [
+        {"input_ids": tokenizer(t)["input_ids"], "prompt": t, "columns": {}, "row": i}
+        for i, t in enumerate(("Uppercase: cat\n", "Uppercase: a longer prompt\n"))
+    ]
+    sampled = objective.sample(model, objective.collate(examples), 1, None)
+    with torch.no_grad():
+        best = completion_logits(model, sampled, 1.0).argmax(-1)
+    kept = sampled["completion_mask"].bool()
+    assert kept.sum() >= 4 and torch.equal(best[kept], sampled["completion_ids"][kept]), method
+
+
+def test_prefix_tuning_is_refused_for_grpo(tmp_path, prompts) -> None:  # noqa: F811
+    from tests.conftest import one_error_line, run_cli
+
+    recipe = grpo_recipe(tmp_path, prompts, [{"kind": "length"}], "p", num_generations=2)
+    line = one_error_line(run_cli("validate", str(recipe), "peft.method=prefix-tuning"))
+    assert "prefix-tuning cannot train with training.objective: grpo" in line, line
+
+
 @pytest.mark.parametrize("method", FAMILIES)
 def test_the_reference_is_the_base_for_every_family(method: str) -> None:
     """With its adapter moved away from the identity, each family's model scores completions
     differently from the base; with the adapter disabled (GRPO's reference) exactly as the base
     (prompt learning: the virtual tokens are gone, not just frozen)."""
-    from peftcli.methods.apply import apply_method
-    from peftcli.model.load import load_model, load_tokenizer
     from peftcli.objectives.grpo import token_logps
-    from peftcli.recipe import ModelSection, PeftSection
 
-    section = ModelSection(
-        name_or_path="builtin:tiny-llama", quantization="4bit" if method == "qlora" else "none"
-    )
-    tokenizer = load_tokenizer(section)
+    tokenizer, base_model, model = moved_model(method)
     batch = left_padded(tokenizer)
     with torch.no_grad():
-        base = token_logps(load_model(section), batch, 1.0)
-        model = apply_method(load_model(section), PeftSection(method=method), "causal_lm", total_steps=10)
-        model.eval()
-        torch.manual_seed(0)
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.3)
+        base = token_logps(base_model, batch, 1.0)
         adapted = token_logps(model, batch, 1.0)
         with model.disable_adapter():
             disabled = token_logps(model, batch, 1.0)
@@ -132,8 +173,8 @@ def test_the_reference_is_the_base_for_every_family(method: str) -> None:
 @pytest.mark.parametrize("method", GRID)
 def test_grpo_trains_every_adapter_family(tmp_path, prompts, capsys, method: str) -> None:  # noqa: F811
     """Three steps with a KL term: a family that starts as the identity starts at KL 0 to the
-    base; prompt learning starts away from it (its virtual tokens are random, and the reference
-    drops them); every family's adapter moves and the KL to the base grows."""
+    base, and moves away from it; prompt learning starts away from it (its virtual tokens are
+    random, and the reference drops them), and its KL moves."""
     recipe = grpo_recipe(
         tmp_path, prompts, [{"kind": "regex", "pattern": "[a-z]"}], "g", beta=0.1, num_generations=4
     )
@@ -147,10 +188,9 @@ def test_grpo_trains_every_adapter_family(tmp_path, prompts, capsys, method: str
     assert code == 0, err[-2000:]
     rows = rows_of(tmp_path / "g")
     assert len(rows) == 3 and all(0 <= r["reward"] <= 1 for r in rows), rows
-    if method in PROMPT_LEARNING:
-        assert rows[0]["kl"] > 1e-4, rows[0]
+    if method in PROMPT_LEARNING:  # far from the base at the start: the KL term may pull it back
+        assert rows[0]["kl"] > 1e-4 and rows[-1]["kl"] != rows[0]["kl"], rows
     else:
         # Identity at the start: exact but for DoRA's weight-norm rounding (~1e-7 relative) and
         # metrics.jsonl's 6 decimals (5e-7); 1e-5 covers both.
-        assert rows[0]["kl"] <= 1e-5, rows[0]
-    assert rows[-1]["kl"] > rows[0]["kl"], rows
+        assert rows[0]["kl"] <= 1e-5 and rows[-1]["kl"] > rows[0]["kl"], rows

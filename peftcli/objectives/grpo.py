@@ -63,8 +63,8 @@ def normalised(
     return (per_token * mask).sum() / totals["tokens"]  # dapo: every token of the batch alike
 
 
-def token_logps(model: Any, batch: Batch, temperature: float) -> torch.Tensor:
-    """Log-probabilities [n, T] of the completion tokens (logits / temperature, as TRL).
+def completion_logits(model: Any, batch: Batch, temperature: float) -> torch.Tensor:
+    """Logits [n, T, vocab] (float32, divided by the temperature) that predict the completion tokens.
 
     Prompts are left-padded: positions count from each row's first real token, as `generate`
     counts them (a model with absolute positions, GPT-2, would otherwise score every padded
@@ -82,9 +82,14 @@ def token_logps(model: Any, batch: Batch, temperature: float) -> torch.Tensor:
         or config.peft_type == "PREFIX_TUNING"
     )
     positions = {"position_ids": (mask.cumsum(1) - 1).clamp(min=0)} if takes_positions else {}
-    logits = (
+    return (
         model(input_ids=ids, attention_mask=mask, **positions).logits[:, -t - 1 : -1, :].float() / temperature
     )
+
+
+def token_logps(model: Any, batch: Batch, temperature: float) -> torch.Tensor:
+    """Log-probabilities [n, T] of the completion tokens (logits / temperature, as TRL)."""
+    logits = completion_logits(model, batch, temperature)
     return torch.gather(logits.log_softmax(-1), 2, batch["completion_ids"].unsqueeze(-1)).squeeze(-1)
 
 
@@ -143,11 +148,15 @@ class GRPO(Objective):
             processors = sampling_processors(seeds, s.temperature, s.top_p, device)
         was_training = peft.training
         peft.eval()
+        # Prompt and p-tuning: with a key/value cache, generate (transformers 5.25, PEFT 0.21)
+        # places the tokens after the first at other positions than the model's forward pass;
+        # without one each token is a whole forward pass, which samples the model trained.
+        config = peft.peft_config[peft.active_adapter]
         with torch.no_grad():
             out = peft.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=s.max_new_tokens, do_sample=False,
                 logits_processor=processors, pad_token_id=self.tokenizer.pad_token_id,
-                eos_token_id=self.tokenizer.eos_token_id,
+                eos_token_id=self.tokenizer.eos_token_id, use_cache=not config.is_prompt_learning,
             )  # fmt: skip
         peft.train(was_training)
         completion = out[:, ids.shape[1] :]
