@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from peftcli.methods.table import METHODS
-from tests.conftest import cli, write_jsonl, write_recipe
+from tests.conftest import cli, run_cli, write_jsonl, write_recipe
 from tests.test_grpo import WORDS, grpo_recipe, prompts  # noqa: F401  (the fixture)
 from tests.test_preference import adapter, rows_of
 
@@ -50,7 +50,7 @@ def test_sft_then_grpo_pulls_towards_the_sft_adapter(tmp_path, prompts, capsys) 
 def test_grpo_eval_reads_held_out_prompts_from_a_file(tmp_path, prompts, capsys) -> None:  # noqa: F811
     """`eval --data FILE` on a GRPO run: the mean reward on the file's prompts, sampled and
     greedy, with --compare-base too; a file without prompts is refused in one line."""
-    recipe = grpo_recipe(tmp_path, prompts, [{"kind": "regex", "pattern": "[A-Z]"}], "ev")
+    recipe = grpo_recipe(tmp_path, prompts, [{"kind": "regex", "pattern": "[a-z]"}], "ev", num_generations=6)
     assert cli("train", str(recipe), capsys=capsys)[0] == 0
     held = write_jsonl(
         tmp_path / "held.jsonl", [{"prompt": f"Uppercase: {w}\n"} for w in ("bee", "cow", "gnu")]
@@ -66,8 +66,17 @@ def test_grpo_eval_reads_held_out_prompts_from_a_file(tmp_path, prompts, capsys)
     ]
     code, out, err = cli("eval", str(tmp_path / "ev"), "--data", str(held), "--compare-base", capsys=capsys)
     assert code == 0 and "reward_greedy" in out and "base" in out, err[-2000:]
-    before = json.loads((tmp_path / "ev" / "eval.json").read_text())
-    assert before.get("examples") != 3  # --data leaves the run's own eval.json alone
+    trained = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert trained.get("examples") != 3  # --data leaves the run's own eval.json alone
+    # Its own held-out prompts: what training's final evaluation sampled (the run's seed, each
+    # prompt's own streams), the same adapter weights: the same rewards, exactly. In a fresh
+    # process: torch's seed is not the one training left behind.
+    done = run_cli("eval", str(tmp_path / "ev"), "--json")
+    again = json.loads(done.stdout)
+    assert done.returncode == 0 and (again["reward"], again["reward_greedy"]) == (
+        trained["reward"],
+        trained["reward_greedy"],
+    )
     wrong = write_jsonl(tmp_path / "wrong.jsonl", [{"text": "no prompt here"}])
     code, _, err = cli("eval", str(tmp_path / "ev"), "--data", str(wrong), capsys=capsys)
     assert code == 2 and "`prompt`" in err and len(err.strip().splitlines()) == 1, err

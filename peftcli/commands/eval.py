@@ -118,6 +118,8 @@ def run_preference_eval(target: Any, data: Path | None, compare_base: bool, name
     held-out pairs or --data. The reference (DPO, KTO) is the run's starting point — the base,
     or its peft.init_from adapter —, read from the run when it scored this split in training;
     with --compare-base the base is scored against it too."""
+    import torch
+
     from peftcli.console import say
     from peftcli.data import cache, preference, prompts
     from peftcli.data.splits import Split
@@ -149,6 +151,7 @@ def run_preference_eval(target: Any, data: Path | None, compare_base: bool, name
     start = recipe.peft.init_from if recipe else None
     settings = recipe.preference if recipe else PreferenceSection()
     grpo = recipe.grpo if recipe else None  # GRPO: the run's rewards
+    torch.manual_seed(training.seed)  # as training builds its objective: GRPO samples by the run's seed
     objective = build_objective(
         name, "causal_lm", tokenizer, EvalSection(), settings, start is not None, grpo
     )
