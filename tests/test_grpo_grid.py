@@ -203,3 +203,42 @@ def test_grpo_trains_every_adapter_family(tmp_path, prompts, capsys, method: str
         # Identity at the start: exact but for DoRA's weight-norm rounding (~1e-7 relative) and
         # metrics.jsonl's 6 decimals (5e-7); 1e-5 covers both.
         assert rows[0]["kl"] <= 1e-5 and rows[-1]["kl"] > rows[0]["kl"], rows
+
+
+@pytest.mark.slow  # `make test-all`: the default suite resumes GRPO from the base (test_grpo.py)
+def test_sft_then_grpo_resumes_against_the_adapter_it_started_from(tmp_path, prompts, capsys) -> None:  # noqa: F811
+    """SIGKILL, then the SFT adapter is changed, then --resume: the run still pulls towards the
+    weights it started from (kept in the run), logging what an uninterrupted run logged."""
+    from safetensors.torch import load_file, save_file
+
+    from .test_resume import EVERY, kill_after_first_checkpoint
+
+    sft_rows = [{"prompt": f"Uppercase: {w}\n", "completion": w.upper()} for w in WORDS]
+    sft = write_recipe(
+        tmp_path / "sft.yaml",
+        data={"train": str(write_jsonl(tmp_path / "sft.jsonl", sft_rows)), "eval": 0.0},
+        training={"max_steps": 6, "lr": 1e-2, "output_dir": str(tmp_path / "sft")},
+    )
+    assert cli("train", str(sft), capsys=capsys)[0] == 0
+
+    def recipe(name: str):
+        import yaml
+
+        path = grpo_recipe(tmp_path, prompts, [{"kind": "regex", "pattern": "[a-z]"}], name, beta=0.5)
+        raw = yaml.safe_load(path.read_text())
+        raw["peft"]["init_from"] = str(tmp_path / "sft")
+        raw["data"]["eval"] = 0.0
+        raw["training"].update(max_steps=2 * EVERY, save_every=EVERY, log_every=1, lr=1e-2)
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    assert cli("train", str(recipe("whole")), capsys=capsys)[0] == 0
+    assert kill_after_first_checkpoint(recipe("run"), tmp_path / "run") < 2 * EVERY
+    weights = tmp_path / "sft" / "adapter" / "adapter_model.safetensors"
+    save_file({k: 2 * v for k, v in load_file(weights).items()}, weights)  # retrained since
+    code, _, err = cli("train", str(recipe("run")), "--resume", capsys=capsys)
+    assert code == 0, err[-2000:]
+    got, want = rows_of(tmp_path / "run"), rows_of(tmp_path / "whole")
+    for row in got + want:
+        row.pop("tokens_per_s")  # wall time
+    assert got == want  # bit for bit, the KL to the starting adapter included
