@@ -77,8 +77,9 @@ def test_a_completion_samples_the_same_whatever_shares_its_batch(prompts) -> Non
 
 def test_two_processes_and_accumulation_equal_one_process(tmp_path, prompts, capsys) -> None:  # noqa: F811
     """4 prompts per step as 1 process × 4, 1 process × 2 accumulated twice, and 2 processes × 2,
-    float64, over more than an epoch, with the KL term: the same completions, so the same
-    rewards, losses and weights."""
+    float64, with the KL term, across an uneven epoch end (15 prompts: Accelerate repeats one on
+    2 processes, sampled but counted as nothing): the same completions, so the same rewards,
+    losses and weights."""
     from tests.test_preference import adapter, rows_of
     from tests.test_train import EXACT
 
@@ -86,7 +87,7 @@ def test_two_processes_and_accumulation_equal_one_process(tmp_path, prompts, cap
     setups = {"one": (4, 1, 1), "accumulated": (2, 2, 1), "two": (2, 1, 2)}
     for name, (batch, accum, processes) in setups.items():
         recipe = grpo_recipe(tmp_path, prompts, rewards, name, beta=0.04, scale_rewards="batch")
-        args = [f"training.batch_size={batch}", f"training.grad_accum={accum}", "training.max_steps=4",
+        args = [f"training.batch_size={batch}", f"training.grad_accum={accum}", "training.max_steps=5", "data.eval=0.0625",
                 "training.log_every=1", "training.lr=1e-2", "model.dtype=float64", "peft.dropout=0",
                 "training.mixed_precision=\"no\""]  # fmt: skip
         code, _, err = cli("train", str(recipe), *args, "--num-processes", str(processes), capsys=capsys)
@@ -108,6 +109,7 @@ def test_two_processes_and_accumulation_equal_one_process(tmp_path, prompts, cap
                 assert a[key] == pytest.approx(b[key], abs=2e-6), (other, key, a, b)
         evals = [json.loads((tmp_path / n / "eval.json").read_text()) for n in ("one", other)]
         assert evals[0]["reward"] == evals[1]["reward"] and math.isfinite(evals[0]["reward"])
+        assert evals[0]["train"]["completions"] == evals[1]["train"]["completions"] == 5 * 4 * 2 - 2
         a, b = adapter(tmp_path / "one"), adapter(tmp_path / other)
         # float64 weights: EXACT (its reason at its definition in test_train.py)
         for key in a:

@@ -104,13 +104,12 @@ class GRPO(Objective):
         eval_section: Any,
         preference: Any = None,
         start: bool = False,
-        section: Any = None,
+        grpo: Any = None,
     ):
-        self.name, self.task, self.tokenizer, self.eval_section = name, task, tokenizer, eval_section
-        self.section, self.rewards = section, Rewards(section.rewards)
-        # load_stages seeds torch with training.seed before it builds the objective.
+        super().__init__(name, task, tokenizer, eval_section, preference, start, grpo)
+        self.section, self.rewards = grpo, Rewards(grpo.rewards)
+        # load_stages (and eval) seed torch with training.seed before they build the objective.
         self.seed = torch.initial_seed()
-        self.start = start  # peft.init_from: the KL reference is the starting adapter, not the base
         self.start_weights: dict[str, torch.Tensor] | None = None
         self.sums = (
             "loss", "steps", "completions", "completion_tokens", "kl", "clipped", "reward", "reward_std", "groups",

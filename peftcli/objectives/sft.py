@@ -18,17 +18,9 @@ class SFT(Objective):
     sums = ("loss", "supervised_tokens")
     counted = "supervised_tokens"
 
-    def __init__(
-        self,
-        name: str,
-        task: str,
-        tokenizer: Any,
-        eval_section: Any,
-        preference: Any = None,
-        start: bool = False,
-    ):
-        self.name, self.task, self.tokenizer, self.eval_section = name, task, tokenizer, eval_section
-        self.collate = partial(collate, pad_id=tokenizer.pad_token_id)  # type: ignore[method-assign]
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.collate = partial(collate, pad_id=self.tokenizer.pad_token_id)  # type: ignore[method-assign]
 
     def begin_step(self, model: Any, group: list[Batch], accelerator: Any) -> Step:
         # Every token loss is divided by the supervised tokens of the whole global batch.
