@@ -42,10 +42,12 @@ def check_fit(
             "by every example in a packed row; set data.packing: false"
         )
     if samples is not None and not method.samples:
+        from importlib.metadata import version
+
         raise UserError(
-            f"peft.method: {method.name} cannot train with {samples}: generation drops its prefixes "
-            "in this transformers (PEFT hands them over as past_key_values, which generate's own "
-            "cache overrides), so the samples would come from the base model",
+            f"peft.method: {method.name} cannot train with {samples}: generation in transformers "
+            f"{version('transformers')} drops its prefixes (PEFT hands them over as past_key_values, "
+            "which generate's own cache overrides), so the samples would come from the base model",
             "use prompt-tuning, p-tuning, llama-adapter or lora",
         )
     if task not in method.tasks:
