@@ -449,3 +449,43 @@ def test_activation_formula_matches_what_autograd_saves(tmp_path, model):
     bound = unmodelled_bytes(peft_model, recipe.peft.r, act["tokens"], recipe.data.max_length)
     print(f"{model}: predicted {predicted:,.0f}, kept {kept:,}, bound ±{bound:,}")
     assert abs(predicted - kept) <= bound
+
+
+@pytest.mark.parametrize(
+    "builtin, method", [("tiny-llama", "lora"), ("tiny-gpt2", "lora"), ("tiny-llama", "llama-adapter")]
+)
+def test_grpo_generation_memory_is_the_cache_generate_holds(tmp_path, builtin, method):
+    """GRPO's plan counts the key/value cache of batch × num_generations sequences of prompt +
+    max_new_tokens (tiny-llama: 2 key/value heads of 4, GQA; GPT-2: 4 of 4): equal to the bytes
+    of the cache a real `generate` call leaves. (Prompt learning samples without a cache: 0.)"""
+    from peftcli.commands.estimate import estimate
+    from peftcli.methods.apply import apply_method
+    from peftcli.model.load import load_model
+    from peftcli.recipe_file import load_recipe
+
+    rows = [{"prompt": f"Uppercase: {w}\n"} for w in ("cat", "dog", "owl", "emu")]
+    path = write_recipe(
+        tmp_path / "g.yaml",
+        model={"name_or_path": f"builtin:{builtin}"},
+        peft={"method": method},
+        data={"train": str(write_jsonl(tmp_path / "p.jsonl", rows)), "eval": 0.0, "max_length": 24},
+        training={"objective": "grpo", "batch_size": 2},
+        grpo={"num_generations": 3, "max_new_tokens": 5, "beta": 0.04, "rewards": [{"kind": "length"}]},
+    )
+    recipe = load_recipe(path)
+    planned = estimate(recipe)["generation"]
+    model = apply_method(load_model(recipe.model), recipe.peft, "causal_lm")
+    ids = torch.randint(3, 200, (2 * 3, 24))  # the longest prompt data.max_length allows
+    with torch.no_grad():
+        cache = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, min_new_tokens=5,
+            do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+        ).past_key_values  # fmt: skip
+    held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    assert planned["rows"] == 6 and held == planned["kv_cache"], (held, planned)
+    assert planned["peak"] >= planned["kv_cache"] and planned["reference"] > 0
+    recipe.peft.method = "prompt-tuning"  # sampled without a cache: logits at every position instead
+    uncached = estimate(recipe)["generation"]
+    positions = 24 + 16 + 5 - 1  # prompt, virtual tokens, answer but its last token
+    vocab = load_model(recipe.model).config.vocab_size
+    assert uncached["kv_cache"] == 0 and uncached["sampling"] > 6 * positions * vocab * 4

@@ -179,6 +179,7 @@ def test_sigkill_then_resume_samples_and_trains_as_uninterrupted(tmp_path, promp
     assert got == want
 
 
+@pytest.mark.slow  # `make test-all`: test_grpo_sampling.py's 2 processes == 1 crosses an uneven epoch too
 def test_two_processes_count_each_prompt_once(tmp_path, prompts, capsys) -> None:
     """12 prompts on 2 processes × 5 per micro-batch: Accelerate repeats 8 prompts to even out
     the epoch's last round; they are sampled (every process takes part) but count nothing."""

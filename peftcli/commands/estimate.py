@@ -20,6 +20,9 @@ counts are exactly those of a real run. Memory is then planned per process, in b
   gradient buckets hold a second copy.
 - **activations**: what the forward pass keeps for backward, at its peak: see
   peftcli.commands.estimate_activations, which derives it from the model's layers.
+- **generation** (GRPO): sampling's key/value cache and logits, and the reference's forward
+  pass (estimate_activations.generation). Both come before the step's training pass and keep
+  nothing for it, so the total counts the larger of generation and activations.
 
 Checked in tests/test_estimate.py against the tensors a real training step holds, counted
 exactly (the same on every CPU): gradients and AdamW's moments equal the plan to the byte; the
@@ -37,7 +40,7 @@ import math
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from peftcli.commands.estimate_activations import activations, sequences
+from peftcli.commands.estimate_activations import activations, sequences, with_generation
 from peftcli.console import parse_memory, quiet_libraries
 from peftcli.errors import UserError
 from peftcli.methods.apply import within_parts
@@ -171,6 +174,7 @@ def estimate(recipe: Recipe, gpu_memory: str | None = None, num_processes: int =
         activations_bytes=act["layers"] + act["logits"],
     )
     memory["total_bytes"] = sum(memory.values())
+    gen = with_generation(memory, recipe, base.config, dtype.itemsize)  # GRPO's sampling
     result: dict[str, Any] = {
         **params,
         "memory": memory,
@@ -180,6 +184,7 @@ def estimate(recipe: Recipe, gpu_memory: str | None = None, num_processes: int =
             "logits_saved_bytes": act["saved"],
             "tokens": act["tokens"],
         },
+        **({"generation": gen} if gen is not None else {}),
         "fits": None,
         "plan": {**plan, "all_processes_bytes": memory["total_bytes"] * num_processes},
         "notes": notes,

@@ -192,3 +192,64 @@ def sequences(recipe: Recipe) -> dict[str, int]:
             "max_length": length + recipe.grpo.max_new_tokens,
         }
     return {"sequences": n, "max_length": length}
+
+
+def kv_cache_bytes(config: Any, rows: int, positions: int, dtype_bytes: int) -> int:
+    """The key/value cache `generate` holds for `rows` sequences of `positions` cached tokens:
+    layers × 2 (keys and values) × key/value heads × head dim × bytes per value × positions."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return text.num_hidden_layers * 2 * kv_heads * head_dim * dtype_bytes * rows * positions
+
+
+def generation(recipe: Recipe, config: Any, dtype_bytes: int) -> dict[str, int]:
+    """GRPO's memory before each step's training pass, without gradients: sampling (the KV cache
+    of batch × num_generations sequences, prompt + max_new_tokens − 1 positions each: the last
+    sampled token is never fed back; and one step's logits: in the model's dtype, generate's
+    float32 copy, the float64 Gumbel noise and noisy scores; prompt learning samples without a
+    cache, each token a forward pass with logits at every position) and, with a KL term, the
+    reference's forward pass (its logits over whole sequences, the answers' float32 log-softmax)."""
+    from peftcli.methods import METHODS
+
+    s, method = recipe.grpo, METHODS[recipe.peft.method]
+    rows = recipe.training.batch_size * s.num_generations
+    prompt = recipe.data.max_length
+    if method.kind == "prompt":  # virtual tokens are cached positions too
+        prompt += int(
+            recipe.peft.options.get("num_virtual_tokens", method.defaults.get("num_virtual_tokens", 0))
+        )
+    positions = prompt + s.max_new_tokens - 1
+    vocab = config.get_text_config().vocab_size if hasattr(config, "get_text_config") else config.vocab_size
+    step_logits = rows * vocab * (dtype_bytes + 4 + 8 + 8)
+    if method.kind == "prompt":  # sampled without a cache (see GRPO.sample): whole forward passes
+        kv, step_logits = 0, step_logits + rows * positions * vocab * dtype_bytes
+    else:
+        kv = kv_cache_bytes(config, rows, positions, dtype_bytes)
+    reference = 0
+    if s.beta != 0.0:
+        whole = prompt + s.max_new_tokens
+        reference = rows * whole * vocab * dtype_bytes + 2 * rows * s.max_new_tokens * vocab * 4
+    return {
+        "rows": rows,
+        "cached_positions": positions,
+        "kv_cache": kv,
+        "sampling": kv + step_logits,
+        "reference": reference,
+        "peak": max(kv + step_logits, reference),
+    }
+
+
+def with_generation(
+    memory: dict[str, int], recipe: Recipe, config: Any, dtype_bytes: int
+) -> dict[str, int] | None:
+    """For an objective that samples (GRPO): its generation memory, added to `memory`. Sampling
+    and the reference pass come before each step's training pass and keep nothing for it, so the
+    total counts the larger of generation and activations. None for the others."""
+    if not OBJECTIVES[recipe.training.objective].generates:
+        return None
+    gen = generation(recipe, config, dtype_bytes)
+    memory["generation_bytes"] = gen["peak"]
+    memory["total_bytes"] += max(gen["peak"] - memory["activations_bytes"], 0)
+    return gen

@@ -38,8 +38,16 @@ def format_estimate(result: dict[str, Any]) -> str:
             for p, c in result["parts"].items()
         }
         lines[2:2] = part_lines(result["parts"], adapted)
-    for key in ("weights", "adapter", "optimizer", "gradients", "activations", "total"):
-        lines.append(f"  {key:<12} {human_bytes(memory[f'{key}_bytes']):>11}")
+    for key in ("weights", "adapter", "optimizer", "gradients", "activations", "generation", "total"):
+        if f"{key}_bytes" in memory:
+            lines.append(f"  {key:<12} {human_bytes(memory[f'{key}_bytes']):>11}")
+    if "generation" in result:  # GRPO: what its sampling and reference pass hold, before training's pass
+        g = result["generation"]
+        lines[-1:-1] = [
+            f"    sampling {g['rows']} sequences: KV cache {human_bytes(g['kv_cache'])} ({g['cached_positions']} "
+            f"positions each); reference pass {human_bytes(g['reference'])}; before the activations, not "
+            "beside them: the total counts the larger"
+        ]
     if plan["num_processes"] > 1:
         lines.append(
             f"  × {plan['num_processes']} processes = {human_bytes(plan['all_processes_bytes'])} "
@@ -67,7 +75,8 @@ def format_estimate(result: dict[str, Any]) -> str:
             f"note: {objective.name} scores the log-probabilities of whole answers (no fused head)"
             + (
                 "; it samples a group of answers per prompt (batch × num_generations sequences of prompt"
-                " + max_new_tokens, counted above); its reference is the base (the adapter disabled)"
+                " + max_new_tokens, counted above); its reference is the base (the adapter disabled) or"
+                " the starting adapter, in place: no second copy of the weights"
                 if objective.generates
                 else "; its reference is the same model with the adapter disabled (or the starting adapter), "
                 "scored once before training without gradients: no second copy of the weights"

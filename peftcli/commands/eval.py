@@ -111,7 +111,7 @@ def preference_objective_of(target: Any, data: Path | None) -> str | None:
     from peftcli.objectives import OBJECTIVES, eval_objective
 
     trained = OBJECTIVES[target.recipe.training.objective if target.recipe else "sft"]
-    if data is None:
+    if data is None or trained.generates:  # GRPO: --data holds held-out prompts for its rewards
         return None if trained.task_loss else trained.name
     found = eval_objective(trained.name, preference_format(str(data)))
     if found is None and not trained.task_loss:
@@ -124,8 +124,10 @@ def run_preference_eval(target: Any, data: Path | None, compare_base: bool, name
     held-out pairs or --data. The reference (DPO, KTO) is the run's starting point — the base,
     or its peft.init_from adapter —, read from the run when it scored this split in training;
     with --compare-base the base is scored against it too."""
+    import torch
+
     from peftcli.console import say
-    from peftcli.data import cache, preference
+    from peftcli.data import cache, preference, prompts
     from peftcli.data.splits import Split
     from peftcli.methods.load import load_adapter
     from peftcli.model.load import load_model
@@ -138,7 +140,9 @@ def run_preference_eval(target: Any, data: Path | None, compare_base: bool, name
     recipe = target.recipe
     tokenizer = target_tokenizer(target)
     training = recipe.training if recipe else TrainingSection()
-    if data is not None:
+    if data is not None and OBJECTIVES[name].generates:
+        split = prompts.encode_file(str(data), recipe.data, tokenizer)
+    elif data is not None:
         section = recipe.data if recipe else DataSection(train=str(data))
         split = Split(preference.encode_file(str(data), section, tokenizer, name))
     else:
@@ -153,6 +157,7 @@ def run_preference_eval(target: Any, data: Path | None, compare_base: bool, name
     start = recipe.peft.init_from if recipe else None
     settings = recipe.preference if recipe else PreferenceSection()
     grpo = recipe.grpo if recipe else None  # GRPO: the run's rewards
+    torch.manual_seed(training.seed)  # as training builds its objective: GRPO samples by the run's seed
     objective = build_objective(
         name, "causal_lm", tokenizer, EvalSection(), settings, start is not None, grpo
     )

@@ -57,7 +57,7 @@ def prepare_prompts(
             continue
         splits["eval" if name == "eval" or i in held_set else "train"].append(example)
     if not splits["train"]:
-        raise UserError(f"data.train: no prompt fits within data.max_length={section.max_length}")
+        raise UserError(f"{train.key}: no prompt fits within data.max_length={section.max_length}")
     tokens = sum(len(e["input_ids"]) for e in splits["train"])
     stats = {
         "examples": len(splits["train"]),
@@ -75,3 +75,9 @@ def prepare_prompts(
         None,
         max_length=section.max_length,
     )
+
+
+def encode_file(path: str, section: Any, tokenizer: Any) -> Split:
+    """A file of held-out prompts, for `peftcli eval --data` of a GRPO run (rendered as the run's
+    prompts are: `section` is its data section)."""
+    return prepare_prompts(section, tokenizer, Source(path, "--data"), None, []).train

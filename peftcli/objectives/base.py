@@ -40,6 +40,22 @@ class Objective:
     counted: str  # the sum the run's summary totals (supervised_tokens, pairs)
     step: int = 0  # the optimizer step being taken (the loop sets it; GRPO seeds its sampling by it)
 
+    def __init__(
+        self,
+        name: str,
+        task: str,
+        tokenizer: Any,
+        eval_section: Any,
+        preference: Any = None,
+        start: bool = False,
+        grpo: Any = None,
+    ):
+        """`name`'s objective for a model of `task` and its tokenizer; `eval_section`,
+        `preference` and `grpo` are the recipe's sections (each objective reads its own);
+        `start`: the run starts from an adapter (peft.init_from), which is then the reference."""
+        self.name, self.task, self.tokenizer, self.eval_section = name, task, tokenizer, eval_section
+        self.start = start
+
     def collate(self, examples: list[dict[str, Any]]) -> Batch:
         """A micro-batch of the objective's examples (the training and evaluation loaders use it)."""
         raise NotImplementedError

@@ -32,9 +32,7 @@ def build_objective(
     start: bool = False,
     grpo: Any = None,
 ) -> Objective:
-    """`name`'s objective, for a model of `task` and its tokenizer; `eval_section` and
-    `preference` are the recipe's sections, `start` whether the run starts from an adapter
-    (peft.init_from: for DPO and KTO, the reference); `grpo` the grpo section (its rewards)."""
-    if grpo is not None and CLASSES[name] is GRPO:
-        return GRPO(name, task, tokenizer, eval_section, preference, start, grpo)
-    return CLASSES[name](name, task, tokenizer, eval_section, preference, start)
+    """`name`'s objective, for a model of `task` and its tokenizer; `eval_section`,
+    `preference` and `grpo` are the recipe's sections, `start` whether the run starts from an
+    adapter (peft.init_from: for DPO, KTO and GRPO, the reference)."""
+    return CLASSES[name](name, task, tokenizer, eval_section, preference, start, grpo)

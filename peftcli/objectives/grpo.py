@@ -1,8 +1,9 @@
 """GRPO: online RL with rewards (Shao et al., 2024), on the one objective interface.
 
 Per optimizer step `begin_step` samples `num_generations` completions of each prompt of the
-step's micro-batches with HF `generate` (seeded by the run's seed, the step, the process and the
-micro-batch, so a resumed run samples what an uninterrupted one would), scores them with the
+step's micro-batches with HF `generate` (each completion from its own random stream, keyed by the
+run's seed, the step, the prompt's data row and its place in the group: sampling.py; so a resumed
+run, and any number of processes, sample what one uninterrupted process would), scores them with the
 recipe's rewards, and turns each prompt's group into advantages: (reward − the group's mean),
 divided by the group's (or the batch's) std. A group never spans processes (each process samples
 whole groups for its own prompts), so its statistics are exact with any number of processes;
@@ -11,18 +12,22 @@ whole groups for its own prompts), so its statistics are exact with any number o
 The loss is TRL's GRPOTrainer's (token-level importance ratio, clipped to [1-ε, 1+ε], plus
 β times the k3 estimate of KL(π‖π_ref)). Each generation batch is trained on once (TRL's
 num_iterations = 1), so the ratio is 1 in value and only its gradient acts. The reference is
-the base model: the adapter disabled, no second copy.
+what the policy starts from: the base (the adapter disabled), or with `peft.init_from` the
+starting adapter's weights, swapped in for the reference's forward pass — no second copy of the
+model either way (reference.as_reference).
 """
 
 from __future__ import annotations
 
-import hashlib
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from peftcli.objectives.base import Batch, Objective, Step
+from peftcli.objectives.reference import as_reference, starting_weights
 from peftcli.objectives.rewards import Rewards
+from peftcli.objectives.sampling import key_seed, sampling_processors
 
 
 def grpo_token_loss(
@@ -58,12 +63,33 @@ def normalised(
     return (per_token * mask).sum() / totals["tokens"]  # dapo: every token of the batch alike
 
 
-def token_logps(model: Any, batch: Batch, temperature: float) -> torch.Tensor:
-    """Log-probabilities [n, T] of the completion tokens (logits / temperature, as TRL)."""
+def completion_logits(model: Any, batch: Batch, temperature: float) -> torch.Tensor:
+    """Logits [n, T, vocab] (float32, divided by the temperature) that predict the completion tokens.
+
+    Prompts are left-padded: positions count from each row's first real token, as `generate`
+    counts them (a model with absolute positions, GPT-2, would otherwise score every padded
+    row at the wrong places: up to 4 nats off on builtin:tiny-gpt2, tested). Prompt and
+    p-tuning take no position ids (PEFT drops them, with a warning)."""
     ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
     mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
     t = batch["completion_ids"].shape[1]
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, -t - 1 : -1, :].float() / temperature
+    peft = model.module if hasattr(model, "module") else model
+    config = peft.peft_config[peft.active_adapter] if hasattr(peft, "peft_config") else None
+    takes_positions = (
+        config is None
+        or getattr(peft, "_adapters_disabled", False)  # disable_adapter: the base's own forward
+        or not config.is_prompt_learning
+        or config.peft_type == "PREFIX_TUNING"
+    )
+    positions = {"position_ids": (mask.cumsum(1) - 1).clamp(min=0)} if takes_positions else {}
+    return (
+        model(input_ids=ids, attention_mask=mask, **positions).logits[:, -t - 1 : -1, :].float() / temperature
+    )
+
+
+def token_logps(model: Any, batch: Batch, temperature: float) -> torch.Tensor:
+    """Log-probabilities [n, T] of the completion tokens (logits / temperature, as TRL)."""
+    logits = completion_logits(model, batch, temperature)
     return torch.gather(logits.log_softmax(-1), 2, batch["completion_ids"].unsqueeze(-1)).squeeze(-1)
 
 
@@ -78,12 +104,13 @@ class GRPO(Objective):
         eval_section: Any,
         preference: Any = None,
         start: bool = False,
-        section: Any = None,
+        grpo: Any = None,
     ):
-        self.name, self.task, self.tokenizer, self.eval_section = name, task, tokenizer, eval_section
-        self.section, self.rewards = section, Rewards(section.rewards)
-        # load_stages seeds torch with training.seed before it builds the objective.
+        super().__init__(name, task, tokenizer, eval_section, preference, start, grpo)
+        self.section, self.rewards = grpo, Rewards(grpo.rewards)
+        # load_stages (and eval) seed torch with training.seed before they build the objective.
         self.seed = torch.initial_seed()
+        self.start_weights: dict[str, torch.Tensor] | None = None
         self.sums = (
             "loss", "steps", "completions", "completion_tokens", "kl", "clipped", "reward", "reward_std", "groups",
         ) + tuple(f"reward_{n}" for n in self.rewards.names)  # fmt: skip
@@ -106,20 +133,29 @@ class GRPO(Objective):
             "rows": [e["row"] for e in examples],  # type: ignore[dict-item]
         }
 
-    def sample(self, model: Any, prompts: Batch, generations: int, seed: int, greedy: bool = False) -> Batch:
-        """`generations` completions of each prompt, scored: a micro-batch to train on."""
+    def sample(self, model: Any, prompts: Batch, generations: int, key: tuple | None) -> Batch:
+        """`generations` completions of each prompt, scored: a micro-batch to train on. Completion
+        k of the prompt of data row r samples from its own stream, seeded by (*key, r, k); no
+        `key`: greedy."""
         peft = model.module if hasattr(model, "module") else model
         s, device = self.section, prompts["input_ids"].device
         ids = prompts["input_ids"].repeat_interleave(generations, 0)
         mask = prompts["attention_mask"].repeat_interleave(generations, 0)
+        processors = None
+        if key is not None:
+            seeds = [key_seed(*key, r, k) for r in prompts["rows"] for k in range(generations)]
+            processors = sampling_processors(seeds, s.temperature, s.top_p, device)
         was_training = peft.training
         peft.eval()
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
-            torch.manual_seed(seed)
+        # Prompt and p-tuning: with a key/value cache, generate (transformers 5.25, PEFT 0.21)
+        # places the tokens after the first at other positions than the model's forward pass;
+        # without one each token is a whole forward pass, which samples the model trained.
+        config = peft.peft_config[peft.active_adapter]
+        with torch.no_grad():
             out = peft.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=s.max_new_tokens,
-                do_sample=not greedy, temperature=s.temperature, top_p=s.top_p, top_k=0,
-                pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+                input_ids=ids, attention_mask=mask, max_new_tokens=s.max_new_tokens, do_sample=False,
+                logits_processor=processors, pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.tokenizer.eos_token_id, use_cache=not config.is_prompt_learning,
             )  # fmt: skip
         peft.train(was_training)
         completion = out[:, ids.shape[1] :]
@@ -151,13 +187,24 @@ class GRPO(Objective):
             "texts": texts,  # type: ignore[dict-item]
         }
 
-    def step_seed(self, accelerator: Any, index: int) -> int:
-        text = f"{self.seed}/{self.step}/{accelerator.process_index}/{index}"
-        return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
+    def prepare(
+        self,
+        model: Any,
+        splits: dict[str, Any],
+        accelerator: Any,
+        batch_size: int,
+        saved: Path | None,
+        resumed: bool = False,
+        start: str | None = None,
+        keep: bool = True,
+    ) -> None:
+        """With a KL term and a starting adapter: its weights, the reference (kept at `saved`)."""
+        if self.start and self.section.beta != 0.0:
+            self.start_weights = starting_weights(model, saved, resumed, keep, accelerator)
 
     def begin_step(self, model: Any, group: list[Batch], accelerator: Any) -> Step:
         s, g = self.section, self.section.num_generations
-        batches = [self.sample(model, b, g, self.step_seed(accelerator, i)) for i, b in enumerate(group)]
+        batches = [self.sample(model, b, g, (self.seed, self.step)) for b in group]
         rewards = torch.cat([b["rewards"] for b in batches]).view(-1, g)
         mean, std = rewards.mean(1, keepdim=True), rewards.std(1, keepdim=True)
         advantages = rewards - mean
@@ -174,7 +221,7 @@ class GRPO(Objective):
             [len(b["rewards"]) // g for b in batches]), strict=True):  # fmt: skip
             b["advantages"], b["group_std"] = a.reshape(-1), sd.reshape(-1)
             if s.beta != 0.0:
-                with torch.no_grad(), peft.disable_adapter():
+                with torch.no_grad(), as_reference(peft, self.start_weights):
                     b["ref_logps"] = token_logps(peft, b, s.temperature)
         local = torch.stack(
             [sum(b["real"].sum() for b in batches).to(accelerator.device),
@@ -238,10 +285,10 @@ class GRPO(Objective):
                 [examples[i] for i in range(start, min(start + batch_size, len(examples)))]
             )
             prompts = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in prompts.items()}
-            best = self.sample(model, prompts, 1, self.seed, greedy=True)
+            best = self.sample(model, prompts, 1, None)
             greedy += float(best["rewards"].sum())
             g = self.section.num_generations
-            sampled += float(self.sample(model, prompts, g, self.seed + start)["rewards"].sum()) / g
+            sampled += float(self.sample(model, prompts, g, (self.seed, "eval"))["rewards"].sum()) / g
             for p, c, out in zip(prompts["prompts"], prompts["columns"], best["texts"], strict=True):
                 if len(samples) < 3:  # a few greedy answers to read (eval's table shows them)
                     samples.append({"prompt": p, "reference": str(c.get("answer", "")), "output": out})

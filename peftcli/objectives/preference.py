@@ -93,10 +93,11 @@ class Preference(Objective):
         eval_section: EvalSection,
         section: PreferenceSection,
         start: bool = False,
+        grpo: Any = None,
     ):
-        self.name, self.section = name, section
+        super().__init__(name, task, tokenizer, eval_section, section, start, grpo)
+        self.section = section
         self.wanted = list(eval_section.metrics or OBJECTIVES[name].metrics)  # a final evaluation's
-        self.start = start  # the reference is the starting adapter (peft.init_from), not the base
         self.reference: dict[str, torch.Tensor] | None = None  # split → [examples, 2] log-probs
         self.collate = partial(collate_pairs, pad_id=tokenizer.pad_token_id)  # type: ignore[method-assign]
 

@@ -1,5 +1,7 @@
-"""The reference's log-probabilities (DPO, KTO): scored once, kept in the run folder, read back
-by a resumed run and by `peftcli eval`."""
+"""The reference: its log-probabilities (DPO, KTO), scored once, kept in the run folder, read back
+by a resumed run and by `peftcli eval`; or, for GRPO (which scores new completions every step),
+the reference model itself, swapped in place (`as_reference`), from the starting adapter's
+weights kept in the same run file."""
 
 from __future__ import annotations
 
@@ -94,3 +96,47 @@ def beside(peft_model: Any, start: str | None) -> Iterator[None]:
     finally:
         peft_model.set_adapter("default")
         peft_model.delete_adapter("reference")
+
+
+def starting_weights(
+    peft_model: Any, saved: Path | None, resumed: bool, keep: bool, accelerator: Any
+) -> dict[str, torch.Tensor]:
+    """GRPO from a starting adapter (peft.init_from): its trainable weights as they are before the
+    first update — the reference its KL term pulls towards. Kept at `saved` (by the main process,
+    with `keep`) and read back by a resumed run, which must not read the init_from folder again:
+    the reference is what this run started from, even if that folder has been trained since."""
+    from safetensors.torch import load_file, save_file
+
+    from peftcli.outputs import follow_umask
+
+    if resumed:
+        if saved is None or not saved.is_file():
+            raise RuntimeError(f"the starting adapter's weights of this run are missing ({saved})")
+        return {k: v.to(accelerator.device) for k, v in load_file(saved).items()}
+    weights = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+    if saved is not None and keep and accelerator.is_main_process:
+        save_file({k: v.contiguous().cpu() for k, v in weights.items()}, saved)
+        follow_umask(saved)  # safetensors writes its files 0600
+    return weights
+
+
+@contextmanager
+def as_reference(peft_model: Any, start: dict[str, torch.Tensor] | None) -> Iterator[None]:
+    """The reference model, in place: the base (the adapter disabled), or with `start` the
+    starting adapter's weights copied into the trainable ones (and the trained ones back after).
+    No second copy of the model; works for every method, prompt learning included."""
+    if start is None:
+        with peft_model.disable_adapter():
+            yield
+        return
+    params = dict(peft_model.named_parameters())
+    trained = {k: params[k].detach().clone() for k in start}
+    with torch.no_grad():
+        for k, v in start.items():
+            params[k].copy_(v)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for k, v in trained.items():
+                params[k].copy_(v)

@@ -74,8 +74,9 @@ class GrpoSection(_Strict):
     beta: float = Field(
         0.0,
         ge=0,
-        description="Weight of the KL term to the reference (the base: the adapter disabled; no second "
-        "copy). 0 (TRL's default) skips the reference's forward pass.",
+        description="Weight of the KL term to the reference: the base (the adapter disabled), or the "
+        "starting adapter with peft.init_from; no second copy of the model. 0 (TRL's default) skips the "
+        "reference's forward pass.",
     )
     epsilon: float = Field(
         0.2, gt=0, description="Clipping of the policy ratio to [1-ε, 1+ε] (PPO's clip, as TRL's GRPO)."

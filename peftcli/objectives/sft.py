@@ -18,18 +18,10 @@ class SFT(Objective):
     sums = ("loss", "supervised_tokens")
     counted = "supervised_tokens"
 
-    def __init__(
-        self,
-        name: str,
-        task: str,
-        tokenizer: Any,
-        eval_section: Any,
-        preference: Any = None,
-        start: bool = False,
-    ):
-        self.name, self.task, self.tokenizer, self.eval_section = name, task, tokenizer, eval_section
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
         self.collate = partial(  # type: ignore[method-assign]
-            collate, pad_id=tokenizer.pad_token_id, processor=getattr(tokenizer, "processor", None)
+            collate, pad_id=self.tokenizer.pad_token_id, processor=getattr(self.tokenizer, "processor", None)
         )
 
     def begin_step(self, model: Any, group: list[Batch], accelerator: Any) -> Step:

@@ -10,7 +10,7 @@ runs/NAME/                    Layout(run_dir)
   metrics.jsonl               .metrics      one row per logged step
   eval.json                   .results      final metrics, samples, training summary
   loss.png                    .plot
-  reference.safetensors       .reference    the reference model's log-probs (dpo, kto)
+  reference.safetensors       .reference    the reference model's log-probs (dpo, kto); grpo with init_from and beta: the starting adapter's weights
   coverage.json               .coverage     what the adapter reaches, per kind of parameter
   checkpoints/step-N/         .checkpoint(N)  state.json last (see training/checkpoint.py)
 runs/.NAME.partial/           .partial      an --overwrite run building
