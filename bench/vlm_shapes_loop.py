@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -142,7 +143,9 @@ def exact_match(model, batch, rows, bs=64):
     with torch.no_grad():
         for i in range(0, len(input_ids), bs):
             out = model(
-                input_ids=input_ids[i : i + bs], attention_mask=mask[i : i + bs], pixel_values=pixels[i : i + bs]
+                input_ids=input_ids[i : i + bs],
+                attention_mask=mask[i : i + bs],
+                pixel_values=pixels[i : i + bs],
             )
             pred = out.logits[:, :-1].argmax(-1)
             tgt = labels[i : i + bs, 1:]
@@ -193,7 +196,8 @@ def main() -> None:
     print(f"step 0 eval EM {em0}")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / (0.05 * args.steps)) * 0.5 * (1 + __import__("math").cos(3.14159 * s / args.steps))
+        opt,
+        lambda s: min(1.0, (s + 1) / (0.05 * args.steps)) * 0.5 * (1 + math.cos(math.pi * s / args.steps)),
     )
     g = torch.Generator().manual_seed(42)
     n = len(train_rows)
@@ -216,7 +220,10 @@ def main() -> None:
             print(f"step {step} loss {loss.item():.4f} t {time.time() - t0:.0f}s", flush=True)
         if step % args.eval_every == 0 or step == args.steps:
             seen = exact_match(model, tuple(t[:128] for t in train), train_rows[:128])[0]
-            print(f"step {step} eval EM {exact_match(model, ev, eval_rows)} train EM {seen:.3f} t {time.time() - t0:.0f}s", flush=True)
+            print(
+                f"step {step} eval EM {exact_match(model, ev, eval_rows)} train EM {seen:.3f} t {time.time() - t0:.0f}s",
+                flush=True,
+            )
     print(f"train wall {time.time() - t0:.1f}s")
 
 

@@ -43,7 +43,10 @@ def draw(rng: random.Random, shape: str, colour: str) -> Image.Image:
 def row(image: str, question: str, answer: str) -> dict:
     return {
         "messages": [
-            {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]},
+            {
+                "role": "user",
+                "content": [{"type": "image", "image": image}, {"type": "text", "text": question}],
+            },
             {"role": "assistant", "content": [{"type": "text", "text": answer}]},
         ]
     }
