@@ -12,7 +12,7 @@ STAMP       := $(VENV)/.peftcli-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo demo-preference demo-rl test test-all test-gpu test-latest test-interop lock lock-interop bench bench-memory gpu-wheels gpu-check lint clean
+.PHONY: setup demo demo-preference demo-rl demo-vlm test test-all test-gpu test-latest test-interop lock lock-interop bench bench-memory gpu-wheels gpu-check lint clean
 
 # Installs exactly the lock: its pins with --require-hashes and --no-deps (nothing resolved, so
 # nothing newer slips in), then torch (its dependencies are in the lock already; a CUDA build
@@ -41,6 +41,11 @@ demo-preference: setup
 demo-rl: setup
 	$(BIN)/peftcli train recipes/rl/grpo.yaml --overwrite
 	$(BIN)/peftcli eval runs/rl-grpo --compare-base
+
+# LoRA on a tiny LLaVA learns to name the colour and the shape in held-out pictures.
+demo-vlm: setup
+	$(BIN)/peftcli train recipes/vlm/shapes.yaml --overwrite
+	$(BIN)/peftcli eval runs/vlm-shapes --compare-base
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

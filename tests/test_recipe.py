@@ -159,6 +159,9 @@ def test_every_builtin_recipe_trains(path, tmp_path, monkeypatch):
     if isinstance(recipe.data.eval, str):  # a smaller eval set keeps generation quick
         small = tmp_path / "eval.jsonl"
         small.write_text("".join(Path(recipe.data.eval).read_text().splitlines(keepends=True)[:8]))
+        for folder in Path(recipe.data.eval).resolve().parent.iterdir():  # images, relative to the file
+            if folder.is_dir():
+                (tmp_path / folder.name).symlink_to(folder)
         recipe.data.eval = str(small)
     if recipe.peft.init_from is not None:  # starts from another shipped recipe's run: train that first
         first = next(p for p in BUILTIN_RECIPES if load_recipe(p).name == Path(recipe.peft.init_from).name)
