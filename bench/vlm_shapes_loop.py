@@ -26,17 +26,7 @@ sys.path.append(str(ROOT))  # after PYTHONPATH: --builtin takes peftcli from the
 DATA = ROOT / "data" / "vlm" / "shapes"
 
 # ChatML; a content given as a list of parts renders each image part as one <image> placeholder.
-TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}{{ '<image>' }}{% else %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "{{ '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+from peftcli.model.builtin_vlm import VLM_CHATML_TEMPLATE as TEMPLATE  # noqa: E402
 
 
 def load_builtin():
@@ -51,11 +41,11 @@ def load_builtin():
 
 
 def build(args):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     from transformers.models.llava.processing_llava import LlavaProcessor
 
-    from peftcli.model.builtin import byte_level_tokenizer
+    from peftcli.model.builtin import byte_level_tokenizer, tiny_llama_config
 
     tok = byte_level_tokenizer(
         ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>", "<image>"],
@@ -84,20 +74,7 @@ def build(args):
         num_attention_heads=4,
         projection_dim=args.vision_width,
     )
-    text = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=128,
-        intermediate_size=352,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        initializer_range=128**-0.5,
-    )
+    text = tiny_llama_config(tok)
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,

@@ -159,11 +159,11 @@ def _stop_at_turn_end(model: Any, tok: Any) -> None:
     model.generation_config.eos_token_id = [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
 
 
-def _tiny_llama() -> tuple[Any, Any]:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_llama_config(tok: Any) -> Any:
+    """tiny-llama's shape (tiny-llava's language model too), for the tokenizer `tok`."""
+    from transformers import LlamaConfig
 
-    tok = _chatml_byte_tokenizer()
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=len(tok),
         hidden_size=128,
         intermediate_size=352,
@@ -177,7 +177,13 @@ def _tiny_llama() -> tuple[Any, Any]:
         pad_token_id=tok.pad_token_id,
         initializer_range=128**-0.5,
     )
-    model = LlamaForCausalLM(config)
+
+
+def _tiny_llama() -> tuple[Any, Any]:
+    from transformers import LlamaForCausalLM
+
+    tok = _chatml_byte_tokenizer()
+    model = LlamaForCausalLM(tiny_llama_config(tok))
     _stop_at_turn_end(model, tok)
     return model, tok
 
@@ -347,7 +353,7 @@ BUILTINS: dict[str, Builtin] = {
         Builtin(
             "tiny-llava",
             "LLaVA vision-language: CLIP tower (32x32 images, 16 tokens each), tiny-llama's text, ChatML",
-            lambda: tiny_llava(byte_level_tokenizer),
+            lambda: tiny_llava(byte_level_tokenizer, tiny_llama_config),
         ),
     ]
 }

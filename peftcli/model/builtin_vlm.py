@@ -32,12 +32,14 @@ VLM_CHATML_TEMPLATE = (
 )
 
 
-def tiny_llava(byte_level_tokenizer: Callable[..., Any]) -> tuple[Any, Any]:
-    """The model and its processor (saved like a tokenizer: `save_pretrained` writes both)."""
+def tiny_llava(
+    byte_level_tokenizer: Callable[..., Any], text_config: Callable[[Any], Any]
+) -> tuple[Any, Any]:
+    """The model and its processor (saved like a tokenizer: `save_pretrained` writes both); the
+    language model is tiny-llama's shape (`text_config`)."""
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
-        LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
@@ -60,20 +62,7 @@ def tiny_llava(byte_level_tokenizer: Callable[..., Any]) -> tuple[Any, Any]:
         projection_dim=64,
         initializer_range=64**-0.5,
     )
-    text = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=128,
-        intermediate_size=352,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        initializer_range=128**-0.5,
-    )
+    text = text_config(tok)
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
