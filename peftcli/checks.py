@@ -72,7 +72,6 @@ def check_model(recipe: Recipe, config: dict[str, Any] | None) -> list[str]:
             None,
             recipe.model.quantization != "none",
             recipe.data.packing,
-            sampling(recipe),
         )
         return [
             f"model: {recipe.model.name_or_path} (hub id, not in the local cache: its config and "
@@ -109,7 +108,6 @@ def check_model(recipe: Recipe, config: dict[str, Any] | None) -> list[str]:
         kind,
         recipe.model.quantization != "none",
         recipe.data.packing,
-        sampling(recipe),
     )
     check_positions(recipe, config)
     if recipe.model.quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
@@ -361,9 +359,3 @@ def check_recipe(recipe: Recipe) -> list[str]:
             f"training.eval_every does not apply without an eval split (data.eval: {recipe.data.eval}): ignored"
         )
     return lines
-
-
-def sampling(recipe: Recipe) -> str | None:
-    """`training.objective: NAME` where the objective samples from the model in training."""
-    objective = recipe.training.objective
-    return f"training.objective: {objective}" if OBJECTIVES[objective].generates else None

@@ -89,9 +89,8 @@ FAMILIES = [m for m, spec in METHODS.items() if "causal_lm" in spec.tasks]
 PROMPT_LEARNING = {
     m for m, spec in METHODS.items() if spec.kind == "prompt"
 }  # start with random virtual tokens
-SAMPLING = [m for m in FAMILIES if METHODS[m].samples]  # prefix tuning is refused (see its row)
 DEFAULT = {"lora", "qlora", "prompt-tuning", "llama-adapter"}  # `make test-all` trains the rest
-GRID = [pytest.param(m, id=m, marks=[] if m in DEFAULT else [pytest.mark.slow]) for m in SAMPLING]
+GRID = [pytest.param(m, id=m, marks=[] if m in DEFAULT else [pytest.mark.slow]) for m in FAMILIES]
 
 
 def left_padded(tokenizer) -> dict[str, torch.Tensor]:
@@ -127,7 +126,7 @@ def moved_model(method: str, builtin: str = "tiny-llama") -> tuple:
     return load_tokenizer(section), load_model(section), model
 
 
-@pytest.mark.parametrize("method", SAMPLING)
+@pytest.mark.parametrize("method", FAMILIES)
 def test_generation_samples_the_model_training_scores(method: str) -> None:
     """GRPO's greedy answers (generate, as it samples) are, token by token, the argmax of the
     logits training scores them with: the samples come from the policy being trained (prompt
@@ -149,14 +148,6 @@ def test_generation_samples_the_model_training_scores(method: str) -> None:
         best = completion_logits(model, sampled, 1.0).argmax(-1)
     kept = sampled["completion_mask"].bool()
     assert kept.sum() >= 4 and torch.equal(best[kept], sampled["completion_ids"][kept]), method
-
-
-def test_prefix_tuning_is_refused_for_grpo(tmp_path, prompts) -> None:  # noqa: F811
-    from tests.conftest import one_error_line, run_cli
-
-    recipe = grpo_recipe(tmp_path, prompts, [{"kind": "length"}], "p", num_generations=2)
-    line = one_error_line(run_cli("validate", str(recipe), "peft.method=prefix-tuning"))
-    assert "prefix-tuning cannot train with training.objective: grpo" in line, line
 
 
 @pytest.mark.parametrize("method", FAMILIES)

@@ -44,8 +44,10 @@ def test_gumbel_max_samples_the_warped_softmax(temperature: float, top_p: float)
     assert ((counts / n - want).abs() <= tolerance).all(), (counts / n, want)
 
 
-def test_a_completion_samples_the_same_whatever_shares_its_batch(prompts) -> None:  # noqa: F811
-    """The same prompt row samples the same completions alone, with others, in another order."""
+@pytest.mark.parametrize("method", ["lora", "prefix-tuning"])  # HF generate; peftcli's decoding
+def test_a_completion_samples_the_same_whatever_shares_its_batch(prompts, method) -> None:  # noqa: F811
+    """The same prompt row samples the same completions alone, with others, in another order
+    (prefix tuning: peftcli decodes rows in groups of one length, each on its own stream)."""
     from peftcli.data.cache import prepare
     from peftcli.methods.apply import apply_method
     from peftcli.model.load import load_model, load_tokenizer
@@ -54,6 +56,7 @@ def test_a_completion_samples_the_same_whatever_shares_its_batch(prompts) -> Non
 
     recipe = load_recipe(grpo_recipe(prompts.parent, prompts, [{"kind": "regex", "pattern": "[A-Z]"}]))
     recipe.model.dtype = "float64"
+    recipe.peft.method = method
     tokenizer = load_tokenizer(recipe.model)
     data = prepare(recipe.data, tokenizer, 0, "causal_lm", "grpo")
     model = apply_method(load_model(recipe.model), recipe.peft, "causal_lm")

@@ -30,26 +30,15 @@ def check_fit(
     model_type: str | None,
     quantized: bool,
     packing: bool = False,
-    samples: str | None = None,
 ) -> list[str]:
     """Refuse a method that cannot work with this model, task or recipe — before weights load.
 
     Returns notes on recipe keys the method ignores: a recipe tuned for LoRA (r, alpha,
-    target_modules) stays usable for every method, which `compare` relies on. `samples`: the
-    objective, where it samples from the model in training (`training.objective: grpo`)."""
+    target_modules) stays usable for every method, which `compare` relies on."""
     if packing and method.kind != "targets":
         raise UserError(
             f"data.packing does not work with {method.name}: its virtual tokens would be shared "
             "by every example in a packed row; set data.packing: false"
-        )
-    if samples is not None and not method.samples:
-        from importlib.metadata import version
-
-        raise UserError(
-            f"peft.method: {method.name} cannot train with {samples}: generation in transformers "
-            f"{version('transformers')} drops its prefixes (PEFT hands them over as past_key_values, "
-            "which generate's own cache overrides), so the samples would come from the base model",
-            "use prompt-tuning, p-tuning, llama-adapter or lora",
         )
     if task not in method.tasks:
         raise UserError(

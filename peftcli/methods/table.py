@@ -54,12 +54,6 @@ class Method:
     conv1d: bool = True  # can adapt GPT-2-style Conv1D layers
     parameters: bool = False  # adapts fused MoE expert and router parameters (PEFT's target_parameters)
     kv_prefix: bool = False  # feeds trained key/values through the model's `past_key_values`
-    # HF `generate` samples the trained model (an objective that samples in training needs it).
-    # Prefix tuning's does not with transformers 5.25 and PEFT 0.21: generate's own cache
-    # overrides the prefixes PEFT hands over as past_key_values, so it samples the base (and
-    # without a cache the prefixes sit at other positions than in training's forward pass); tested
-    # in tests/test_grpo_grid.py, where every other family's samples follow its forward pass.
-    samples: bool = True
     derive: Callable[[hooks.Context], dict[str, Any]] | None = None  # config values from model/run
     step_hook: Callable[[Any, int], None] | None = None  # (PeftModel, step) after each optimizer step
     penalty: Callable[[Any], torch.Tensor] | None = None  # loss term added once per optimizer step
@@ -214,7 +208,6 @@ METHODS: dict[str, Method] = {
             tasks=TEXT_TASKS,
             defaults=_PROMPT_DEFAULTS,
             kv_prefix=True,
-            samples=False,
             shards=False,
         ),
         Method(

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from peftcli.methods.generation import generate
 from peftcli.objectives.base import Batch, Objective, Step
 from peftcli.objectives.reference import as_reference, starting_weights
 from peftcli.objectives.rewards import Rewards
@@ -149,14 +150,22 @@ class GRPO(Objective):
         peft.eval()
         # Prompt and p-tuning: with a key/value cache, generate (transformers 5.25, PEFT 0.21)
         # places the tokens after the first at other positions than the model's forward pass;
-        # without one each token is a whole forward pass, which samples the model trained.
+        # without one each token is a whole forward pass on the left-padded rows, as training's.
+        # Prefix tuning: generate drops the prefixes, so peftcli decodes it (methods/generation.py:
+        # unpadded, the positions training gives it too).
         config = peft.peft_config[peft.active_adapter]
+        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         with torch.no_grad():
-            out = peft.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=s.max_new_tokens, do_sample=False,
-                logits_processor=processors, pad_token_id=self.tokenizer.pad_token_id,
-                eos_token_id=self.tokenizer.eos_token_id, use_cache=not config.is_prompt_learning,
-            )  # fmt: skip
+            if config.peft_type == "PREFIX_TUNING" and not getattr(peft, "_adapters_disabled", False):
+                out = generate(
+                    peft, ids, mask, s.max_new_tokens, pad, eos_token_id=eos, logits_processor=processors
+                )
+            else:
+                out = peft.generate(
+                    input_ids=ids, attention_mask=mask, max_new_tokens=s.max_new_tokens, do_sample=False,
+                    logits_processor=processors, pad_token_id=pad, eos_token_id=eos,
+                    use_cache=not config.is_prompt_learning,
+                )  # fmt: skip
         peft.train(was_training)
         completion = out[:, ids.shape[1] :]
         # A completion ends at its first EOS (kept: the model learns to stop); the rest is padding.

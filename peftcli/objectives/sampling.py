@@ -31,6 +31,13 @@ class GumbelNoise:
     def __init__(self, seeds: list[int], device: torch.device):
         self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
 
+    def select(self, rows: list[int]) -> GumbelNoise:
+        """The processor of some of the rows (peftcli's own decoding runs rows in groups): their
+        generators, not copies, so each row's stream goes on where it stands."""
+        picked = object.__new__(GumbelNoise)
+        picked.generators = [self.generators[i] for i in rows]
+        return picked
+
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         n, vocab = scores.shape
         assert n == len(self.generators), "one generator per row"
