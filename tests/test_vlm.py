@@ -313,6 +313,8 @@ def test_generate_eval_and_export_in_a_fresh_process(tmp_path, image_data, capsy
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)
     assert result["examples"] == 32 and "exact_match" in result, result
+    first = result["samples"][0]  # a sample names its picture (its decoded prompt cannot show it)
+    assert first["images"] == [str((tmp_path / "img" / "0.png").resolve())], first
     line = one_error_line(
         run_cli("generate", str(run), "--image", str(tmp_path / "nope.png"), "--prompt", "x")
     )

@@ -201,6 +201,7 @@ def format_result(result: dict[str, Any]) -> str:
         first = next(iter(samples.values()))
         for i, s in enumerate(first):
             lines.append(f"  prompt    {s['prompt']!r}")
+            lines += [f"  image     {image}" for image in s.get("images", [])]
             lines.append(f"  reference {s['reference']!r}")
             for c, rows in samples.items():
                 lines.append(f"  {c:<9} {rows[i]['output']!r}")

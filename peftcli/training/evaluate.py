@@ -105,6 +105,7 @@ def exact_match(
             "prompt": tokenizer.decode(r.prompt_ids, skip_special_tokens=True),
             "reference": r.answer,
             "output": a,
+            **({"images": r.images} if r.images else {}),  # the decoded prompt does not show them
         }
         for r, a in zip(references[:5], answers[:5], strict=True)
     ]
