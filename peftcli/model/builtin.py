@@ -163,20 +163,10 @@ def tiny_llama_config(tok: Any) -> Any:
     """tiny-llama's shape (tiny-llava's language model too), for the tokenizer `tok`."""
     from transformers import LlamaConfig
 
-    return LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=128,
-        intermediate_size=352,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        initializer_range=128**-0.5,
-    )
+    ids = {f"{t}_token_id": getattr(tok, f"{t}_token_id") for t in ("bos", "eos", "pad")}
+    shape = {"hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 4, "num_attention_heads": 4}
+    more = {"num_key_value_heads": 2, "max_position_embeddings": 1024, "initializer_range": 128**-0.5}
+    return LlamaConfig(vocab_size=len(tok), tie_word_embeddings=True, **shape, **more, **ids)
 
 
 def _tiny_llama() -> tuple[Any, Any]:
