@@ -159,14 +159,15 @@ def _stop_at_turn_end(model: Any, tok: Any) -> None:
     model.generation_config.eos_token_id = [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
 
 
-def tiny_llama_config(tok: Any) -> Any:
-    """tiny-llama's shape (tiny-llava's language model too), for the tokenizer `tok`."""
+def tiny_llama_config(tok: Any, **changes: Any) -> Any:
+    """tiny-llama's shape (tiny-llava's language model and tiny-llama-bpe too, with `changes`),
+    for the tokenizer `tok`."""
     from transformers import LlamaConfig
 
     ids = {f"{t}_token_id": getattr(tok, f"{t}_token_id") for t in ("bos", "eos", "pad")}
     shape = {"hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 4, "num_attention_heads": 4}
     more = {"num_key_value_heads": 2, "max_position_embeddings": 1024, "initializer_range": 128**-0.5}
-    return LlamaConfig(vocab_size=len(tok), tie_word_embeddings=True, **shape, **more, **ids)
+    return LlamaConfig(vocab_size=len(tok), tie_word_embeddings=True, **{**shape, **more, **ids, **changes})
 
 
 def _tiny_llama() -> tuple[Any, Any]:
@@ -210,7 +211,7 @@ def _tiny_mixtral() -> tuple[Any, Any]:
 def _tiny_llama_bpe() -> tuple[Any, Any]:
     """tiny-llama's kind with a trained BPE vocabulary (its GGUF file has merges, which llama.cpp
     needs) and 64-wide heads (a head size vLLM's attention kernels support)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     tok = trained_bpe_tokenizer(
         ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"],
@@ -219,22 +220,9 @@ def _tiny_llama_bpe() -> tuple[Any, Any]:
         chat_template=CHATML_TEMPLATE,
         vocab_size=512,
     )
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=128,
-        intermediate_size=352,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=64,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        initializer_range=128**-0.5,
+    model = LlamaForCausalLM(
+        tiny_llama_config(tok, num_attention_heads=2, num_key_value_heads=1, head_dim=64)
     )
-    model = LlamaForCausalLM(config)
     _stop_at_turn_end(model, tok)
     return model, tok
 
