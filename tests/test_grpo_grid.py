@@ -15,9 +15,8 @@ from tests.test_grpo import WORDS, grpo_recipe, prompts  # noqa: F401  (the fixt
 from tests.test_preference import adapter, rows_of
 
 
-def test_sft_then_grpo_pulls_towards_the_sft_adapter(tmp_path, prompts, capsys) -> None:  # noqa: F811
-    """GRPO from an SFT adapter with a KL term: at step 1 the policy is its reference (KL 0,
-    though the SFT adapter is far from the base), and the run keeps the starting weights."""
+def train_sft(tmp_path, capsys) -> None:
+    """A 6-step SFT run at tmp_path/sft (uppercasing WORDS): the adapter GRPO starts from."""
     sft_rows = [{"prompt": f"Uppercase: {w}\n", "completion": w.upper()} for w in WORDS]
     sft = write_recipe(
         tmp_path / "sft.yaml",
@@ -25,6 +24,12 @@ def test_sft_then_grpo_pulls_towards_the_sft_adapter(tmp_path, prompts, capsys) 
         training={"max_steps": 6, "lr": 1e-2, "output_dir": str(tmp_path / "sft")},
     )
     assert cli("train", str(sft), capsys=capsys)[0] == 0
+
+
+def test_sft_then_grpo_pulls_towards_the_sft_adapter(tmp_path, prompts, capsys) -> None:  # noqa: F811
+    """GRPO from an SFT adapter with a KL term: at step 1 the policy is its reference (KL 0,
+    though the SFT adapter is far from the base), and the run keeps the starting weights."""
+    train_sft(tmp_path, capsys)
     start = adapter(tmp_path / "sft")
     assert all(v.abs().max() > 1e-3 for k, v in start.items() if "lora_B" in k)  # not the base
     recipe = grpo_recipe(tmp_path, prompts, [{"kind": "regex", "pattern": "[A-Z]"}], "rl", beta=0.5)
@@ -204,13 +209,7 @@ def test_sft_then_grpo_resumes_against_the_adapter_it_started_from(tmp_path, pro
 
     from .test_resume import EVERY, kill_after_first_checkpoint
 
-    sft_rows = [{"prompt": f"Uppercase: {w}\n", "completion": w.upper()} for w in WORDS]
-    sft = write_recipe(
-        tmp_path / "sft.yaml",
-        data={"train": str(write_jsonl(tmp_path / "sft.jsonl", sft_rows)), "eval": 0.0},
-        training={"max_steps": 6, "lr": 1e-2, "output_dir": str(tmp_path / "sft")},
-    )
-    assert cli("train", str(sft), capsys=capsys)[0] == 0
+    train_sft(tmp_path, capsys)
 
     def recipe(name: str):
         import yaml
