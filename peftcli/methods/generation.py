@@ -18,13 +18,19 @@ from typing import Any
 import torch
 
 
-def trained_forward_only(model: Any) -> bool:
-    """Whether HF `generate` would sample something else than the model's forward pass."""
+def active_prompt_learning(model: Any) -> str | None:
+    """The PEFT type of `model`'s active prompt-learning adapter (PROMPT_TUNING, P_TUNING,
+    PREFIX_TUNING); None for any other method, no adapter, or an adapter disabled."""
     peft = model.module if hasattr(model, "module") else model
     config = getattr(peft, "peft_config", {}).get(getattr(peft, "active_adapter", None))
-    return bool(
-        config is not None and config.is_prompt_learning and not getattr(peft, "_adapters_disabled", False)
-    )
+    if config is None or not config.is_prompt_learning or getattr(peft, "_adapters_disabled", False):
+        return None
+    return getattr(config.peft_type, "value", config.peft_type)  # PEFT's PeftType is a str enum
+
+
+def trained_forward_only(model: Any) -> bool:
+    """Whether HF `generate` would sample something else than the model's forward pass."""
+    return active_prompt_learning(model) is not None
 
 
 def generate(

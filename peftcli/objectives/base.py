@@ -54,7 +54,7 @@ class Objective:
         `preference` and `grpo` are the recipe's sections (each objective reads its own);
         `start`: the run starts from an adapter (peft.init_from), which is then the reference."""
         self.name, self.task, self.tokenizer, self.eval_section = name, task, tokenizer, eval_section
-        self.start = start
+        self.preference, self.grpo, self.start = preference, grpo, start
 
     def collate(self, examples: list[dict[str, Any]]) -> Batch:
         """A micro-batch of the objective's examples (the training and evaluation loaders use it)."""

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from peftcli.methods.generation import generate
+from peftcli.methods.generation import active_prompt_learning, generate
 from peftcli.objectives.base import Batch, Objective, Step
 from peftcli.objectives.reference import as_reference, starting_weights
 from peftcli.objectives.rewards import Rewards
@@ -74,14 +74,7 @@ def completion_logits(model: Any, batch: Batch, temperature: float) -> torch.Ten
     ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
     mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
     t = batch["completion_ids"].shape[1]
-    peft = model.module if hasattr(model, "module") else model
-    config = peft.peft_config[peft.active_adapter] if hasattr(peft, "peft_config") else None
-    takes_positions = (
-        config is None
-        or getattr(peft, "_adapters_disabled", False)  # disable_adapter: the base's own forward
-        or not config.is_prompt_learning
-        or config.peft_type == "PREFIX_TUNING"
-    )
+    takes_positions = active_prompt_learning(model) in (None, "PREFIX_TUNING")  # disabled: the base's
     positions = {"position_ids": (mask.cumsum(1) - 1).clamp(min=0)} if takes_positions else {}
     return (
         model(input_ids=ids, attention_mask=mask, **positions).logits[:, -t - 1 : -1, :].float() / temperature
@@ -97,18 +90,9 @@ def token_logps(model: Any, batch: Batch, temperature: float) -> torch.Tensor:
 class GRPO(Objective):
     counted = "completions"
 
-    def __init__(
-        self,
-        name: str,
-        task: str,
-        tokenizer: Any,
-        eval_section: Any,
-        preference: Any = None,
-        start: bool = False,
-        grpo: Any = None,
-    ):
-        super().__init__(name, task, tokenizer, eval_section, preference, start, grpo)
-        self.section, self.rewards = grpo, Rewards(grpo.rewards)
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.section, self.rewards = self.grpo, Rewards(self.grpo.rewards)
         # load_stages (and eval) seed torch with training.seed before they build the objective.
         self.seed = torch.initial_seed()
         self.start_weights: dict[str, torch.Tensor] | None = None
@@ -156,7 +140,7 @@ class GRPO(Objective):
         config = peft.peft_config[peft.active_adapter]
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         with torch.no_grad():
-            if config.peft_type == "PREFIX_TUNING" and not getattr(peft, "_adapters_disabled", False):
+            if active_prompt_learning(peft) == "PREFIX_TUNING":
                 out = generate(
                     peft, ids, mask, s.max_new_tokens, pad, eos_token_id=eos, logits_processor=processors
                 )

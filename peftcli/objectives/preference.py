@@ -32,7 +32,7 @@ from peftcli.tasks import IGNORE
 from peftcli.training.losses import at_least_float32, supervised_logits
 
 if TYPE_CHECKING:
-    from peftcli.recipe import EvalSection, PreferenceSection
+    from peftcli.recipe import PreferenceSection
 
 # Sums a step (or an evaluation) accumulates; metrics are ratios of them (see `metrics`).
 SUMS = (
@@ -85,21 +85,12 @@ class Preference(Objective):
     counted = "pairs"
     nll_weight = 0.0  # weight of the chosen answers' SFT loss (mean per token)
 
-    def __init__(
-        self,
-        name: str,
-        task: str,
-        tokenizer: Any,
-        eval_section: EvalSection,
-        section: PreferenceSection,
-        start: bool = False,
-        grpo: Any = None,
-    ):
-        super().__init__(name, task, tokenizer, eval_section, section, start, grpo)
-        self.section = section
-        self.wanted = list(eval_section.metrics or OBJECTIVES[name].metrics)  # a final evaluation's
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.section: PreferenceSection = self.preference
+        self.wanted = list(self.eval_section.metrics or OBJECTIVES[self.name].metrics)  # a final evaluation's
         self.reference: dict[str, torch.Tensor] | None = None  # split → [examples, 2] log-probs
-        self.collate = partial(collate_pairs, pad_id=tokenizer.pad_token_id)  # type: ignore[method-assign]
+        self.collate = partial(collate_pairs, pad_id=self.tokenizer.pad_token_id)  # type: ignore[method-assign]
 
     # ---- what a subclass defines
 
