@@ -18,6 +18,11 @@ PACKAGE = ROOT / "peftcli"
 spec = importlib.util.spec_from_file_location("import_graph", ROOT / "scripts" / "import_graph.py")
 graph = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(graph)
+spec = importlib.util.spec_from_file_location(
+    "import_depth_bound", ROOT / "scripts" / "import_depth_bound.py"
+)
+bound = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bound)
 
 
 def sources() -> dict[Path, str]:
@@ -43,6 +48,24 @@ def test_every_module_has_a_stage():
 def test_load_time_imports_are_at_most_six_levels_deep():
     levels = graph.levels(graph.graph("load-time"))
     assert max(levels.values()) <= 6, sorted(levels.items(), key=lambda kv: -kv[1])[:3]
+
+
+def test_depth_bound_removes_the_fewest_imports_and_keeps_the_design():
+    """scripts/import_depth_bound.py (what a depth cap would cost, issue #22): on a toy graph its
+    answer is the known optimum; on the package, removing what it names reaches the depth asked."""
+    p = "peftcli."
+    chain = {p + "a": {p + "b"}, p + "b": {p + "c"}, p + "c": {p + "errors"}, p + "errors": set()}
+    assert bound.fewest_removals(chain, 4) == []
+    # At most 2: `c -> errors` is kept (anything may raise the error); removing a -> b leaves
+    # b -> c -> errors (3), removing b -> c leaves a -> b and c -> errors (2 each): that one.
+    assert bound.fewest_removals(chain, 2) == [(p + "b", p + "c")]
+    kept_only = {p + "cli": {p + "cli_train"}, p + "cli_train": {p + "errors"}, p + "errors": set()}
+    assert bound.fewest_removals(kept_only, 2) is None
+    strict = graph.graph("strict")
+    removed = bound.fewest_removals(strict, 10)
+    assert removed and not any(bound.kept(m, d) for m, d in removed)
+    pruned = {m: deps - {d for n, d in removed if n == m} for m, deps in strict.items()}
+    assert max(graph.levels(pruned).values()) <= 10
 
 
 def test_nothing_imports_a_command():
