@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from lm_eval.models.huggingface import HFLM
+from lm_eval.models.utils import normalize_gen_kwargs
 
 from peftcli.errors import UserError
 from peftcli.methods.generation import active_prompt_learning, generate, trained_forward_only
@@ -36,6 +37,13 @@ class TrainedLM(HFLM):
     @property
     def max_length(self) -> int:
         return super().max_length - virtual_tokens(self.model)
+
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        if trained_forward_only(self.model):  # refused before lm-eval's progress bar starts
+            for request in requests:
+                kwargs = normalize_gen_kwargs(request.args[1], self.max_gen_toks)
+                refuse_unsupported(self.model, kwargs, ignore={"until", "max_gen_toks", "do_sample"})
+        return super().generate_until(requests, disable_tqdm)
 
     def _model_generate(self, context: Any, max_length: int, stop: list[str], **kwargs: Any) -> Any:
         if not trained_forward_only(self.model):
@@ -57,10 +65,10 @@ def hf_model_caveat(model: Any) -> str | None:
     if kind is None:
         return None
     return (
-        f"lm-eval's own hf model (these model_args) decodes generate_until tasks with HF generate, "
-        f"which does not sample {kind} adapters as trained (peftcli decodes by whole forward passes), "
-        f"and does not leave room for the {virtual_tokens(model)} virtual tokens in the longest "
-        f"input: its numbers differ there; log-likelihood tasks within the length score the same"
+        f"lm-eval's own hf model (these model_args) scores log-likelihood tasks the same, but decodes "
+        f"generate_until tasks with HF generate, which does not sample {kind} adapters as trained "
+        f"(peftcli decodes by whole forward passes), and lets the {virtual_tokens(model)} virtual "
+        "tokens push the longest inputs past the model's positions"
     )
 
 
@@ -69,13 +77,7 @@ def generate_as_trained(lm: HFLM, context: Any, max_length: int, stop: list[str]
     decoded by peftcli's whole forward passes."""
     mask = kwargs.pop("attention_mask")
     do_sample = kwargs.pop("do_sample", None)
-    other = sorted(set(kwargs) - set(SAMPLING) - {"num_beams"})
-    if other or kwargs.get("num_beams", 1) != 1:
-        raise UserError(
-            f"--harness: the task asks generation for {', '.join(other or ['num_beams'])}, which "
-            f"peftcli's decoding of {active_prompt_learning(lm.model)} adapters does not do "
-            "(greedy or sampling with temperature, top_p, top_k)"
-        )
+    refuse_unsupported(lm.model, kwargs)
     config = lm.model.generation_config  # what HF generate uses where the task says nothing
     eos = config.eos_token_id if config.eos_token_id is not None else lm.tokenizer.eos_token_id
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
@@ -94,6 +96,17 @@ def generate_as_trained(lm: HFLM, context: Any, max_length: int, stop: list[str]
         do_sample=bool(do_sample),
         **{k: kwargs.get(k, getattr(config, k, None)) for k in SAMPLING},
     )
+
+
+def refuse_unsupported(model: Any, kwargs: dict, ignore: frozenset | set = frozenset()) -> None:
+    """One line for a generation setting that peftcli's decoding does not do (beam search, ...)."""
+    other = sorted(set(kwargs) - set(ignore) - set(SAMPLING) - {"num_beams"})
+    if other or kwargs.get("num_beams", 1) != 1:
+        raise UserError(
+            f"--harness: the task asks generation for {', '.join(other or ['num_beams'])}, which "
+            f"peftcli's decoding of {active_prompt_learning(model)} adapters does not do "
+            "(greedy or sampling with temperature, top_p, top_k)"
+        )
 
 
 class StopAfter:
