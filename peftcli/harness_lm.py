@@ -89,7 +89,7 @@ def generate_as_trained(lm: HFLM, context: Any, max_length: int, stop: list[str]
         lm.model,
         context,
         mask,
-        max_new_tokens=max_length - (0 if seq2seq else context.shape[1]),
+        max_new_tokens=max_length - (1 if seq2seq else context.shape[1]),  # seq2seq: the start token
         pad_token_id=lm.tokenizer.pad_token_id,
         eos_token_id=eos,
         logits_processor=[StopAfter(lm.tokenizer, stop, eos[0], starts)] if stop and eos else None,
