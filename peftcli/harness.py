@@ -190,14 +190,16 @@ def model_args(target: Any, model: Any) -> str:
 def evaluate(
     model: Any, tokenizer: Any, specs: list, manager: Any, options: dict[str, Any], task: str
 ) -> dict:
-    """One model through lm_eval.simple_evaluate, as lm-eval's own `hf` model would run it."""
+    """One model through lm_eval.simple_evaluate, as lm-eval's own `hf` model would run it, but
+    with prompt-learning adapters sampled as trained (harness_lm.TrainedLM)."""
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
+
+    from peftcli.harness_lm import TrainedLM
 
     options = dict(options)
     backend = "seq2seq" if task == "seq2seq_lm" else "causal"
     with quiet():
-        lm = HFLM(
+        lm = TrainedLM(
             pretrained=model, tokenizer=tokenizer, backend=backend, batch_size=options.pop("batch_size")
         )
         output = lm_eval.simple_evaluate(
@@ -258,6 +260,10 @@ def run_harness(
     say(f"peftcli: lm-eval {version}: the {'adapter' if target.adapter else 'model'} on {tasks}, {template}")
     results["adapter"] = evaluate(model, tokenizer, specs, manager, options, target.model.task)
     config = {"lm_eval": version, "model_args": model_args(target, model), "device": str(device), **options}
+    from peftcli.harness_lm import hf_model_caveat
+
+    if caveat := hf_model_caveat(model):  # prompt learning: lm-eval's hf model samples it otherwise
+        config["hf_model_differs"] = caveat
     record(target, results, config)
     return results if compare_base else results["adapter"]
 

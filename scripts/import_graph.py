@@ -68,7 +68,17 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("results", ("peftcli.cards",)),
     ("validation", ("peftcli.checks", "peftcli.validation")),
     ("train", ("peftcli.training.run", "peftcli.training.launch", "peftcli.training.faults")),
-    ("use", ("peftcli.target", "peftcli.merging", "peftcli.merge_change", "peftcli.harness", "peftcli.export")),
+    (
+        "use",
+        (
+            "peftcli.target",
+            "peftcli.merging",
+            "peftcli.merge_change",
+            "peftcli.harness",
+            "peftcli.harness_lm",
+            "peftcli.export",
+        ),
+    ),
     # The command line: the app, the commands registered on it, and the package itself.
     (
         "commands",

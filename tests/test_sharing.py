@@ -92,6 +92,7 @@ def test_harness_equals_lm_eval_run_directly(shared):
     assert entry["adapter"] == printed["adapter"][TASK] and entry["base"] == printed["base"][TASK]
     config = entry["config"]
     assert config["apply_chat_template"] is False and f"pretrained={HUB_ID}" in config["model_args"]
+    assert "hf_model_differs" not in config  # LoRA: lm-eval's own hf model scores it as peftcli does
     adapter_args = config["model_args"]
     base_args = ",".join(p for p in adapter_args.split(",") if not p.startswith("peft="))
     proc = subprocess.run(
