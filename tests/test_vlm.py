@@ -87,6 +87,8 @@ def test_only_the_assistants_text_carries_loss_token_by_token(tmp_path, image_da
         assert ids.count(image_id) == 16
         first = ids.index(image_id)
         assert ids[first : first + 16] == [image_id] * 16
+        # The processor's BOS, once, as inference gives it (test_a_template_that_writes_bos_...).
+        assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1 and labels[0] == -100
         supervised = [i for i, y in enumerate(labels) if y != -100]
         # The loss is on exactly the answer and the end of its turn, nothing before it.
         assert tok.decode([ids[i] for i in supervised]) == answer + "<|im_end|>"
@@ -207,14 +209,31 @@ processor = AutoProcessor.from_pretrained(adapter)
 model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base), adapter).eval()
 messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]}]
 text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-inputs = processor(text=text, images=[Image.open(image)], return_tensors="pt", add_special_tokens=False)
+# The model card's way: the processor's plain call, its defaults (special tokens added).
+inputs = processor(text=text, images=[Image.open(image)], return_tensors="pt")
+# And the processor's own tokenizing template, with the image named in the conversation.
+messages[0]["content"][0]["path"] = image
+templated = processor.apply_chat_template(
+    messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+)
 with torch.no_grad():
-    torch.save({"ids": inputs["input_ids"], "logits": model(**inputs).logits}, out)
+    logits = model(**inputs).logits
+    out_ = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_scores=True,
+                          return_dict_in_generate=True)
+top2 = torch.stack(out_.scores).topk(2, -1).values
+torch.save({
+    "ids": inputs["input_ids"], "templated": templated["input_ids"], "logits": logits,
+    "templated_pixels": torch.equal(templated["pixel_values"], inputs["pixel_values"]),
+    "answer": processor.decode(out_.sequences[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True),
+    "margin": (top2[..., 0] - top2[..., 1]).min().item(),
+}, out)
 assert not any(m.startswith("peftcli") for m in sys.modules)
 """
 
 
 def test_the_adapter_reloads_with_plain_transformers_peft_and_its_processor(tmp_path, image_data, capsys):
+    """HF's documented inference (the processor's plain call, or its tokenizing chat template)
+    gives the tokens peftcli trained on, BOS included, and the same logits and greedy answer."""
     from peft import PeftModel
 
     from peftcli.data import Encoder
@@ -225,16 +244,9 @@ def test_the_adapter_reloads_with_plain_transformers_peft_and_its_processor(tmp_
     recipe = vlm_recipe(tmp_path, eval={"metrics": ["loss"]})
     assert cli("train", str(recipe), capsys=capsys)[0] == 0
     adapter = tmp_path / "run-r" / "adapter"
+    image = tmp_path / "img" / "1.png"
     subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            RELOAD,
-            str(adapter),
-            str(tmp_path / "img" / "1.png"),
-            str(tmp_path / "plain.pt"),
-        ],
-        check=True,
+        [sys.executable, "-c", RELOAD, str(adapter), str(image), str(tmp_path / "plain.pt")], check=True
     )
     plain = torch.load(tmp_path / "plain.pt")
     # peftcli's own pipeline on the same conversation: its tokens, its collated pixels.
@@ -246,7 +258,9 @@ def test_the_adapter_reloads_with_plain_transformers_peft_and_its_processor(tmp_
         {**row, "messages": [*row["messages"], {"role": "assistant", "content": "x"}]},
         f"data.train: {image_data}:2",
     )
-    assert prompt.prompt_ids == plain["ids"][0].tolist()
+    assert prompt.prompt_ids[0] == tok.bos_token_id
+    assert prompt.prompt_ids == plain["ids"][0].tolist() == plain["templated"][0].tolist()
+    assert plain["templated_pixels"]
     batch = collate(
         [{"input_ids": prompt.prompt_ids, "labels": prompt.prompt_ids, "images": prompt.images}],
         tok.pad_token_id,
@@ -258,7 +272,51 @@ def test_the_adapter_reloads_with_plain_transformers_peft_and_its_processor(tmp_
         logits = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"]).logits
     # float32 forward passes of one model in two processes, same kernels: equal up to float32
     # rounding of 4-layer sums (~1e-6 relative); 1e-5 absolute on logits of size ~1 is margin.
-    assert torch.allclose(logits, plain["logits"], rtol=0, atol=1e-5)
+    atol = 1e-5
+    assert torch.allclose(logits, plain["logits"], rtol=0, atol=atol)
+    # Greedy answers agree where no step's best two logits are within the two sides' rounding.
+    assert plain["margin"] > 2 * atol, plain["margin"]
+    code, out, err = cli(
+        "generate", str(tmp_path / "run-r"), "--image", str(image), "--prompt", "What colour is it?",
+        "--max-new-tokens", "4", "--json", capsys=capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["output"] == plain["answer"]
+
+
+def test_a_template_that_writes_bos_gets_one_and_bos_carries_no_loss(tmp_path, image_data):
+    """As the processor's tokenizing template does: BOS once, whether the template writes it or
+    the tokenizer adds it; text chat formats add none (as the tokenizer's template adds none)."""
+    from peftcli.data import Encoder, new_stats, read_rows
+    from peftcli.model.builtin_vlm import VLM_CHATML_TEMPLATE
+    from peftcli.recipe import DataSection
+
+    tok = tokenizer()
+    rows = read_rows(str(image_data))[:2]
+    conversation = [
+        {"role": "user", "content": [{"type": "image", "path": str(tmp_path / "img" / "1.png")}, {"type": "text", "text": "What colour is it?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "green"}]},
+    ]  # fmt: skip
+    for template in (VLM_CHATML_TEMPLATE, "{{ bos_token }}" + VLM_CHATML_TEMPLATE):
+        section = DataSection(train=str(image_data), chat_template=template)
+        encoder = Encoder(tok, "messages", section, "image_text_to_text")
+        for example in encoder.examples(rows, new_stats()):
+            assert (
+                example["input_ids"].count(tok.bos_token_id) == 1
+                and example["input_ids"][0] == tok.bos_token_id
+            )
+            assert example["labels"][0] == -100
+        ids, mask = encoder.encode(rows[1][1], rows[1][0])
+        assert ids[0] == tok.bos_token_id and not mask[0]
+        hf = tok.processor.apply_chat_template(
+            conversation, chat_template=template, tokenize=True, return_dict=True
+        )
+        assert ids == hf["input_ids"][0], template
+    text = Encoder(tok, "messages", DataSection(train=str(image_data)), "causal_lm")
+    ids, _ = text.encode(
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, "x"
+    )
+    assert tok.bos_token_id not in ids
 
 
 def test_merge_writes_a_plain_image_text_folder_equal_to_the_adapter(tmp_path, image_data, capsys):
@@ -329,6 +387,7 @@ def test_data_preview_shows_the_image_tokens_and_the_supervised_text(tmp_path, i
     assert "images             24 (16 tokens each, none carries loss)" in proc.stdout
     assert f"[16 × <image>: {(tmp_path / 'img' / '1.png').resolve()}]What colour is it?" in proc.stdout
     assert "«green<|im_end|>»" in proc.stdout
+    assert "\n  <s><|im_start|>user\n" in proc.stdout  # the processor's BOS, as training sees it
     line = one_error_line(run_cli("train", str(vlm_recipe(tmp_path, data={"packing": True}))))
     assert "packing" in line
 
@@ -499,3 +558,30 @@ def test_compare_tabulates_methods_on_image_text(tmp_path, image_data, capsys):
     assert code == 0, err
     rows = {r["method"]: r for r in json.loads(stdout)["rows"]}
     assert set(rows) == {"lora", "ia3"} and all(r["eval_loss"] > 0 for r in rows.values()), rows
+
+
+def test_a_vision_encoding_change_moves_image_caches_and_keeps_text_caches(tmp_path, image_data, monkeypatch):
+    """An image+text cache written before the encoding changed (here: VISION_VERSION 1, before
+    BOS) is not reused; a text cache is, as text encodings did not change."""
+    from peftcli.data import cache
+    from peftcli.recipe import DataSection
+
+    tok = tokenizer()
+    section = DataSection(train=str(image_data), eval=0.0, max_length=64)
+    text = DataSection(
+        train=str(
+            write_jsonl(
+                tmp_path / "text.jsonl", [{"prompt": f"Say {i}:", "completion": "ok"} for i in range(8)]
+            )
+        ),
+        eval=0.0,
+    )
+    with monkeypatch.context() as m:
+        m.setattr(cache, "VISION_VERSION", 1)
+        old = cache.prepare(section, tok, 0, "image_text_to_text")
+        old_text = cache.prepare(text, tok, 0)
+    new = cache.prepare(section, tok, 0, "image_text_to_text")
+    assert not new.from_cache and new.cache_dir != old.cache_dir
+    assert new.train.examples[0]["input_ids"][0] == tok.bos_token_id
+    again = cache.prepare(text, tok, 0)
+    assert again.from_cache and again.cache_dir == old_text.cache_dir

@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 
 
 CACHE_VERSION = 2  # bump when encoding changes, so old caches are not reused (2: labels by value)
+# Image+text encodings only, so text caches stay valid (2: the processor's BOS before the conversation)
+VISION_VERSION = 2
 
 
 def _say(message: str) -> None:
@@ -113,6 +115,7 @@ def prepare(
     if TASKS[task].vision:  # the tokens an image expands to come from the processor; image
         # paths are relative to the data files, and the cache holds them resolved
         inputs["image_tokens"] = tokens_per_image(tokenizer.processor)
+        inputs["vision_version"] = VISION_VERSION
         inputs["data_files"] = [str(f.resolve()) for s in (train, held_out) if s is not None for f in s.files]
     key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24]
     folder = cache_root() / key

@@ -134,8 +134,18 @@ class Encoder:
                 t if t != image_id and any(s <= a and b <= e for s, e in spans) else IGNORE
                 for t, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
             ]
-            out.append((enc["input_ids"], labels, files))
+            lead = self._lead(text)
+            out.append((lead + enc["input_ids"], [IGNORE] * len(lead) + labels, files))
         return out
+
+    def _lead(self, text: str) -> list[int]:
+        """The special tokens a vision-language processor puts before a rendered conversation, so
+        training sees what inference gives: `processor(text=..., images=...)` and TRL's collators
+        add the tokenizer's prefix (BOS); `processor.apply_chat_template(..., tokenize=True)` adds
+        it unless the template wrote it. Text chat formats add none, as the tokenizer's
+        `apply_chat_template` adds none."""
+        bos = self.tok.bos_token
+        return [] if bos is not None and text.startswith(bos) else self.prefix
 
     def _causal(self, ids: list[int], labels: list[int], stats: dict[str, int]) -> dict[str, Any] | None:
         stats["rows"] += 1
@@ -267,7 +277,7 @@ class Encoder:
                 prompt = self._render(messages[:-1], True, where)
                 answer = "".join(p["text"] for p in messages[-1]["content"] if p["type"] == "text")
                 shown = sum(p["type"] == "image" for m in messages[:-1] for p in m["content"])
-                return Reference(self._ids([prompt])[0], answer, files[:shown])
+                return Reference(self._lead(prompt) + self._ids([prompt])[0], answer, files[:shown])
         elif self.fmt in CHAT_FORMATS:
             messages = chat_messages(row, self.fmt, where)
             if messages[-1]["role"] == "assistant":
