@@ -16,6 +16,8 @@ import pytest
 import torch
 
 from peftcli.recipe_file import load_recipe
+from peftcli.run_folder.layout import Layout, latest, state_file
+from peftcli.run_folder.plan import differences
 from peftcli.training.run import train
 
 from .conftest import cli, write_recipe
@@ -112,10 +114,41 @@ def test_resume_refuses_a_changed_recipe_or_data(tmp_path, completion_data, caps
         f.write(json.dumps({"prompt": "Uppercase: new\n", "completion": "NEW"}) + "\n")
     code, _, err = cli("train", str(recipe), "--resume", capsys=capsys)
     assert code == 2 and "data.train file changed" in err
-    # What does not change the math may change: logging cadence.
     completion_data.write_text("".join(completion_data.read_text().splitlines(keepends=True)[:-1]))
+    # A checkpoint of a peftcli that turned rows into other token ids is not resumed on today's;
+    # one from before the fingerprint recorded the encoding encoded text as today.
+    state = state_file(latest(Layout(run).checkpoints))
+    saved = json.loads(state.read_text())
+    saved["fingerprint"]["encoding"]["cache"] -= 1
+    state.write_text(json.dumps(saved))
+    code, _, err = cli("train", str(recipe), "--resume", capsys=capsys)
+    assert code == 2 and "the data encoding changed with peftcli" in err
+    del saved["fingerprint"]["encoding"]
+    state.write_text(json.dumps(saved))
+    # What does not change the math may change: logging cadence.
     code, _, err = cli("train", str(recipe), "--resume", "training.log_every=5", capsys=capsys)
     assert code == 0, err
+
+
+def test_an_image_checkpoint_from_before_the_encoding_was_recorded_is_not_resumed():
+    """Image+text checkpoints written before the fingerprint held the encoding were made without
+    the processor's BOS (vision encoding 1): resuming them on today's ids is refused; text ones
+    encoded as today and resume."""
+
+    def fingerprint(task: str, encoding: dict | None) -> dict:
+        recipe = {"model": {"task": task}}
+        return {"recipe": recipe, "num_processes": 1} | ({"encoding": encoding} if encoding else {})
+
+    today = {"cache": 2, "vision": 2}
+    assert (
+        differences(fingerprint("image_text_to_text", today), fingerprint("image_text_to_text", today)) == []
+    )
+    changes = differences(fingerprint("image_text_to_text", None), fingerprint("image_text_to_text", today))
+    assert changes == [
+        "the data encoding changed with peftcli: {'cache': 2, 'vision': 1} -> {'cache': 2, 'vision': 2} "
+        "(the rows would become other token ids)"
+    ]
+    assert differences(fingerprint("causal_lm", None), fingerprint("causal_lm", {"cache": 2})) == []
 
 
 def test_resume_of_a_finished_run_is_refused(tmp_path, completion_data, capsys):

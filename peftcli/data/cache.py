@@ -38,6 +38,12 @@ CACHE_VERSION = 2  # bump when encoding changes, so old caches are not reused (2
 VISION_VERSION = 2
 
 
+def encoding(task: str) -> dict[str, int]:
+    """The versions of how rows become token ids for `task`: a checkpoint records them, so a run
+    is never resumed on an encoding it did not start with."""
+    return {"cache": CACHE_VERSION, **({"vision": VISION_VERSION} if TASKS[task].vision else {})}
+
+
 def _say(message: str) -> None:
     """Progress on stderr, from the main process only (every process prepares the data)."""
     if is_main_process():

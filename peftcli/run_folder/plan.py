@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from peftcli import outputs
 from peftcli.errors import UserError
 from peftcli.run_folder.layout import Layout, has_checkpoints, is_run, is_unfinished, latest, read_state
+from peftcli.tasks import TASKS
 
 if TYPE_CHECKING:
     from peftcli.recipe import Recipe
@@ -132,15 +133,25 @@ def file_digest(path: str | None) -> str | None:
     return h.hexdigest()
 
 
-def fingerprint(recipe_dump: dict[str, Any], num_processes: int) -> dict[str, Any]:
-    """What a checkpoint depends on: a resumed run must match it (see `differences`)."""
+def fingerprint(recipe_dump: dict[str, Any], num_processes: int, encoding: dict[str, int]) -> dict[str, Any]:
+    """What a checkpoint depends on: a resumed run must match it (see `differences`).
+    `encoding`: the data stage's versions of how rows become token ids (data.cache.encoding)."""
     data = recipe_dump["data"]
     return {
         "recipe": recipe_dump,
         "train_data": file_digest(data["train"]),
         "eval_data": file_digest(data["eval"]) if isinstance(data["eval"], str) else None,
         "num_processes": num_processes,
+        "encoding": encoding,
     }
+
+
+def _encoding(saved: dict[str, Any]) -> dict[str, int]:
+    """The encoding a checkpoint was made with. Checkpoints from before it was recorded encoded
+    text as version 2 does, and image+text conversations without the processor's BOS (vision 1)."""
+    if "encoding" in saved:
+        return saved["encoding"]
+    return {"cache": 2, **({"vision": 1} if TASKS[saved["recipe"]["model"]["task"]].vision else {})}
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -162,6 +173,11 @@ def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     for key, what in (("train_data", "the data.train file"), ("eval_data", "the data.eval file")):
         if saved.get(key) != current.get(key):
             changes.append(f"{what} changed content")
+    if _encoding(saved) != current["encoding"]:
+        changes.append(
+            f"the data encoding changed with peftcli: {_encoding(saved)} -> {current['encoding']} "
+            "(the rows would become other token ids)"
+        )
     if saved["num_processes"] != current["num_processes"]:
         changes.append(f"number of processes: {saved['num_processes']} -> {current['num_processes']}")
     return changes

@@ -133,7 +133,7 @@ def load_stages(recipe: Recipe, where: run_folder.Plan, accelerator: Any) -> Sta
     """recipe → model (tokenizer) → data → model weights → method, each with its own section."""
     from accelerate.utils import set_seed
 
-    from peftcli.data.cache import prepare
+    from peftcli.data.cache import encoding, prepare
     from peftcli.methods.apply import apply_method
     from peftcli.methods.inits import check_sharding, eva
     from peftcli.methods.load import start_from
@@ -141,7 +141,9 @@ def load_stages(recipe: Recipe, where: run_folder.Plan, accelerator: Any) -> Sta
     from peftcli.objectives.build import build_objective
     from peftcli.training.loop import make_loader, plan
 
-    print_ = fingerprint(recipe.model_dump(mode="json"), accelerator.num_processes)
+    print_ = fingerprint(
+        recipe.model_dump(mode="json"), accelerator.num_processes, encoding(recipe.model.task)
+    )
     start = resume_point(where.work_dir, print_) if where.continuing else None
     check_sharding(recipe.peft, accelerator.distributed_type.value)
     set_seed(recipe.training.seed)
