@@ -135,7 +135,7 @@ def moved_model(method: str, builtin: str = "tiny-llama") -> tuple:
 def test_generation_samples_the_model_training_scores(method: str) -> None:
     """GRPO's greedy answers (generate, as it samples) are, token by token, the argmax of the
     logits training scores them with: the samples come from the policy being trained (prompt
-    and p-tuning only without generate's cache, see GRPO.sample)."""
+    learning decoded by peftcli on unpadded rows, see GRPO.sample and completion_logits)."""
     from peftcli.objectives.build import build_objective
     from peftcli.objectives.grpo import completion_logits
     from peftcli.objectives.rl_section import GrpoSection

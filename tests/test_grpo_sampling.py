@@ -150,3 +150,58 @@ def test_training_scores_the_completions_where_generation_wrote_them(builtin: st
     # magnitude < 20 to float32 (~1e-6 each) before a float32 log-softmax: 1e-4 covers it, while
     # a wrong position moves log-probabilities by whole nats.
     assert torch.allclose(got, want, atol=1e-4, rtol=0), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("method", ["prompt-tuning", "p-tuning"])
+def test_prompt_learning_scores_and_samples_each_row_as_it_stands_alone(method: str) -> None:
+    """Prompt and p-tuning put their virtual tokens before the row and take no position ids, so
+    in a left-padded batch a short prompt's pads would stand between them and its prompt (GPT-2:
+    at other absolute positions). GRPO scores and samples every row as it stands unpadded, as
+    `peftcli generate` decodes it afterwards."""
+    from peftcli.methods.apply import apply_method
+    from peftcli.model.load import load_model, load_tokenizer
+    from peftcli.objectives.build import build_objective
+    from peftcli.objectives.grpo import token_logps
+    from peftcli.objectives.rl_section import GrpoSection
+    from peftcli.recipe import EvalSection, ModelSection, PeftSection
+
+    section = ModelSection(name_or_path="builtin:tiny-gpt2", dtype="float64")
+    tokenizer, model = load_tokenizer(section), load_model(section)
+    torch.manual_seed(0)
+    model = apply_method(model, PeftSection(method=method), "causal_lm").eval()
+    encoded = [tokenizer(t)["input_ids"] for t in ("Uppercase: cat\n", "Uppercase: a much longer prompt\n")]
+    pad = tokenizer.pad_token_id
+
+    def batch(rows: list[list[int]], completion: torch.Tensor) -> dict[str, torch.Tensor]:
+        width = max(map(len, rows))
+        return {
+            "prompt_ids": torch.tensor([[pad] * (width - len(e)) + e for e in rows]),
+            "prompt_mask": torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in rows]),
+            "completion_ids": completion,
+            "completion_mask": torch.ones_like(completion),
+        }
+
+    both = batch(encoded, torch.tensor([[70, 71, 72, 73], [80, 81, 82, 83]]))
+    with torch.no_grad():
+        together = token_logps(model, both, 1.0)
+        alone = [
+            token_logps(model, batch([e], both["completion_ids"][[r]]), 1.0)[0] for r, e in enumerate(encoded)
+        ]
+        padded = model(
+            input_ids=torch.cat([both["prompt_ids"], both["completion_ids"]], 1),
+            attention_mask=torch.cat([both["prompt_mask"], both["completion_mask"]], 1),
+        ).logits[0, -5:-1]
+    # float64 throughout: the same sums in another batch shape round alike to ~1e-15 relative;
+    # a row scored at other positions moves its log-probabilities by far more (asserted below).
+    for r in range(2):
+        assert torch.allclose(together[r], alone[r], atol=1e-10, rtol=0), (r, together[r] - alone[r])
+    shifted = torch.gather(padded.log_softmax(-1), 1, both["completion_ids"][0, :, None])[:, 0]
+    assert (shifted - alone[0]).abs().max() > 1e-3, "the padded forward would score row 0 the same"
+    # Sampling: GRPO's greedy completions of the padded batch are each row's completions alone.
+    section = GrpoSection(max_new_tokens=6, rewards=[{"kind": "length"}])
+    objective = build_objective("grpo", "causal_lm", tokenizer, EvalSection(), None, False, section)
+    rows = [{"input_ids": e, "prompt": "", "columns": {}, "row": i} for i, e in enumerate(encoded)]
+    sampled = objective.sample(model, objective.collate(rows), 1, None)["completion_ids"]
+    for r, row in enumerate(rows):
+        one = objective.sample(model, objective.collate([row]), 1, None)["completion_ids"][0]
+        assert sampled[r, : len(one)].tolist() == one.tolist(), r

@@ -70,11 +70,21 @@ def completion_logits(model: Any, batch: Batch, temperature: float) -> torch.Ten
     Prompts are left-padded: positions count from each row's first real token, as `generate`
     counts them (a model with absolute positions, GPT-2, would otherwise score every padded
     row at the wrong places: up to 4 nats off on builtin:tiny-gpt2, tested). Prompt and
-    p-tuning take no position ids (PEFT drops them, with a warning)."""
+    p-tuning take no position ids (PEFT drops them, with a warning) and put their virtual tokens
+    before the row, so a row's pads would stand between those and its prompt: each row is moved
+    to the left, its pads to the end, and is scored where it stands unpadded (tested)."""
     ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
     mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
-    t = batch["completion_ids"].shape[1]
-    takes_positions = active_prompt_learning(model) in (None, "PREFIX_TUNING")  # disabled: the base's
+    n, length, t = ids.shape[0], ids.shape[1], batch["completion_ids"].shape[1]
+    kind = active_prompt_learning(model)
+    if kind in ("PROMPT_TUNING", "P_TUNING"):
+        pads = (batch["prompt_mask"] == 0).sum(1, keepdim=True)
+        moved = (torch.arange(length, device=ids.device) + pads) % length  # row r's pads last
+        logits = model(input_ids=ids.gather(1, moved), attention_mask=mask.gather(1, moved)).logits
+        # Token j of the row now stands at j - pads; the logits hold the virtual tokens' first.
+        at = logits.shape[1] - length + torch.arange(length - t - 1, length - 1, device=ids.device) - pads
+        return logits[torch.arange(n, device=ids.device)[:, None], at].float() / temperature
+    takes_positions = kind in (None, "PREFIX_TUNING")  # None: no adapter active (the base's)
     positions = {"position_ids": (mask.cumsum(1) - 1).clamp(min=0)} if takes_positions else {}
     return (
         model(input_ids=ids, attention_mask=mask, **positions).logits[:, -t - 1 : -1, :].float() / temperature
@@ -132,24 +142,13 @@ class GRPO(Objective):
             processors = sampling_processors(seeds, s.temperature, s.top_p, device)
         was_training = peft.training
         peft.eval()
-        # Prompt and p-tuning: with a key/value cache, generate (transformers 5.25, PEFT 0.21)
-        # places the tokens after the first at other positions than the model's forward pass;
-        # without one each token is a whole forward pass on the left-padded rows, as training's.
-        # Prefix tuning: generate drops the prefixes, so peftcli decodes it (methods/generation.py:
-        # unpadded, the positions training gives it too).
-        config = peft.peft_config[peft.active_adapter]
+        # methods/generation.generate: HF generate, except for prompt learning, which it decodes
+        # by whole forward passes on unpadded rows, as training scores them (completion_logits).
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         with torch.no_grad():
-            if active_prompt_learning(peft) == "PREFIX_TUNING":
-                out = generate(
-                    peft, ids, mask, s.max_new_tokens, pad, eos_token_id=eos, logits_processor=processors
-                )
-            else:
-                out = peft.generate(
-                    input_ids=ids, attention_mask=mask, max_new_tokens=s.max_new_tokens, do_sample=False,
-                    logits_processor=processors, pad_token_id=pad, eos_token_id=eos,
-                    use_cache=not config.is_prompt_learning,
-                )  # fmt: skip
+            out = generate(
+                peft, ids, mask, s.max_new_tokens, pad, eos_token_id=eos, logits_processor=processors
+            )
         peft.train(was_training)
         completion = out[:, ids.shape[1] :]
         # A completion ends at its first EOS (kept: the model learns to stop); the rest is padding.
