@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from peftcli.console import is_main_process, say
 from peftcli.data.encode import BATCH_ROWS, Encoder, batches, new_stats
 from peftcli.data.formats import CHAT_FORMATS, FORMAT_COLUMNS, chat_template, choose_format, scan
-from peftcli.data.images import tokens_per_image
+from peftcli.data.images import ImageTokens
 from peftcli.data.packing import pack_split
 from peftcli.data.sources import Row, Source
 from peftcli.data.splits import Prepared, Reference, Split, TokenArrays, Writer
@@ -112,7 +112,7 @@ def prepare(
     }
     if TASKS[task].vision:  # the tokens an image expands to come from the processor; image
         # paths are relative to the data files, and the cache holds them resolved
-        inputs["image_tokens"] = tokens_per_image(tokenizer.processor)
+        inputs["image_tokens"] = ImageTokens.of(tokenizer.processor).key()
         inputs["data_files"] = [str(f.resolve()) for s in (train, held_out) if s is not None for f in s.files]
     key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24]
     folder = cache_root() / key
