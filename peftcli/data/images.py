@@ -144,6 +144,11 @@ def image_inputs(processor: Any, paths: list[str]) -> dict[str, Any]:
     return {k: v for k, v in out.items() if k in processor.image_processor.model_input_names}
 
 
+def pixel_values(processor: Any, paths: list[str]) -> Any:
+    """The image processor's `pixel_values` for these files, in order."""
+    return image_inputs(processor, paths)["pixel_values"]
+
+
 def tokens_per_image(processor: Any, wide: bool = False) -> tuple[str, int]:
     """The image placeholder and how many tokens the processor expands it to, from one blank
     image of its own size (`wide`: twice as wide; a fixed-count processor gives both the same)."""
@@ -156,16 +161,18 @@ def tokens_per_image(processor: Any, wide: bool = False) -> tuple[str, int]:
     return token, sum(i == processor.tokenizer.convert_tokens_to_ids(token) for i in ids)
 
 
-# Processors whose token count depends on the image and that peftcli does not expand (yet): a
-# model of theirs is refused at preparation, in one line, rather than trained on wrong counts.
-SIZE_DEPENDENT = {
-    "Qwen2VLProcessor": "Qwen2-VL",
-    "Qwen2_5_VLProcessor": "Qwen2.5-VL",
-    "LlavaNextProcessor": "LLaVA-NeXT (anyres)",
-    "LlavaOnevisionProcessor": "LLaVA-OneVision",
-    "SmolVLMProcessor": "SmolVLM",
-    "Idefics2Processor": "Idefics2",
+# Processors whose image tokens peftcli does not write (yet): a model of theirs is refused at
+# preparation, in one line, rather than trained on tokens its processor would not give.
+SIZE_DEPENDENT = "a number of tokens that depends on its size"
+REFUSED = {
+    "Qwen2VLProcessor": ("Qwen2-VL", SIZE_DEPENDENT),
+    "Qwen2_5_VLProcessor": ("Qwen2.5-VL", SIZE_DEPENDENT),
+    "LlavaNextProcessor": ("LLaVA-NeXT (anyres)", SIZE_DEPENDENT),
+    "LlavaOnevisionProcessor": ("LLaVA-OneVision", SIZE_DEPENDENT),
+    "SmolVLMProcessor": ("SmolVLM", SIZE_DEPENDENT),
+    "Idefics2Processor": ("Idefics2", "its tokens between marks (<fake_token_around_image>)"),
 }
+SUPPORTED = "supported: fixed-count processors (LLaVA-1.5 style) and Idefics3"
 
 
 @dataclass(frozen=True)
@@ -183,18 +190,17 @@ class ImageTokens:
         kind = type(processor).__name__
         if kind == "Idefics3Processor":
             return cls(processor.image_token, None, processor)
-        if kind in SIZE_DEPENDENT:
+        if kind in REFUSED:
+            name, why = REFUSED[kind]
             raise UserError(
-                f"{SIZE_DEPENDENT[kind]}'s processor ({kind}) gives an image a number of tokens that depends "
-                "on its size, which peftcli does not compute for it",
-                "supported: fixed-count processors (LLaVA-1.5 style) and Idefics3",
+                f"{name}'s processor ({kind}) gives an image {why}, which peftcli does not compute for it",
+                SUPPORTED,
             )
         token, count = tokens_per_image(processor)
         if tokens_per_image(processor, wide=True)[1] != count:
             raise UserError(
-                f"the processor ({kind}) gives an image a number of tokens that depends on its size, "
-                "which peftcli does not compute for it",
-                "supported: fixed-count processors (LLaVA-1.5 style) and Idefics3",
+                f"the processor ({kind}) gives an image {SIZE_DEPENDENT}, which peftcli does not compute for it",
+                SUPPORTED,
             )
         return cls(token, count, processor)
 
