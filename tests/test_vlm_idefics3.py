@@ -98,9 +98,11 @@ def test_token_ids_and_image_inputs_equal_the_processors_own_for_images_of_sever
         images = [Image.open(f).convert("RGB") for f in example["images"]]
         text = processor.apply_chat_template(row["messages"], tokenize=False)
         own = processor(text=text, images=images, add_special_tokens=False)["input_ids"][0]
-        # The same ids as the processor's (the tokenizer adds no BOS without add_special_tokens;
-        # peftcli's training rows carry none either), image tokens included, position by position.
-        assert example["input_ids"] == own
+        # The same ids as the processor's, image tokens and tile marks included, position by
+        # position; before them, at most the tokenizer's own prefix (BOS), as `add_special_tokens`
+        # puts it.
+        lead = example["input_ids"][: len(example["input_ids"]) - len(own)]
+        assert example["input_ids"][len(lead) :] == own and lead in ([], encoder.prefix)
         counts += [
             processor(text="<image>", images=[image], add_special_tokens=False)["input_ids"][0].count(image_id)
             for image in images
@@ -129,14 +131,14 @@ import json, sys, torch
 from PIL import Image
 from peft import PeftModel
 from transformers import AutoModelForImageTextToText, AutoProcessor
-adapter, out, *images = sys.argv[1:]
+adapter, out, special, *images = sys.argv[1:]
 base = json.load(open(adapter + "/adapter_config.json"))["base_model_name_or_path"]
 processor = AutoProcessor.from_pretrained(adapter)
 model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base), adapter).eval()
 content = [{"type": "image"} for _ in images] + [{"type": "text", "text": "What colour is it?"}]
 text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 inputs = processor(text=text, images=[Image.open(i).convert("RGB") for i in images], return_tensors="pt",
-                   add_special_tokens=False)
+                   add_special_tokens=special == "1")
 with torch.no_grad():
     torch.save({"ids": inputs["input_ids"], "logits": model(**inputs).logits}, out)
 assert not any(m.startswith("peftcli") for m in sys.modules)
@@ -176,10 +178,9 @@ def test_lora_trains_leaves_the_vision_tower_and_reloads_with_plain_transformers
     trained = {k.replace("base_model.model.", ""): v for k, v in model.state_dict().items()}
     frozen = [k for k in base if ".vision_model." in k or ".connector." in k]
     assert frozen and all(torch.equal(trained[k], base[k]) for k in frozen)
-    # A fresh process with plain transformers + PEFT + the processor: a wide and a square image.
+    # peftcli's prompt for a wide and a square image, then a fresh process with plain
+    # transformers + PEFT + the processor on the same (with the tokenizer's BOS if peftcli's has it).
     images = [str(tmp_path / "img" / "5.png"), str(tmp_path / "img" / "1.png")]
-    subprocess.run([sys.executable, "-c", RELOAD, str(adapter), str(tmp_path / "plain.pt"), *images], check=True)
-    plain = torch.load(tmp_path / "plain.pt")
     tok = tokenizer()
     content = [{"type": "image", "image": f} for f in images] + [{"type": "text", "text": "What colour is it?"}]
     row = {
@@ -190,6 +191,10 @@ def test_lora_trains_leaves_the_vision_tower_and_reloads_with_plain_transformers
     }
     encoder = Encoder(tok, "messages", DataSection(train=str(image_data)), "image_text_to_text")
     prompt = encoder.reference(row, f"data.train: {image_data}:1")
+    special = "1" if prompt.prompt_ids[: len(encoder.prefix)] == encoder.prefix != [] else "0"
+    reload = [sys.executable, "-c", RELOAD, str(adapter), str(tmp_path / "plain.pt"), special, *images]
+    subprocess.run(reload, check=True)
+    plain = torch.load(tmp_path / "plain.pt")
     assert prompt.prompt_ids == plain["ids"][0].tolist()
     batch = collate(
         [{"input_ids": prompt.prompt_ids, "labels": prompt.prompt_ids, "images": prompt.images}],

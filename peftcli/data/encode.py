@@ -275,9 +275,9 @@ class Encoder:
         if self.image is not None:
             messages, files = image_messages(row, where, MESSAGE_ROLES)
             if messages[-1]["role"] == "assistant":
-                shown = sum(p["type"] == "image" for m in messages[:-1] for p in m["content"])
-                prompt = self._render(messages[:-1], True, where, self.image.expansions(files[:shown]))
+                prompt = self._render(messages[:-1], True, where, self.image.expansions(files))
                 answer = "".join(p["text"] for p in messages[-1]["content"] if p["type"] == "text")
+                shown = sum(p["type"] == "image" for m in messages[:-1] for p in m["content"])
                 return Reference(self._ids([prompt])[0], answer, files[:shown])
         elif self.fmt in CHAT_FORMATS:
             messages = chat_messages(row, self.fmt, where)
