@@ -34,7 +34,9 @@ def image_rows(folder: Path, n: int = 16) -> list[dict]:
     rows = []
     for i in range(n):
         name = list(COLOURS)[i % len(COLOURS)]
-        Image.new("RGB", SIZES[i // len(COLOURS) % len(SIZES)], COLOURS[name]).save(folder / "img" / f"{i}.png")
+        Image.new("RGB", SIZES[i // len(COLOURS) % len(SIZES)], COLOURS[name]).save(
+            folder / "img" / f"{i}.png"
+        )
         rows.append(
             {
                 "messages": [
@@ -104,7 +106,9 @@ def test_token_ids_and_image_inputs_equal_the_processors_own_for_images_of_sever
         lead = example["input_ids"][: len(example["input_ids"]) - len(own)]
         assert example["input_ids"][len(lead) :] == own and lead in ([], encoder.prefix)
         counts += [
-            processor(text="<image>", images=[image], add_special_tokens=False)["input_ids"][0].count(image_id)
+            processor(text="<image>", images=[image], add_special_tokens=False)["input_ids"][0].count(
+                image_id
+            )
             for image in images
         ]
     # The processor's own counts: they differ by the image's shape, 2x2, 1x2, 2x1, 1x2 tiles + 1.
@@ -122,7 +126,9 @@ def test_token_ids_and_image_inputs_equal_the_processors_own_for_images_of_sever
 
     model = AutoModelForImageTextToText.from_pretrained(builtin.materialise("tiny-idefics3")).eval()
     with torch.no_grad():
-        logits = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask")})
+        logits = model(
+            **{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask")}
+        )
     assert logits.logits.shape[:2] == batch["input_ids"].shape
 
 
@@ -145,7 +151,9 @@ assert not any(m.startswith("peftcli") for m in sys.modules)
 """
 
 
-def test_lora_trains_leaves_the_vision_tower_and_reloads_with_plain_transformers(tmp_path, image_data, capsys):
+def test_lora_trains_leaves_the_vision_tower_and_reloads_with_plain_transformers(
+    tmp_path, image_data, capsys
+):
     from peft import PeftModel
     from safetensors.torch import load_file
 
@@ -160,7 +168,13 @@ def test_lora_trains_leaves_the_vision_tower_and_reloads_with_plain_transformers
         model={"name_or_path": MODEL, "task": "image_text_to_text"},
         peft={"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
         data={"train": str(image_data), "eval": 0, "max_length": 128},
-        training={"output_dir": str(tmp_path / "run"), "max_steps": 6, "batch_size": 4, "lr": 1e-2, "log_every": 1},
+        training={
+            "output_dir": str(tmp_path / "run"),
+            "max_steps": 6,
+            "batch_size": 4,
+            "lr": 1e-2,
+            "log_every": 1,
+        },
         eval={"metrics": ["loss"]},
     )
     assert cli("train", str(recipe), capsys=capsys)[0] == 0
@@ -182,7 +196,9 @@ def test_lora_trains_leaves_the_vision_tower_and_reloads_with_plain_transformers
     # transformers + PEFT + the processor on the same (with the tokenizer's BOS if peftcli's has it).
     images = [str(tmp_path / "img" / "5.png"), str(tmp_path / "img" / "1.png")]
     tok = tokenizer()
-    content = [{"type": "image", "image": f} for f in images] + [{"type": "text", "text": "What colour is it?"}]
+    content = [{"type": "image", "image": f} for f in images] + [
+        {"type": "text", "text": "What colour is it?"}
+    ]
     row = {
         "messages": [
             {"role": "user", "content": content},
@@ -249,7 +265,9 @@ def test_merge_eval_and_generate_in_fresh_processes(tmp_path, image_data, capsys
     result = json.loads(proc.stdout)
     assert result["examples"] == 16 and "exact_match" in result, result
     image = str(tmp_path / "img" / "4.png")
-    proc = run_cli("generate", str(run), "--image", image, "--prompt", "What colour?", "--max-new-tokens", "2")
+    proc = run_cli(
+        "generate", str(run), "--image", image, "--prompt", "What colour?", "--max-new-tokens", "2"
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
@@ -281,7 +299,9 @@ def test_preview_and_part_counts(tmp_path, image_data, capsys):
     assert counts["vision tower"]["params"] and counts["projector"]["params"]
 
 
-def test_a_processor_whose_counts_peftcli_does_not_compute_is_refused_in_one_line(tmp_path, image_data, capsys):
+def test_a_processor_whose_counts_peftcli_does_not_compute_is_refused_in_one_line(
+    tmp_path, image_data, capsys
+):
     """Qwen2-VL: its processor holds a torchvision video processor (transformers 5.25), so without
     torchvision it does not load; with torchvision, its size-dependent counts are refused."""
     from transformers import Qwen2VLConfig
@@ -291,7 +311,9 @@ def test_a_processor_whose_counts_peftcli_does_not_compute_is_refused_in_one_lin
     from peftcli.model.builtin import byte_level_tokenizer
 
     folder = tmp_path / "qwen2-vl"
-    tok = byte_level_tokenizer(["<|endoftext|>", "<|image_pad|>", "<|video_pad|>"], {"eos_token": "<|endoftext|>"})
+    tok = byte_level_tokenizer(
+        ["<|endoftext|>", "<|image_pad|>", "<|video_pad|>"], {"eos_token": "<|endoftext|>"}
+    )
     tok.save_pretrained(folder)
     Qwen2VLConfig(text_config={"vocab_size": len(tok)}).save_pretrained(folder)
     (folder / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2VLProcessor"}))
@@ -321,3 +343,21 @@ def test_a_processor_whose_counts_peftcli_does_not_compute_is_refused_in_one_lin
     )
     with pytest.raises(UserError, match="LLaVA-NeXT .* depends on its size"):
         ImageTokens.of(processor)
+
+
+def test_qlora_quantizes_the_language_model_only():
+    """Idefics3 names its parts `vision_model` and `connector` (LLaVA: `vision_tower`,
+    `multi_modal_projector`): bitsandbytes must leave both in the model's dtype."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from peftcli.model.load import load_model
+    from peftcli.recipe import ModelSection
+
+    model = load_model(ModelSection(name_or_path=MODEL, task="image_text_to_text", quantization="4bit"))
+    four_bit = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(four_bit) == 28 and all(".text_model." in n for n in four_bit), four_bit
+    kept = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and not isinstance(m, bnb.nn.Linear4bit)
+    ]
+    assert any(".vision_model." in n for n in kept) and any(".connector." in n for n in kept), kept

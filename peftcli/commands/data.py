@@ -107,7 +107,9 @@ def _show(
     report.examples.append({**shown, "answer": answer} if answer else shown)
 
 
-def _mark_images(runs: list[tuple[str, bool]], image: ImageTokens, files: list[str]) -> list[tuple[str, bool]]:
+def _mark_images(
+    runs: list[tuple[str, bool]], image: ImageTokens, files: list[str]
+) -> list[tuple[str, bool]]:
     """The runs with each image's text (its tokens, Idefics3's tile marks too) as one marker."""
     pending = list(zip(image.expansions(files), files, strict=True))
     out = []

@@ -207,7 +207,7 @@ def run_generate(
         from peftcli.methods.generation import generate
 
         set_seed(seed)
-        extra = {k: v.to(device) for k, v in image_inputs(tokenizer.processor, images).items()} if images else {}
+        extra = image_inputs(tokenizer.processor, images, device) if images else {}
         with torch.no_grad():
             out = generate(
                 model,

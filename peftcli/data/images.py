@@ -137,11 +137,11 @@ def load_images(paths: list[str]) -> list[Any]:
     return images
 
 
-def image_inputs(processor: Any, paths: list[str]) -> dict[str, Any]:
-    """The image processor's model inputs for these files, in order: `pixel_values` ([images, C,
-    H, W]; Idefics3: [1, tiles, C, H, W] with its `pixel_attention_mask`)."""
+def image_inputs(processor: Any, paths: list[str], device: Any = None) -> dict[str, Any]:
+    """The image processor's model inputs for these files, in order (on `device`): `pixel_values`
+    ([images, C, H, W]; Idefics3: [1, tiles, C, H, W] with its `pixel_attention_mask`)."""
     out = processor.image_processor(load_images(paths), return_tensors="pt")
-    return {k: v for k, v in out.items() if k in processor.image_processor.model_input_names}
+    return {k: v.to(device) for k, v in out.items() if k in processor.image_processor.model_input_names}
 
 
 def pixel_values(processor: Any, paths: list[str]) -> Any:

@@ -85,7 +85,7 @@ def generate_answers(
         ids = torch.tensor([[pad] * (longest - len(p)) + p for p in chunk], device=device)
         mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in chunk], device=device)
         files = [f for row in (images or [])[start : start + batch_size] for f in row]
-        extra = {k: v.to(device) for k, v in image_inputs(tokenizer.processor, files).items()} if files else {}
+        extra = image_inputs(tokenizer.processor, files, device) if files else {}
         out = generate(model, ids, mask, max_new_tokens, pad, model_inputs=extra)
         # Decoder-only models return prompt + continuation; encoder-decoders the decoder only.
         new = out if getattr(model.config, "is_encoder_decoder", False) else out[:, longest:]
