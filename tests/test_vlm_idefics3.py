@@ -283,6 +283,13 @@ def test_preview_and_part_counts(tmp_path, image_data, capsys):
     # Each image as one marker: its 20 tokens and Idefics3's tile marks around them.
     assert "images             16 (12-20 tokens each, none carries loss)" in out, out
     assert f"[20 × <image>: {(tmp_path / 'img' / '0.png').resolve()}]What colour is it?" in out
+    # A picture replaced by one of another shape: the cache is not reused, the count follows it.
+    from PIL import Image
+
+    Image.new("RGB", (120, 30), COLOURS["red"]).save(tmp_path / "img" / "0.png")
+    code, out, err = cli("data", str(recipe), "--preview", "1", capsys=capsys)
+    assert code == 0 and "(written now)" in out, out
+    assert f"[12 × <image>: {(tmp_path / 'img' / '0.png').resolve()}]" in out
     code, out, err = cli("validate", str(recipe), capsys=capsys)
     assert code == 0, err[-2000:]
     # Idefics3's vision tower, its pixel-shuffle connector and the language model, counted from

@@ -215,14 +215,21 @@ class ImageTokens:
         """Each image's text, in order (sizes read from the files' headers, no pixels decoded)."""
         if self.fixed is not None:
             return [self.token * self.fixed] * len(paths)
+        out = []
+        for width, height in self.sizes(paths):
+            _, rows, cols = self.processor.image_processor.get_number_of_image_patches(height, width, {})
+            out.append(self.processor.replace_image_token({"rows": [[rows]], "cols": [[cols]]}, 0))
+        return out
+
+    @staticmethod
+    def sizes(paths: list[str]) -> list[tuple[int, int]]:
+        """(width, height) of each image, from its header."""
         from PIL import Image
 
         out = []
         for path in paths:
             with Image.open(path) as image:
-                width, height = image.size
-            _, rows, cols = self.processor.image_processor.get_number_of_image_patches(height, width, {})
-            out.append(self.processor.replace_image_token({"rows": [[rows]], "cols": [[cols]]}, 0))
+                out.append(image.size)
         return out
 
     def expand(self, text: str, expansions: list[str]) -> str:
