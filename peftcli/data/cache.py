@@ -43,15 +43,13 @@ if TYPE_CHECKING:
 CACHE_VERSION = 2  # bump when encoding changes, so old caches are not reused (2: labels by value)
 
 
-def _image_tokens_key(image: ImageTokens, train: Source, held_out: Source | None) -> Any:
+def _image_tokens_key(image: ImageTokens, *sources: Source | None) -> Any:
     """What the cached image tokens depend on: for counts by the image's size, every image's size
     too (read from the headers), so a picture replaced by one of another shape is re-encoded."""
     if image.fixed is not None:
         return image.key()
-    sources = [s for s in (train, held_out) if s is not None]
-    files = [
-        f for s in sources for where, row in s.rows() for f in image_messages(row, where, MESSAGE_ROLES)[1]
-    ]
+    present = [s for s in sources if s is not None]
+    files = [f for s in present for w, r in s.rows() for f in image_messages(r, w, MESSAGE_ROLES)[1]]
     return [*image.key(), hashlib.sha256(json.dumps(image.sizes(files)).encode()).hexdigest()]
 
 
