@@ -71,8 +71,9 @@ def _logits(model: Any, row: dict[str, Any], task: str) -> Any:
     device = next(model.parameters()).device
     ids = torch.tensor([row["input_ids"]], device=device)
     kwargs = {"labels": torch.tensor([row["labels"]], device=device)} if task == "seq2seq_lm" else {}
-    if "pixel_values" in row:  # an image+text row: its images, read by `merge`
-        kwargs["pixel_values"] = row["pixel_values"].to(device)
+    for key in ("pixel_values", "pixel_attention_mask"):  # an image+text row's images, read by `merge`
+        if key in row:
+            kwargs[key] = row[key].to(device)
     return model(input_ids=ids, **kwargs).logits.float().cpu()
 
 

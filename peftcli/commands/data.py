@@ -6,13 +6,11 @@ the first training rows: what the model reads, and which tokens carry loss.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
-from peftcli.data.images import tokens_per_image
+from peftcli.data.images import ImageTokens
 from peftcli.tasks import TASKS
 from peftcli.training.losses import IGNORE
 
@@ -61,10 +59,12 @@ def run_data(recipe_path: Path, overrides: list[str] | None, preview: int) -> Re
         "eval_examples": len(prepared.eval.examples) if prepared.eval else 0,
     }
     if TASKS[task].vision:
-        token, per_image = tokens_per_image(tokenizer.processor)
+        image = ImageTokens.of(tokenizer.processor)
         files = prepared.train.examples.images if hasattr(prepared.train.examples, "images") else None
         stats["images"] = sum(len(f) for f in files or [])
-        stats["tokens_per_image"] = per_image
+        counts = {image.count([e]) for e in image.expansions([f for row in files or [] for f in row])}
+        spread = sorted({min(counts), max(counts)}) if counts else [0]
+        stats["tokens_per_image"] = image.fixed or "-".join(map(str, spread))
     report = Report(stats, [])
     for i, example in enumerate(prepared.train.examples[:preview], 1):
         for answer, sequence in _sequences(example):
@@ -96,12 +96,8 @@ def _show(
     labels: Any,
 ) -> None:
     runs = _segments(example, tokenizer, task, labels)
-    if example.get("images"):  # each image's run of tokens as one marker, with its file
-        files = iter(example["images"])
-        collapse = partial(_image_marker, token=tokenizer.processor.image_token, files=files)
-        runs = [
-            (re.sub(rf"(?:{re.escape(tokenizer.processor.image_token)})+", collapse, t), y) for t, y in runs
-        ]
+    if example.get("images"):  # each image's tokens as one marker, with its file
+        runs = _mark_images(runs, ImageTokens.of(tokenizer.processor), example["images"])
     report.segments.append(runs)
     report.names.append(f"example {i}" + (f", {answer}" if answer else ""))
     shown = {
@@ -111,8 +107,18 @@ def _show(
     report.examples.append({**shown, "answer": answer} if answer else shown)
 
 
-def _image_marker(match: re.Match, token: str, files: Any) -> str:
-    return f"[{len(match.group(0)) // len(token)} × {token}: {next(files, '?')}]"
+def _mark_images(
+    runs: list[tuple[str, bool]], image: ImageTokens, files: list[str]
+) -> list[tuple[str, bool]]:
+    """The runs with each image's text (its tokens, Idefics3's tile marks too) as one marker."""
+    pending = list(zip(image.expansions(files), files, strict=True))
+    out = []
+    for text, supervised in runs:
+        while pending and pending[0][0] in text:
+            expansion, file = pending.pop(0)
+            text = text.replace(expansion, f"[{image.count([expansion])} × {image.token}: {file}]", 1)
+        out.append((text, supervised))
+    return out
 
 
 def _decode(tokenizer: Any, ids: list[int]) -> str:

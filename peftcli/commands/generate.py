@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from peftcli.console import say
-from peftcli.data.images import pixel_values
+from peftcli.data.images import image_inputs
 from peftcli.errors import UserError
 from peftcli.model.parts import LANGUAGE, part_of
 from peftcli.recipe import DataSection
@@ -207,7 +207,7 @@ def run_generate(
         from peftcli.methods.generation import generate
 
         set_seed(seed)
-        extra = {"pixel_values": pixel_values(tokenizer.processor, images).to(device)} if images else {}
+        extra = image_inputs(tokenizer.processor, images, device) if images else {}
         with torch.no_grad():
             out = generate(
                 model,

@@ -220,12 +220,9 @@ def eval_rows(source: Source, tokenizer: Any, labels: Any) -> list[dict[str, Any
             rows = list(eval_split(source.target, tokenizer, None, labels).examples[:ROWS])
     except UserError:
         return []
-    from peftcli.data.images import pixel_values
+    from peftcli.data.images import image_inputs
 
-    return [
-        r | {"pixel_values": pixel_values(tokenizer.processor, r["images"])} if r.get("images") else r
-        for r in rows
-    ]
+    return [r | image_inputs(tokenizer.processor, r["images"]) if r.get("images") else r for r in rows]
 
 
 def write_merged_card(out: Path, first: Source, report: dict[str, Any]) -> None:

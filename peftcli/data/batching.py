@@ -57,7 +57,8 @@ def collate(
     """Pad to the longest example in the batch (right padding), rounded up to `multiple` within
     `limit`; labels are padded on their own, so decoder targets (seq2seq) may differ in length from
     the inputs. Image+text examples: their images are read now, by `processor`, into one
-    `pixel_values` in the order their image tokens stand in the batch."""
+    `pixel_values` (and the processor's other image inputs) in the order their image tokens stand
+    in the batch."""
     import torch
 
     longest = padded_length(max(len(e["input_ids"]) for e in examples), multiple, limit)
@@ -76,9 +77,9 @@ def collate(
     }
     files = [f for e in examples for f in e.get("images", ())]
     if files:
-        from peftcli.data.images import pixel_values
+        from peftcli.data.images import image_inputs
 
-        batch["pixel_values"] = pixel_values(processor, files)
+        batch.update(image_inputs(processor, files))
     if "position_ids" in examples[0]:
         # Packed rows: the mask comes from the position ids (see `pack`); the padding tail
         # counts up from 0 too, making it a segment of its own that nothing attends across.

@@ -21,8 +21,15 @@ from typing import TYPE_CHECKING, Any
 
 from peftcli.console import is_main_process, say
 from peftcli.data.encode import BATCH_ROWS, Encoder, batches, new_stats
-from peftcli.data.formats import CHAT_FORMATS, FORMAT_COLUMNS, chat_template, choose_format, scan
-from peftcli.data.images import tokens_per_image
+from peftcli.data.formats import (
+    CHAT_FORMATS,
+    FORMAT_COLUMNS,
+    MESSAGE_ROLES,
+    chat_template,
+    choose_format,
+    scan,
+)
+from peftcli.data.images import ImageTokens, image_messages
 from peftcli.data.packing import pack_split
 from peftcli.data.sources import Row, Source
 from peftcli.data.splits import Prepared, Reference, Split, TokenArrays, Writer
@@ -42,6 +49,16 @@ def encoding(task: str) -> dict[str, int]:
     """The versions of how rows become token ids for `task`: a checkpoint records them, so a run
     is never resumed on an encoding it did not start with."""
     return {"cache": CACHE_VERSION, **({"vision": VISION_VERSION} if TASKS[task].vision else {})}
+
+
+def _image_tokens_key(image: ImageTokens, *sources: Source | None) -> Any:
+    """What the cached image tokens depend on: for counts by the image's size, every image's size
+    too (read from the headers), so a picture replaced by one of another shape is re-encoded."""
+    if image.fixed is not None:
+        return image.key()
+    present = [s for s in sources if s is not None]
+    files = [f for s in present for w, r in s.rows() for f in image_messages(r, w, MESSAGE_ROLES)[1]]
+    return [*image.key(), hashlib.sha256(json.dumps(image.sizes(files)).encode()).hexdigest()]
 
 
 def _say(message: str) -> None:
@@ -120,7 +137,7 @@ def prepare(
     }
     if TASKS[task].vision:  # the tokens an image expands to come from the processor; image
         # paths are relative to the data files, and the cache holds them resolved
-        inputs["image_tokens"] = tokens_per_image(tokenizer.processor)
+        inputs["image_tokens"] = _image_tokens_key(ImageTokens.of(tokenizer.processor), train, held_out)
         inputs["vision_version"] = VISION_VERSION
         inputs["data_files"] = [str(f.resolve()) for s in (train, held_out) if s is not None for f in s.files]
     key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24]

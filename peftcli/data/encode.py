@@ -18,7 +18,7 @@ from peftcli.data.formats import (
     scan,
     string_field,
 )
-from peftcli.data.images import image_messages, tokens_per_image
+from peftcli.data.images import ImageTokens, image_messages
 from peftcli.data.sources import Row, Source, first_line
 from peftcli.data.splits import Reference, Split
 from peftcli.errors import UserError
@@ -66,8 +66,8 @@ class Encoder:
         self._fast = _fast_encoder(tokenizer)
         self.template = chat_template(section, tokenizer) if fmt in CHAT_FORMATS else None
         # Vision-language: each image placeholder the template writes is expanded to the tokens
-        # the processor gives an image, so ids and labels are final before any image is read.
-        self.image = tokens_per_image(tokenizer.processor) if TASKS[task].vision else None
+        # the processor gives that image, so ids and labels are final before any pixel is read.
+        self.image = ImageTokens.of(tokenizer.processor) if TASKS[task].vision else None
         if fmt in CHAT_FORMATS and not self.template:
             raise UserError(
                 f"data.format: {fmt} needs a chat template, and this tokenizer has none",
@@ -106,7 +106,7 @@ class Encoder:
     ) -> dict[str, Any] | None:
         """A causal example with its image files; a row whose image tokens do not all fit in
         max_length is dropped (a cut image cannot be matched with its pixels)."""
-        image_id = self.tok.convert_tokens_to_ids(self.image[0])
+        image_id = self.tok.convert_tokens_to_ids(self.image.token)
         if image_id in ids[self.section.max_length :]:
             stats["rows"] += 1
             stats["dropped"] += 1
@@ -117,16 +117,17 @@ class Encoder:
     def _labelled_images(self, rows: Sequence[Row]) -> list[tuple[list[int], list[int], list[str]]]:
         """Token ids, labels and image files of image+text rows: the assistant's text carries
         loss (`train_on` is completion: an image token never does)."""
-        image_id = self.tok.convert_tokens_to_ids(self.image[0])
+        image_id = self.tok.convert_tokens_to_ids(self.image.token)
         out = []
         for where, row in rows:
             messages, files = image_messages(row, where, MESSAGE_ROLES)
-            text, spans = self._render_spans(messages, where)
+            expansions = self.image.expansions(files)
+            text, spans = self._render_spans(messages, where, expansions)
             enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
-            if enc["input_ids"].count(image_id) != len(files) * self.image[1]:
+            if (held := enc["input_ids"].count(image_id)) != self.image.count(expansions):
                 raise UserError(
                     f"{where}: {len(files)} image(s), but the rendered conversation holds "
-                    f"{enc['input_ids'].count(image_id) / self.image[1]:g} image placeholders ({self.image[0]})",
+                    f"{self.image.placeholders(held, expansions):g} image placeholders ({self.image.token})",
                     'write an image as a {"type": "image"} part, never as text; a data.chat_template '
                     "must render each image part as the placeholder",
                 )
@@ -226,7 +227,15 @@ class Encoder:
             out.append((ids, labels))
         return out
 
-    def _render(self, messages: list[dict[str, str]], generation_prompt: bool, where: str) -> str:
+    def _render(
+        self,
+        messages: list[dict[str, str]],
+        generation_prompt: bool,
+        where: str,
+        expansions: list[str] | None = None,
+    ) -> str:
+        """The conversation as the chat template writes it; `expansions`: the texts of its images,
+        in place of their placeholders."""
         from jinja2 import TemplateError
 
         try:
@@ -236,23 +245,25 @@ class Encoder:
                 tokenize=False,
                 add_generation_prompt=generation_prompt,
             )
-            return text.replace(self.image[0], self.image[0] * self.image[1]) if self.image else text
+            return text if expansions is None else self.image.expand(text, expansions)
         except TemplateError as exc:
             raise UserError(
                 f"{where}: the chat template cannot render this conversation: {first_line(exc)}",
                 "check the conversation's roles, or data.chat_template",
             ) from None
 
-    def _render_spans(self, messages: list[dict[str, str]], where: str) -> tuple[str, list[tuple[int, int]]]:
+    def _render_spans(
+        self, messages: list[dict[str, str]], where: str, expansions: list[str] | None = None
+    ) -> tuple[str, list[tuple[int, int]]]:
         """The rendered conversation and the character spans of its assistant answers, each
         with its end-of-turn token (found by rendering the conversation up to each turn)."""
-        text = self._render(messages, False, where)
+        text = self._render(messages, False, where, expansions)
         spans = []
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            before = self._render(messages[:i], True, where)
-            through = self._render(messages[: i + 1], False, where)
+            before = self._render(messages[:i], True, where, expansions)
+            through = self._render(messages[: i + 1], False, where, expansions)
             if not (text.startswith(before) and text.startswith(through)):
                 raise UserError(
                     f"{where}: the chat template does not render conversations incrementally, "
@@ -274,7 +285,7 @@ class Encoder:
         if self.image is not None:
             messages, files = image_messages(row, where, MESSAGE_ROLES)
             if messages[-1]["role"] == "assistant":
-                prompt = self._render(messages[:-1], True, where)
+                prompt = self._render(messages[:-1], True, where, self.image.expansions(files))
                 answer = "".join(p["text"] for p in messages[-1]["content"] if p["type"] == "text")
                 shown = sum(p["type"] == "image" for m in messages[:-1] for p in m["content"])
                 return Reference(self._lead(prompt) + self._ids([prompt])[0], answer, files[:shown])

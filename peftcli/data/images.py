@@ -2,10 +2,15 @@
 parts, `{"type": "image", "image" | "path" | "url": FILE}` and `{"type": "text", "text": ...}`;
 an image part without a file takes the next path of the row's `images` column. Paths are
 relative to the data file. Preparation checks that every image opens and decodes, and keeps
-only the paths (never pixels); `collate` loads them (`pixel_values`)."""
+only the paths (never pixels); `collate` loads them (`image_inputs`).
+
+How many tokens an image takes is the processor's: a fixed number (LLaVA-1.5 style), or one that
+depends on the image's size (Idefics3 with image splitting), computed from the image's size alone
+by the processor's own rule. Other size-dependent processors are refused (`ImageTokens.of`)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -132,18 +137,115 @@ def load_images(paths: list[str]) -> list[Any]:
     return images
 
 
+def image_inputs(processor: Any, paths: list[str], device: Any = None) -> dict[str, Any]:
+    """The image processor's model inputs for these files, in order (on `device`): `pixel_values`
+    ([images, C, H, W]; Idefics3: [1, tiles, C, H, W] with its `pixel_attention_mask`)."""
+    out = processor.image_processor(load_images(paths), return_tensors="pt")
+    return {k: v.to(device) for k, v in out.items() if k in processor.image_processor.model_input_names}
+
+
 def pixel_values(processor: Any, paths: list[str]) -> Any:
-    """The image processor's `pixel_values` for these files, in order ([images, C, H, W])."""
-    return processor.image_processor(load_images(paths), return_tensors="pt")["pixel_values"]
+    """The image processor's `pixel_values` for these files, in order."""
+    return image_inputs(processor, paths)["pixel_values"]
 
 
-def tokens_per_image(processor: Any) -> tuple[str, int]:
+def tokens_per_image(processor: Any, wide: bool = False) -> tuple[str, int]:
     """The image placeholder and how many tokens the processor expands it to, from one blank
-    image of its own size (a fixed number for LLaVA-style processors)."""
+    image of its own size (`wide`: twice as wide; a fixed-count processor gives both the same)."""
     from PIL import Image
 
     token = processor.image_token
     size = getattr(processor.image_processor, "crop_size", None) or {"height": 224, "width": 224}
-    blank = Image.new("RGB", (size["width"], size["height"]))
+    blank = Image.new("RGB", (size["width"] * (1 + wide), size["height"]))
     ids = processor(text=token, images=[blank], add_special_tokens=False)["input_ids"][0]
     return token, sum(i == processor.tokenizer.convert_tokens_to_ids(token) for i in ids)
+
+
+# Processors whose image tokens peftcli does not write (yet): a model of theirs is refused at
+# preparation, in one line, rather than trained on tokens its processor would not give.
+SIZE_DEPENDENT = "a number of tokens that depends on its size"
+REFUSED = {
+    "Qwen2VLProcessor": ("Qwen2-VL", SIZE_DEPENDENT),
+    "Qwen2_5_VLProcessor": ("Qwen2.5-VL", SIZE_DEPENDENT),
+    "LlavaNextProcessor": ("LLaVA-NeXT (anyres)", SIZE_DEPENDENT),
+    "LlavaOnevisionProcessor": ("LLaVA-OneVision", SIZE_DEPENDENT),
+    "SmolVLMProcessor": ("SmolVLM", SIZE_DEPENDENT),
+    "Idefics2Processor": ("Idefics2", "its tokens between marks (<fake_token_around_image>)"),
+}
+SUPPORTED = "supported: fixed-count processors (LLaVA-1.5 style) and Idefics3"
+
+
+@dataclass(frozen=True)
+class ImageTokens:
+    """What an image placeholder (`token`, as the chat template writes it) becomes in the token
+    ids: `fixed` copies of it, or (fixed None: Idefics3) the processor's text for the image's
+    size — its tiles' rows and columns, each tile `image_seq_len` tokens."""
+
+    token: str
+    fixed: int | None
+    processor: Any
+
+    @classmethod
+    def of(cls, processor: Any) -> ImageTokens:
+        kind = type(processor).__name__
+        if kind == "Idefics3Processor":
+            return cls(processor.image_token, None, processor)
+        if kind in REFUSED:
+            name, why = REFUSED[kind]
+            raise UserError(
+                f"{name}'s processor ({kind}) gives an image {why}, which peftcli does not compute for it",
+                SUPPORTED,
+            )
+        token, count = tokens_per_image(processor)
+        if tokens_per_image(processor, wide=True)[1] != count:
+            raise UserError(
+                f"the processor ({kind}) gives an image {SIZE_DEPENDENT}, which peftcli does not compute for it",
+                SUPPORTED,
+            )
+        return cls(token, count, processor)
+
+    def key(self) -> Any:
+        """What the cached token ids depend on, beyond the tokenizer (a fixed count: as before)."""
+        if self.fixed is not None:
+            return [self.token, self.fixed]
+        images = self.processor.image_processor.to_json_string()
+        return [self.token, type(self.processor).__name__, self.processor.image_seq_len, images]
+
+    def expansions(self, paths: list[str]) -> list[str]:
+        """Each image's text, in order (sizes read from the files' headers, no pixels decoded)."""
+        if self.fixed is not None:
+            return [self.token * self.fixed] * len(paths)
+        out = []
+        for width, height in self.sizes(paths):
+            _, rows, cols = self.processor.image_processor.get_number_of_image_patches(height, width, {})
+            out.append(self.processor.replace_image_token({"rows": [[rows]], "cols": [[cols]]}, 0))
+        return out
+
+    @staticmethod
+    def sizes(paths: list[str]) -> list[tuple[int, int]]:
+        """(width, height) of each image, from its header."""
+        from PIL import Image
+
+        out = []
+        for path in paths:
+            with Image.open(path) as image:
+                out.append(image.size)
+        return out
+
+    def expand(self, text: str, expansions: list[str]) -> str:
+        """`text` with its placeholders replaced, in order, by the images' texts (a prefix of the
+        conversation holds the first few)."""
+        parts = text.split(self.token)
+        if len(parts) - 1 > len(expansions):  # a placeholder without an image: see `placeholders`
+            expansions = expansions + [self.token * (self.fixed or 1)] * (len(parts) - 1 - len(expansions))
+        return parts[0] + "".join(e + p for e, p in zip(expansions, parts[1:], strict=False))
+
+    def placeholders(self, count: int, expansions: list[str]) -> float:
+        """How many placeholders the rendered conversation held, from the `count` of image tokens
+        in its ids (a placeholder without an image counts `fixed` tokens, or 1)."""
+        if self.fixed is not None:
+            return count / self.fixed
+        return len(expansions) + count - self.count(expansions)
+
+    def count(self, expansions: list[str]) -> int:
+        return sum(e.count(self.token) for e in expansions)

@@ -18,7 +18,7 @@ from typing import Any
 
 from peftcli.errors import UserError, did_you_mean
 from peftcli.home import home, make_dirs
-from peftcli.model.builtin_vlm import tiny_llava
+from peftcli.model.builtin_vlm import tiny_idefics3, tiny_llava
 from peftcli.outputs import follow_umask
 
 # Llama 3's pre-tokenizer split rule: the builtin BPE tokenizer's, and a name GGUF readers know.
@@ -332,6 +332,11 @@ BUILTINS: dict[str, Builtin] = {
             "tiny-llava",
             "LLaVA vision-language: CLIP tower (32x32 images, 16 tokens each), tiny-llama's text, ChatML",
             lambda: tiny_llava(byte_level_tokenizer, tiny_llama_config),
+        ),
+        Builtin(
+            "tiny-idefics3",
+            "Idefics3 vision-language: 32x32 tiles by the image's shape (4 tokens each), tiny-llama's text",
+            lambda: tiny_idefics3(byte_level_tokenizer, tiny_llama_config),
         ),
     ]
 }

@@ -121,6 +121,12 @@ def load_tokenizer(section: ModelSection) -> Any:
             tokenizer = AutoTokenizer.from_pretrained(path, **_common_kwargs(section))
     except (OSError, ValueError, KeyError) as exc:
         raise _load_error("tokenizer", path, exc) from None
+    except ImportError as exc:  # a processor part that needs a missing library (Qwen2-VL's: torchvision)
+        first = str(exc).strip().split(" but ")[0].split(". ")[0]
+        raise UserError(
+            f"model.name_or_path: cannot load the processor of `{path}`: {first}, which is not installed",
+            "install it, or use a model whose processor does without it",
+        ) from None
     if tokenizer.pad_token is None:
         # Padding positions are masked by attention and labels, so any id works; EOS labels
         # are built from positions, never by comparing with pad_token_id.

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from peftcli.data.batching import collate
-from peftcli.data.images import pixel_values
+from peftcli.data.images import image_inputs
 from peftcli.data.splits import Reference, Split
 from peftcli.methods.generation import generate
 from peftcli.training.losses import example_losses, forward
@@ -85,7 +85,7 @@ def generate_answers(
         ids = torch.tensor([[pad] * (longest - len(p)) + p for p in chunk], device=device)
         mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in chunk], device=device)
         files = [f for row in (images or [])[start : start + batch_size] for f in row]
-        extra = {"pixel_values": pixel_values(tokenizer.processor, files).to(device)} if files else {}
+        extra = image_inputs(tokenizer.processor, files, device) if files else {}
         out = generate(model, ids, mask, max_new_tokens, pad, model_inputs=extra)
         # Decoder-only models return prompt + continuation; encoder-decoders the decoder only.
         new = out if getattr(model.config, "is_encoder_decoder", False) else out[:, longest:]

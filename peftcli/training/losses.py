@@ -41,8 +41,9 @@ def supervised_tokens(batch: dict[str, torch.Tensor], task: str) -> torch.Tensor
     return (labels != IGNORE).sum()
 
 
-# pixel_values: a vision-language batch's images, in the order their image tokens stand.
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values")
+# pixel_values: a vision-language batch's images, in the order their image tokens stand
+# (pixel_attention_mask: Idefics3's padding of tiles to one size).
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "pixel_attention_mask")
 
 
 def forward(model: Any, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
