@@ -99,12 +99,9 @@ def test_token_ids_and_image_inputs_equal_the_processors_own_for_images_of_sever
     for example, row in zip(examples, batch_rows, strict=True):
         images = [Image.open(f).convert("RGB") for f in example["images"]]
         text = processor.apply_chat_template(row["messages"], tokenize=False)
-        own = processor(text=text, images=images, add_special_tokens=False)["input_ids"][0]
-        # The same ids as the processor's, image tokens and tile marks included, position by
-        # position; before them, at most the tokenizer's own prefix (BOS), as `add_special_tokens`
-        # puts it.
-        lead = example["input_ids"][: len(example["input_ids"]) - len(own)]
-        assert example["input_ids"][len(lead) :] == own and lead in ([], encoder.prefix)
+        # The processor's plain call, as inference makes it (its special tokens included): the
+        # same ids, image tokens and tile marks included, position by position.
+        assert example["input_ids"] == processor(text=text, images=images)["input_ids"][0]
         counts += [
             processor(text="<image>", images=[image], add_special_tokens=False)["input_ids"][0].count(
                 image_id
@@ -137,14 +134,13 @@ import json, sys, torch
 from PIL import Image
 from peft import PeftModel
 from transformers import AutoModelForImageTextToText, AutoProcessor
-adapter, out, special, *images = sys.argv[1:]
+adapter, out, *images = sys.argv[1:]
 base = json.load(open(adapter + "/adapter_config.json"))["base_model_name_or_path"]
 processor = AutoProcessor.from_pretrained(adapter)
 model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base), adapter).eval()
 content = [{"type": "image"} for _ in images] + [{"type": "text", "text": "What colour is it?"}]
 text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-inputs = processor(text=text, images=[Image.open(i).convert("RGB") for i in images], return_tensors="pt",
-                   add_special_tokens=special == "1")
+inputs = processor(text=text, images=[Image.open(i).convert("RGB") for i in images], return_tensors="pt")
 with torch.no_grad():
     torch.save({"ids": inputs["input_ids"], "logits": model(**inputs).logits}, out)
 assert not any(m.startswith("peftcli") for m in sys.modules)
@@ -193,7 +189,7 @@ def test_lora_trains_leaves_the_vision_tower_and_reloads_with_plain_transformers
     frozen = [k for k in base if ".vision_model." in k or ".connector." in k]
     assert frozen and all(torch.equal(trained[k], base[k]) for k in frozen)
     # peftcli's prompt for a wide and a square image, then a fresh process with plain
-    # transformers + PEFT + the processor on the same (with the tokenizer's BOS if peftcli's has it).
+    # transformers + PEFT + the processor's plain call on the same.
     images = [str(tmp_path / "img" / "5.png"), str(tmp_path / "img" / "1.png")]
     tok = tokenizer()
     content = [{"type": "image", "image": f} for f in images] + [
@@ -207,8 +203,7 @@ def test_lora_trains_leaves_the_vision_tower_and_reloads_with_plain_transformers
     }
     encoder = Encoder(tok, "messages", DataSection(train=str(image_data)), "image_text_to_text")
     prompt = encoder.reference(row, f"data.train: {image_data}:1")
-    special = "1" if prompt.prompt_ids[: len(encoder.prefix)] == encoder.prefix != [] else "0"
-    reload = [sys.executable, "-c", RELOAD, str(adapter), str(tmp_path / "plain.pt"), special, *images]
+    reload = [sys.executable, "-c", RELOAD, str(adapter), str(tmp_path / "plain.pt"), *images]
     subprocess.run(reload, check=True)
     plain = torch.load(tmp_path / "plain.pt")
     assert prompt.prompt_ids == plain["ids"][0].tolist()
@@ -254,7 +249,7 @@ def test_merge_eval_and_generate_in_fresh_processes(tmp_path, image_data, capsys
     content = [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]
     text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
     image = Image.open(tmp_path / "img" / "6.png").convert("RGB")
-    inputs = processor(text=text, images=[image], return_tensors="pt", add_special_tokens=False)
+    inputs = processor(text=text, images=[image], return_tensors="pt")
     with torch.no_grad():
         a, b = merged(**inputs).logits, adapted(**inputs).logits
     # float32: W + s·BA folded once vs x·W + s·(x·A)·B, the same sums in another order: rounding
