@@ -16,7 +16,7 @@ import json
 import pytest
 import torch
 
-from .conftest import ROOT, one_error_line, run_cli, write_recipe
+from .conftest import ROOT, cli, run_cli, write_recipe
 
 pytest.importorskip("lm_eval", reason="lm-eval is the optional `harness` extra (pip install '.[harness]')")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -242,8 +242,11 @@ def test_eval_harness_scores_a_prompt_tuning_run_as_trained(prompt_tuning_run):
         assert printed[side]["peftcli_uppercase"]["acc_norm"] == direct["acc_norm,none"], side
 
 
-def test_a_generation_setting_peftcli_does_not_decode_is_one_error_line(prompt_tuning_run, tmp_path):
+def test_a_generation_setting_peftcli_does_not_decode_is_one_error_line(prompt_tuning_run, tmp_path, capsys):
+    # In this process (the fixture's CLI run proves the fresh-process path; this, the refusal).
     generation_task(tmp_path, ["\n"], more="  num_beams: 4\n")
     run = str(prompt_tuning_run["root"] / "run")
-    line = one_error_line(run_cli("eval", run, "--harness", str(tmp_path / "gen.yaml")))
-    assert "num_beams" in line and "PROMPT_TUNING" in line
+    code, _, err = cli("eval", run, "--harness", str(tmp_path / "gen.yaml"), capsys=capsys)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and "Traceback" not in err and len(errors) == 1, err[-3000:]
+    assert "num_beams" in errors[0] and "PROMPT_TUNING" in errors[0]

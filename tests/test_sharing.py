@@ -120,6 +120,9 @@ def test_harness_equals_lm_eval_run_directly(shared):
     assert ours[0] != ours[1]  # the adapter changed something lm-eval measures
 
 
+# test-all: each half is proven in the default suite (the harness's numbers above, compare's table
+# in test_compare.py); this is their join, ~20 s of two trainings.
+@pytest.mark.slow
 def test_compare_tabulates_harness_results(shared):
     """`compare --harness` scores each method's run as `eval --harness` does (its eval.json
     keeps them) and tabulates a column per task and metric; a harness mistake ends before
