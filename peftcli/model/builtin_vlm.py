@@ -43,6 +43,29 @@ VLM_CHATML_TEMPLATE = (
 )
 
 
+# Both vision towers: 32x32 images in 8x8 patches, two small layers.
+VISION = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "image_size": IMAGE_SIZE,
+    "patch_size": PATCH_SIZE,
+    "initializer_range": 64**-0.5,
+}
+
+
+def _tokenizer(byte_level_tokenizer: Callable[..., Any], *extra: str) -> Any:
+    """builtin.py's byte-level tokenizer with the chat markers, the image token, `extra` tokens
+    and the image chat template; it puts `<s>` first, as LLaVA's Llama tokenizer does."""
+    return byte_level_tokenizer(
+        ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN, *extra],
+        {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"},
+        wrap=("<s>", None),
+        chat_template=VLM_CHATML_TEMPLATE,
+    )
+
+
 def tiny_llava(
     byte_level_tokenizer: Callable[..., Any], text_config: Callable[[Any], Any]
 ) -> tuple[Any, Any]:
@@ -56,23 +79,9 @@ def tiny_llava(
         LlavaProcessor,
     )
 
-    tok = byte_level_tokenizer(
-        ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN],
-        {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"},
-        wrap=("<s>", None),
-        chat_template=VLM_CHATML_TEMPLATE,
-    )
+    tok = _tokenizer(byte_level_tokenizer)
     image_token_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
-    vision = CLIPVisionConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
-        projection_dim=64,
-        initializer_range=64**-0.5,
-    )
+    vision = CLIPVisionConfig(**VISION, projection_dim=64)
     text = text_config(tok)
     config = LlavaConfig(
         vision_config=vision,
@@ -122,21 +131,8 @@ def tiny_idefics3(
     from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
-    tok = byte_level_tokenizer(
-        ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN, *IDEFICS3_TOKENS],
-        {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"},
-        wrap=("<s>", None),
-        chat_template=VLM_CHATML_TEMPLATE,
-    )
-    vision = Idefics3VisionConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
-        initializer_range=64**-0.5,
-    )
+    tok = _tokenizer(byte_level_tokenizer, *IDEFICS3_TOKENS)
+    vision = Idefics3VisionConfig(**VISION)
     config = Idefics3Config(
         vision_config=vision,
         text_config=text_config(tok),
