@@ -189,6 +189,36 @@ def test_generated_answers_are_peftcli_generate(kind, tmp_path):
     assert answers(theirs, spec) != expected
 
 
+@pytest.mark.parametrize("kind", ["prompt", "prefix"])
+def test_a_seq2seq_models_answers_are_peftcli_generate(kind, tmp_path):
+    """The same for an encoder-decoder (tiny-t5): the answer is the decoder's, after its start
+    token, as `generate` gives it for the prompt alone. lm-eval asks a seq2seq model for
+    `max_length` = the batch's prompt length + max_gen_toks decoder tokens (HF generate's
+    meaning), start included."""
+    import peft
+    import transformers
+
+    from peftcli.harness_lm import TrainedLM
+    from peftcli.methods.generation import generate
+    from peftcli.model import builtin
+
+    path = builtin.resolve("builtin:tiny-t5")
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(0)
+    base = transformers.AutoModelForSeq2SeqLM.from_pretrained(path, dtype=torch.float32)
+    config = {"prompt": peft.PromptTuningConfig, "prefix": peft.PrefixTuningConfig}[kind]
+    model = peft.get_peft_model(base, config(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=VIRTUAL)).eval()
+    ours = TrainedLM(pretrained=model, tokenizer=tok, backend="seq2seq", batch_size=4)
+    # The four prompts are one batch: each gets the longest prompt's max_length.
+    longest = ours.tok_batch_encode([f"Uppercase: {w}\n" for w in WORDS])[0].shape[1]
+    expected = {}
+    for word in WORDS:
+        ids, mask = ours.tok_batch_encode([f"Uppercase: {word}\n"])
+        out = generate(model, ids, mask, longest + 6 - 1, tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        expected[word] = cut(tok.decode(out[0, 1:], skip_special_tokens=True), ["\n"])
+    assert answers(ours, generation_task(tmp_path, ["\n"])) == expected
+
+
 @pytest.fixture(scope="module")
 def prompt_tuning_run(tmp_path_factory):
     """A 2-step prompt-tuning run, scored by `peftcli eval --harness` in a fresh process on the
