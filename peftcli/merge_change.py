@@ -71,9 +71,8 @@ def _logits(model: Any, row: dict[str, Any], task: str) -> Any:
     device = next(model.parameters()).device
     ids = torch.tensor([row["input_ids"]], device=device)
     kwargs = {"labels": torch.tensor([row["labels"]], device=device)} if task == "seq2seq_lm" else {}
-    for key in ("pixel_values", "pixel_attention_mask"):  # an image+text row's images, read by `merge`
-        if key in row:
-            kwargs[key] = row[key].to(device)
+    # An image+text row's images, as the processor's inputs (pixel_values, ...) read by `merge`.
+    kwargs.update({key: value.to(device) for key, value in row.get("image_inputs", {}).items()})
     return model(input_ids=ids, **kwargs).logits.float().cpu()
 
 

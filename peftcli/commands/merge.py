@@ -222,7 +222,10 @@ def eval_rows(source: Source, tokenizer: Any, labels: Any) -> list[dict[str, Any
         return []
     from peftcli.data.images import image_inputs
 
-    return [r | image_inputs(tokenizer.processor, r["images"]) if r.get("images") else r for r in rows]
+    return [
+        r | {"image_inputs": image_inputs(tokenizer.processor, r["images"])} if r.get("images") else r
+        for r in rows
+    ]
 
 
 def write_merged_card(out: Path, first: Source, report: dict[str, Any]) -> None:
