@@ -58,8 +58,8 @@ def run_data(recipe_path: Path, overrides: list[str] | None, preview: int) -> Re
         "longest": int(lengths.max()),
         "eval_examples": len(prepared.eval.examples) if prepared.eval else 0,
     }
-    if TASKS[task].vision:
-        image = ImageTokens.of(tokenizer.processor)
+    image = ImageTokens.of(tokenizer.processor) if TASKS[task].vision else None
+    if image is not None:
         files = prepared.train.examples.images if hasattr(prepared.train.examples, "images") else None
         stats["images"] = sum(len(f) for f in files or [])
         counts = {image.count([e]) for e in image.expansions([f for row in files or [] for f in row])}
@@ -68,7 +68,7 @@ def run_data(recipe_path: Path, overrides: list[str] | None, preview: int) -> Re
     report = Report(stats, [])
     for i, example in enumerate(prepared.train.examples[:preview], 1):
         for answer, sequence in _sequences(example):
-            _show(report, i, answer, sequence, tokenizer, task, prepared.labels)
+            _show(report, i, answer, sequence, tokenizer, task, prepared.labels, image)
     report.batching = f"batches of {training.batch_size}, " + (
         "grouped by length" if grouped else "shuffled (data.group_by_length: false)"
     )
@@ -94,10 +94,11 @@ def _show(
     tokenizer: Any,
     task: str,
     labels: Any,
+    image: ImageTokens | None,
 ) -> None:
     runs = _segments(example, tokenizer, task, labels)
-    if example.get("images"):  # each image's tokens as one marker, with its file
-        runs = _mark_images(runs, ImageTokens.of(tokenizer.processor), example["images"])
+    if image is not None and example.get("images"):  # each image's tokens as one marker, with its file
+        runs = _mark_images(runs, image, example["images"])
     report.segments.append(runs)
     report.names.append(f"example {i}" + (f", {answer}" if answer else ""))
     shown = {
