@@ -42,7 +42,7 @@ class TrainedLM(HFLM):
         if trained_forward_only(self.model):  # refused before lm-eval's progress bar starts
             for request in requests:
                 kwargs = normalize_gen_kwargs(request.args[1], self.max_gen_toks)
-                refuse_unsupported(self.model, kwargs, ignore={"until", "max_gen_toks", "do_sample"})
+                refuse_unsupported(self.model, kwargs)
         return super().generate_until(requests, disable_tqdm)
 
     def _model_generate(self, context: Any, max_length: int, stop: list[str], **kwargs: Any) -> Any:
@@ -76,8 +76,7 @@ def generate_as_trained(lm: HFLM, context: Any, max_length: int, stop: list[str]
     """HFLM._model_generate's result (left-padded prompts + answers, `max_length` in all),
     decoded by peftcli's whole forward passes."""
     mask = kwargs.pop("attention_mask")
-    do_sample = kwargs.pop("do_sample", None)
-    refuse_unsupported(lm.model, kwargs)
+    do_sample = kwargs.pop("do_sample", None)  # the rest: SAMPLING only, refused otherwise in generate_until
     config = lm.model.generation_config  # what HF generate uses where the task says nothing
     eos = config.eos_token_id if config.eos_token_id is not None else lm.tokenizer.eos_token_id
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
@@ -98,9 +97,10 @@ def generate_as_trained(lm: HFLM, context: Any, max_length: int, stop: list[str]
     )
 
 
-def refuse_unsupported(model: Any, kwargs: dict, ignore: frozenset | set = frozenset()) -> None:
-    """One line for a generation setting that peftcli's decoding does not do (beam search, ...)."""
-    other = sorted(set(kwargs) - set(ignore) - set(SAMPLING) - {"num_beams"})
+def refuse_unsupported(model: Any, kwargs: dict) -> None:
+    """One line for a task's generation setting that peftcli's decoding does not do (beam search,
+    ...); `kwargs`: the task's generation_kwargs as lm-eval normalises them."""
+    other = sorted(set(kwargs) - {"until", "max_gen_toks", "do_sample", "num_beams", *SAMPLING})
     if other or kwargs.get("num_beams", 1) != 1:
         raise UserError(
             f"--harness: the task asks generation for {', '.join(other or ['num_beams'])}, which "
